@@ -1,0 +1,1 @@
+"""What runs: source agents, normalize agents, the embedded broker and the command line."""

@@ -1,0 +1,78 @@
+"""`collector`: the Faust app's command line, plus `simulate` and `demo`.
+
+`collector worker` starts the embedded broker first when no brokers are configured, and stops it
+when the worker exits (Ctrl-C, SIGTERM, or an error).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+from agents.embedded_broker import EmbeddedBroker
+from streams.config import ConfigError, load_config
+
+USAGE_EXTRA = """
+Exchange Collector commands (besides Faust's):
+  collector worker      run a worker (starts the embedded broker when no brokers are configured)
+  collector simulate    run the local exchange simulator alone (see `collector simulate --help`)
+  collector demo        run simulator, embedded broker and a worker together
+"""
+
+
+def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    command = args[0] if args else ""
+    if command == "simulate":
+        from simulator.__main__ import main as simulate
+
+        return simulate(args[1:])
+    if command == "demo":
+        from agents.demo import main as demo
+
+        return demo(args[1:])
+    try:
+        config = load_config()
+    except ConfigError as exc:
+        print(f"collector: configuration error: {exc}", file=sys.stderr)
+        return 2
+    broker: EmbeddedBroker | None = None
+    if command == "worker" and config.kafka.embedded:
+        from streams.app import EMBEDDED_BROKER_PORT
+
+        port = EMBEDDED_BROKER_PORT if _port_is_free(EMBEDDED_BROKER_PORT) else None
+        try:
+            broker = EmbeddedBroker(port=port).start()
+        except RuntimeError as exc:
+            print(f"collector: {exc}", file=sys.stderr)
+            return 1
+        os.environ["COLLECTOR_KAFKA_BROKERS"] = broker.bootstrap
+        print(f"collector: embedded broker listening on {broker.bootstrap}", file=sys.stderr, flush=True)
+    try:
+        import agents.pipeline  # noqa: F401 - registers the agents and services with the app
+        from streams.app import app
+
+        sys.argv = ["collector", *args]
+        if not args or command in {"--help", "-h"}:
+            print(USAGE_EXTRA, file=sys.stderr)
+        app.main()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        if broker is not None:
+            broker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

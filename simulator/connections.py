@@ -1,0 +1,195 @@
+"""What every dialect's WebSocket connections share: an outbound queue, keepalive and limits.
+
+A connection owns exactly one writer task that drains its queue. Publishers only append bytes that
+were encoded once for all subscribers, so fanning a frame out costs an append per connection and
+never an asyncio task per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+log = logging.getLogger(__name__)
+
+# Frame kinds that the writer treats specially; every other kind is a text frame counted under its name.
+PING = "ping"
+PONG = "pong"
+CLOSE = "close"
+
+# Dropping a client whose queue grows past this is what a real exchange does to a slow consumer.
+DEFAULT_MAX_QUEUED_BYTES = 256 * 1024 * 1024
+
+
+class Connection:
+    """One client WebSocket as the simulator sees it."""
+
+    def __init__(
+        self,
+        connection_id: str,
+        ws: web.WebSocketResponse,
+        request: web.Request,
+        frames_sent: dict[str, int],
+        *,
+        now: float,
+        max_messages_per_second: int,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
+    ) -> None:
+        self.id = connection_id
+        self.ws = ws
+        self.remote = request.remote
+        self.opened_at = now
+        self.streams: set[str] = set()
+        self.last_ping_at = now
+        self.closing = False
+        self.slow_consumer = False
+        self._transport = request.transport
+        self._frames_sent = frames_sent  # shared by all connections of a dialect, so totals survive closes
+        self._queue: deque[tuple[str, bytes]] = deque()
+        self._queued_bytes = 0
+        self._max_queued_bytes = max_queued_bytes
+        self._wakeup = asyncio.Event()
+        self._close_code = 1000
+        self._pending_pings: dict[bytes, float] = {}  # payload -> sent at, oldest first
+        self._recent_messages: deque[float] = deque(maxlen=max_messages_per_second)
+        self._writer = asyncio.create_task(self._write_loop(), name=f"simulator-writer-{connection_id}")
+
+    # -- outbound ---------------------------------------------------------------------------------
+
+    def send(self, kind: str, frame: bytes) -> None:
+        """Queue a text frame (or a control frame for the PING/PONG kinds)."""
+        if self.closing:
+            return
+        self._queue.append((kind, frame))
+        self._queued_bytes += len(frame)
+        if self._queued_bytes > self._max_queued_bytes:
+            self.slow_consumer = True
+            log.warning("dropping %s: %d bytes queued", self.id, self._queued_bytes)
+            self.abort()
+            return
+        self._wakeup.set()
+
+    def send_ping(self, payload: bytes, now: float) -> None:
+        self.last_ping_at = now
+        self._pending_pings[payload] = now
+        self.send(PING, payload)
+
+    def close(self, code: int = 1000, *, discard_queued: bool = False) -> None:
+        """Close with a close frame after the queued frames (or instead of them)."""
+        if self.closing:
+            return
+        if discard_queued:
+            self._queue.clear()
+            self._queued_bytes = 0
+        self._queue.append((CLOSE, b""))
+        self._close_code = code
+        self.closing = True
+        self._wakeup.set()
+
+    def abort(self) -> None:
+        """Drop the TCP connection without a close frame, as a network failure would."""
+        self.closing = True
+        self._queue.clear()
+        self._queued_bytes = 0
+        if self._transport is not None:
+            self._transport.abort()
+        self._writer.cancel()
+
+    async def finished(self) -> None:
+        """Stop the writer once the handler is done with the socket."""
+        self._writer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._writer
+
+    async def _write_loop(self) -> None:
+        ws, queue, counts = self.ws, self._queue, self._frames_sent
+        try:
+            while True:
+                if not queue:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                kind, frame = queue.popleft()
+                self._queued_bytes -= len(frame)
+                if kind is PING:
+                    await ws.ping(frame)
+                elif kind is PONG:
+                    await ws.pong(frame)
+                elif kind is CLOSE:
+                    await ws.close(code=self._close_code)
+                    return
+                else:
+                    await ws.send_frame(frame, WSMsgType.TEXT)
+                counts[kind] = counts.get(kind, 0) + 1
+        except (ConnectionError, RuntimeError, asyncio.TimeoutError) as error:
+            # The peer went away mid-write; the handler's read loop sees the same and cleans up.
+            log.debug("writer of %s stopped: %r", self.id, error)
+            self.closing = True
+            if self._transport is not None:
+                self._transport.abort()
+
+    # -- inbound ----------------------------------------------------------------------------------
+
+    def note_incoming(self, now: float) -> bool:
+        """Record one incoming message; False when it exceeds the messages-per-second limit."""
+        recent = self._recent_messages
+        over = len(recent) == recent.maxlen and now - recent[0] < 1.0
+        recent.append(now)
+        return not over
+
+    def pong_received(self, payload: bytes) -> None:
+        # A pong answers its ping and, implicitly, every older one; unsolicited pongs answer nothing.
+        if payload not in self._pending_pings:
+            return
+        while self._pending_pings:
+            answered = next(iter(self._pending_pings))
+            del self._pending_pings[answered]
+            if answered == payload:
+                break
+
+    def pong_overdue(self, now: float, timeout: float) -> bool:
+        if not self._pending_pings:
+            return False
+        return now - next(iter(self._pending_pings.values())) > timeout
+
+    def describe(self) -> dict[str, Any]:
+        return {"remote": self.remote, "streams": sorted(self.streams), "queued": len(self._queue)}
+
+
+class StreamHub:
+    """Which connections are subscribed to which stream."""
+
+    def __init__(self) -> None:
+        self.subscribers: dict[str, dict[Connection, None]] = {}  # insertion-ordered sets
+
+    def subscribe(self, connection: Connection, stream: str) -> bool:
+        """Returns True when this is the stream's first subscriber."""
+        connection.streams.add(stream)
+        subscribers = self.subscribers.get(stream)
+        if subscribers is None:
+            self.subscribers[stream] = {connection: None}
+            return True
+        subscribers[connection] = None
+        return False
+
+    def unsubscribe(self, connection: Connection, stream: str) -> bool:
+        """Returns True when the stream lost its last subscriber."""
+        connection.streams.discard(stream)
+        subscribers = self.subscribers.get(stream)
+        if subscribers is None or subscribers.pop(connection, 0) == 0:
+            return False
+        if not subscribers:
+            del self.subscribers[stream]
+            return True
+        return False
+
+    def drop(self, connection: Connection) -> list[str]:
+        """Unsubscribe a closed connection; returns the streams left without subscribers."""
+        orphaned = [stream for stream in list(connection.streams) if self.unsubscribe(connection, stream)]
+        connection.streams.clear()
+        return orphaned

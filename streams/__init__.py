@@ -1,0 +1,1 @@
+"""What flows: the Faust app, settings, topic names, record schemas and the pure exchange adapters."""

@@ -1,0 +1,60 @@
+"""The Faust app object and its settings, built from the configuration contract.
+
+Importing this module loads the configuration (COLLECTOR_CONFIG and the environment overrides).
+The embedded broker is started by `collector worker` before this module is imported, which then
+finds its address in COLLECTOR_KAFKA_BROKERS.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import faust
+
+from streams.config import CollectorConfig, load_config
+
+APP_ID = "exchange-collector"
+RAW_PARTITIONS = 4
+EMBEDDED_BROKER_PORT = 9092
+
+
+def broker_urls(config: CollectorConfig) -> str:
+    if config.kafka.embedded:
+        # `collector worker` starts the embedded broker here (or on a free port it then passes
+        # in COLLECTOR_KAFKA_BROKERS); other commands reach a running one at this address.
+        return f"kafka://127.0.0.1:{EMBEDDED_BROKER_PORT}"
+    return ";".join(f"kafka://{broker}" for broker in config.kafka.brokers)
+
+
+def faust_settings(config: CollectorConfig) -> dict[str, Any]:
+    producer = config.kafka.producer
+    return {
+        "broker": broker_urls(config),
+        "store": "memory://",
+        "web_port": config.server.port,
+        "datadir": Path(tempfile.gettempdir()) / f"{APP_ID}-{config.server.port}",
+        # The broker holds a group join for session_timeout / 2: Faust's 60 s default means ~31 s
+        # before a worker is ready; 6 s gives ~4.5 s (reference/platform.md).
+        "broker_session_timeout": 6.0,
+        "broker_heartbeat_interval": 1.0,
+        "producer_linger": producer.lingerMs / 1000.0,
+        "producer_compression_type": None if producer.compression == "none" else producer.compression,
+        "producer_max_request_size": 8 * 1024 * 1024,
+        "consumer_max_fetch_size": 8 * 1024 * 1024,
+        "topic_partitions": RAW_PARTITIONS,
+        "topic_replication_factor": 1,
+        "consumer_auto_offset_reset": "earliest",
+        "loglevel": config.logging.level.upper(),
+    }
+
+
+def create_app(config: CollectorConfig) -> faust.App:
+    app = faust.App(APP_ID, autodiscover=False, **faust_settings(config))
+    app.collector_config = config  # type: ignore[attr-defined]
+    return app
+
+
+config = load_config()
+app = create_app(config)

@@ -1,0 +1,231 @@
+"""The YAML configuration contract (DESIGN.md), validated with pydantic.
+
+`load_config` reads `COLLECTOR_CONFIG` (default `config/default.yaml`) and applies the environment
+overrides `COLLECTOR_KAFKA_BROKERS` (comma list, or `embedded`) and `COLLECTOR_SERVER_PORT`. Any
+unknown key or bad value raises ConfigError whose message names the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from streams.exchanges import adapter_class
+from streams.exchanges.base import DataType
+
+DEFAULT_CONFIG_PATH = Path("config/default.yaml")
+EMBEDDED: Literal["embedded"] = "embedded"
+_SYMBOL = re.compile(r"^[A-Z0-9]{1,20}/[A-Z0-9]{1,20}$")
+_BROKER = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}$")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the offending key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    port: Annotated[int, Field(ge=1, le=65535)] = 6066
+
+
+class ConnectionsConfig(_Strict):
+    max: Annotated[int, Field(ge=1, le=1000)] = 5
+    streamsPerConnection: Annotated[int, Field(ge=1)] = 1000
+
+
+class ExchangeConfig(_Strict):
+    wsEndpoint: str
+    restEndpoint: str
+    symbols: Annotated[list[str], Field(min_length=1)]
+    dataTypes: Annotated[list[str], Field(min_length=1)]
+    connections: ConnectionsConfig = ConnectionsConfig()
+
+    @field_validator("wsEndpoint")
+    @classmethod
+    def _websocket_url(cls, value: str) -> str:
+        if not re.match(r"^wss?://[^/\s]+", value):
+            raise ValueError("must be a ws:// or wss:// URL")
+        return value.rstrip("/")
+
+    @field_validator("restEndpoint")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("symbols")
+    @classmethod
+    def _symbols(cls, value: list[str]) -> list[str]:
+        for symbol in value:
+            if not _SYMBOL.match(symbol):
+                raise ValueError(f"symbol {symbol!r} is not BASE/QUOTE in capitals, e.g. BTC/USDT")
+        if len(set(value)) != len(value):
+            raise ValueError("symbols are listed twice")
+        return value
+
+    @field_validator("dataTypes")
+    @classmethod
+    def _data_types(cls, value: list[str]) -> list[str]:
+        for text in value:
+            DataType.parse(text)
+        if len(set(value)) != len(value):
+            raise ValueError("data types are listed twice")
+        return value
+
+    @property
+    def data_types(self) -> list[DataType]:
+        return [DataType.parse(text) for text in self.dataTypes]
+
+
+class ProducerConfig(_Strict):
+    lingerMs: Annotated[int, Field(ge=0, le=10_000)] = 5
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
+
+
+class KafkaConfig(_Strict):
+    brokers: list[str] | Literal["embedded"] = EMBEDDED
+    producer: ProducerConfig = ProducerConfig()
+
+    @field_validator("brokers")
+    @classmethod
+    def _brokers(cls, value: list[str] | Literal["embedded"]) -> list[str] | Literal["embedded"]:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("list at least one host:port, or say embedded")
+            for broker in value:
+                if not _BROKER.match(broker):
+                    raise ValueError(f"broker {broker!r} is not host:port")
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        return self.brokers == EMBEDDED
+
+
+class PrometheusConfig(_Strict):
+    enabled: bool = True
+
+
+class MonitoringConfig(_Strict):
+    prometheus: PrometheusConfig = PrometheusConfig()
+
+
+class LoggingConfig(_Strict):
+    level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class CollectorConfig(_Strict):
+    server: ServerConfig = ServerConfig()
+    exchanges: Annotated[dict[str, ExchangeConfig], Field(min_length=1)]
+    kafka: KafkaConfig = KafkaConfig()
+    monitoring: MonitoringConfig = MonitoringConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _exchanges_known(self) -> CollectorConfig:
+        for name, exchange in self.exchanges.items():
+            try:
+                adapter = adapter_class(name)
+            except KeyError as exc:
+                raise _KeyedError(("exchanges", name), str(exc.args[0])) from None
+            for index, data_type in enumerate(exchange.data_types):
+                if not adapter.supports(data_type):
+                    raise _KeyedError(
+                        ("exchanges", name, "dataTypes", index),
+                        f"{name} does not offer data type {data_type}",
+                    )
+            limit = adapter.limits.max_streams_per_connection
+            if exchange.connections.streamsPerConnection > limit:
+                raise _KeyedError(
+                    ("exchanges", name, "connections", "streamsPerConnection"),
+                    f"{name} allows at most {limit} streams per connection",
+                )
+        return self
+
+
+class _KeyedError(ValueError):
+    """A cross-field error that knows which key it is about."""
+
+    def __init__(self, location: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.location = location
+
+
+def _dotted(location: tuple[str | int, ...]) -> str:
+    # pydantic adds union member tags such as "list[str]" to locations; they are not keys.
+    keys = [str(part) for part in location if not (isinstance(part, str) and "[" in part)]
+    return ".".join(keys) or "(top level)"
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = tuple(item["loc"])
+        cause = (item.get("ctx") or {}).get("error")
+        if isinstance(cause, _KeyedError):
+            location, message = cause.location, str(cause)
+        elif item["type"] == "extra_forbidden":
+            message = "unknown key"
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+        line = f"{_dotted(location)}: {message}"
+        if line not in lines:
+            lines.append(line)
+    return "; ".join(lines)
+
+
+def parse_config(document: Any, source: str = "configuration") -> CollectorConfig:
+    if not isinstance(document, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    try:
+        return CollectorConfig.model_validate(document)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+
+
+def _apply_environment(document: dict[str, Any], environ: os._Environ[str] | dict[str, str]) -> None:
+    brokers = environ.get("COLLECTOR_KAFKA_BROKERS", "").strip()
+    if brokers:
+        kafka = document.setdefault("kafka", {}) or {}
+        if not isinstance(kafka, dict):
+            raise ConfigError("kafka: must be a mapping")
+        kafka["brokers"] = EMBEDDED if brokers == EMBEDDED else [b.strip() for b in brokers.split(",")]
+        document["kafka"] = kafka
+    port = environ.get("COLLECTOR_SERVER_PORT", "").strip()
+    if port:
+        if not port.isdigit():
+            raise ConfigError(f"COLLECTOR_SERVER_PORT: {port!r} is not a port number")
+        server = document.setdefault("server", {}) or {}
+        if not isinstance(server, dict):
+            raise ConfigError("server: must be a mapping")
+        server["port"] = int(port)
+        document["server"] = server
+
+
+def load_config(environ: os._Environ[str] | dict[str, str] | None = None) -> CollectorConfig:
+    environ = os.environ if environ is None else environ
+    path = Path(environ.get("COLLECTOR_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"COLLECTOR_CONFIG: cannot read {path}: {exc.strerror}") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    _apply_environment(document, environ)
+    return parse_config(document, str(path))

@@ -1,0 +1,161 @@
+"""What every exchange adapter provides.
+
+An adapter is the pure protocol core for one exchange: it builds subscribe messages and turns frame
+bytes into market records and control events. It opens no sockets and reads no clock: the receive
+time is passed in. The source agents wrap it with I/O; the normalize agents call `parse_frame`.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import msgspec
+
+from streams.records import MarketRecord
+
+DataKind = Literal["trade", "kline", "ticker", "bbo", "depth"]
+_DATA_TYPE = re.compile(r"^(trade|ticker|bbo|depth)$|^kline_([0-9]+[smhdwM])$")
+
+
+class FrameError(ValueError):
+    """A frame the adapter cannot turn into events.
+
+    `reason` is a short stable slug (the dead-letter reason and metric label); `detail` says more.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class DataType:
+    """A configured data type: `trade`, `ticker`, `bbo`, `depth` or `kline_<interval>`."""
+
+    kind: DataKind
+    interval: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> DataType:
+        match = _DATA_TYPE.fullmatch(text)
+        if match is None:
+            raise ValueError(
+                f"unknown data type {text!r}: expected trade, ticker, bbo, depth or kline_<interval>"
+            )
+        if match.group(2) is not None:
+            return cls("kline", match.group(2))
+        kind: DataKind = match.group(1)  # type: ignore[assignment]
+        return cls(kind)
+
+    def __str__(self) -> str:
+        return f"kline_{self.interval}" if self.kind == "kline" else self.kind
+
+
+@dataclass(frozen=True, slots=True)
+class Instrument:
+    """One market: `symbol` is the normalized BASE/QUOTE, `exchange_symbol` the exchange's own name."""
+
+    symbol: str
+    exchange_symbol: str
+    base: str
+    quote: str
+    status: str = "TRADING"
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeLimits:
+    """The exchange's published limits that connection management must respect."""
+
+    max_streams_per_connection: int
+    max_incoming_messages_per_second: float
+    max_connection_attempts: int
+    connection_attempt_window_seconds: float
+    max_connection_lifetime_seconds: float | None
+    rest_weight_per_minute: int
+
+
+# Control events: what a frame tells the connection rather than the market.
+class Ack(msgspec.Struct, frozen=True):
+    request_id: int | str | None
+
+
+class ErrorReply(msgspec.Struct, frozen=True):
+    code: int
+    message: str
+    request_id: int | str | None = None
+
+
+class ServerShutdown(msgspec.Struct, frozen=True):
+    event_time: int
+
+
+class SubscriptionList(msgspec.Struct, frozen=True):
+    request_id: int | str | None
+    streams: list[str]
+
+
+ControlEvent = Ack | ErrorReply | ServerShutdown | SubscriptionList
+ParsedItem = MarketRecord | ControlEvent
+
+
+class ExchangeAdapter(ABC):
+    """The small fixed set of things an exchange module overrides."""
+
+    name: ClassVar[str]  # the exchange token used in config, topics and metric labels
+    limits: ClassVar[ExchangeLimits]
+    kline_intervals: ClassVar[frozenset[str]]
+    data_kinds: ClassVar[frozenset[DataKind]]
+    instruments_path: ClassVar[str]  # REST path (with query) that lists the exchange's markets
+
+    def __init__(self, instruments: Iterable[Instrument]) -> None:
+        self.instruments: dict[str, Instrument] = {i.exchange_symbol: i for i in instruments}
+        self.by_symbol: dict[str, Instrument] = {i.symbol: i for i in self.instruments.values()}
+
+    @classmethod
+    def supports(cls, data_type: DataType) -> bool:
+        if data_type.kind not in cls.data_kinds:
+            return False
+        return data_type.kind != "kline" or data_type.interval in cls.kline_intervals
+
+    @staticmethod
+    @abstractmethod
+    def parse_instruments(body: bytes) -> list[Instrument]:
+        """Markets from the body of a GET of `instruments_path`."""
+
+    @abstractmethod
+    def route(self, data_type: DataType) -> str:
+        """The path appended to `wsEndpoint` for a connection carrying this data type."""
+
+    @abstractmethod
+    def stream_name(self, instrument: Instrument, data_type: DataType) -> str:
+        """The exchange's name for one subscribable stream."""
+
+    @abstractmethod
+    def subscribe_message(self, streams: Sequence[str], request_id: int) -> bytes: ...
+
+    @abstractmethod
+    def unsubscribe_message(self, streams: Sequence[str], request_id: int) -> bytes: ...
+
+    @abstractmethod
+    def parse_frame(self, payload: bytes, received_at: int) -> list[ParsedItem]:
+        """Turn one frame into market records and control events.
+
+        Raises FrameError, and nothing else, for a frame it cannot parse.
+        """
+
+    def control_events(self, payload: bytes) -> list[ControlEvent]:
+        """The control events in a frame (acks, errors, shutdown notices).
+
+        The source agent calls this for every frame it receives, so adapters override it to
+        recognise ordinary market frames without parsing them.
+        """
+        try:
+            items = self.parse_frame(payload, 0)
+        except FrameError:
+            return []
+        return [item for item in items if not isinstance(item, MarketRecord)]
