@@ -18,6 +18,7 @@ Exchange Collector commands (besides Faust's):
   collector worker      run a worker (starts the embedded broker when no brokers are configured)
   collector simulate    run the local exchange simulator alone (see `collector simulate --help`)
   collector demo        run simulator, embedded broker and a worker together
+  collector tail TOPIC  print a topic's records (--from-beginning, -n COUNT, --brokers)
 """
 
 
@@ -46,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"collector: configuration error: {exc}", file=sys.stderr)
         return 2
+    if command == "tail":
+        from agents.tail import main as tail
+        from streams.app import broker_urls
+
+        return tail(args[1:], broker_urls(config).replace("kafka://", "").replace(";", ","))
     broker: EmbeddedBroker | None = None
     if command == "worker" and config.kafka.embedded:
         from streams.app import EMBEDDED_BROKER_PORT

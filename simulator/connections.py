@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from aiohttp import WSMsgType, web
 
@@ -44,7 +44,7 @@ class Connection:
         self.ws = ws
         self.remote = request.remote
         self.opened_at = now
-        self.streams: set[str] = set()
+        self.streams: dict[str, None] = {}  # an ordered set: LIST_SUBSCRIPTIONS keeps the order
         self.last_ping_at = now
         self.closing = False
         self.slow_consumer = False
@@ -100,8 +100,11 @@ class Connection:
             self._transport.abort()
         self._writer.cancel()
 
-    async def finished(self) -> None:
-        """Stop the writer once the handler is done with the socket."""
+    async def finished(self, close_timeout: float) -> None:
+        """Called by the handler when it stops reading: let a requested close finish, then stop."""
+        if self.closing and not self._writer.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._writer), close_timeout)
         self._writer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer
@@ -116,17 +119,17 @@ class Connection:
                     continue
                 kind, frame = queue.popleft()
                 self._queued_bytes -= len(frame)
-                if kind is PING:
+                if kind == PING:
                     await ws.ping(frame)
-                elif kind is PONG:
+                elif kind == PONG:
                     await ws.pong(frame)
-                elif kind is CLOSE:
+                elif kind == CLOSE:
                     await ws.close(code=self._close_code)
                     return
                 else:
                     await ws.send_frame(frame, WSMsgType.TEXT)
                 counts[kind] = counts.get(kind, 0) + 1
-        except (ConnectionError, RuntimeError, asyncio.TimeoutError) as error:
+        except (TimeoutError, ConnectionError, RuntimeError) as error:
             # The peer went away mid-write; the handler's read loop sees the same and cleans up.
             log.debug("writer of %s stopped: %r", self.id, error)
             self.closing = True
@@ -158,18 +161,21 @@ class Connection:
         return now - next(iter(self._pending_pings.values())) > timeout
 
     def describe(self) -> dict[str, Any]:
-        return {"remote": self.remote, "streams": sorted(self.streams), "queued": len(self._queue)}
+        return {"remote": self.remote, "streams": list(self.streams), "queued": len(self._queue)}
 
 
-class StreamHub:
+C = TypeVar("C", bound=Connection)
+
+
+class StreamHub(Generic[C]):
     """Which connections are subscribed to which stream."""
 
     def __init__(self) -> None:
-        self.subscribers: dict[str, dict[Connection, None]] = {}  # insertion-ordered sets
+        self.subscribers: dict[str, dict[C, None]] = {}  # insertion-ordered sets
 
-    def subscribe(self, connection: Connection, stream: str) -> bool:
+    def subscribe(self, connection: C, stream: str) -> bool:
         """Returns True when this is the stream's first subscriber."""
-        connection.streams.add(stream)
+        connection.streams[stream] = None
         subscribers = self.subscribers.get(stream)
         if subscribers is None:
             self.subscribers[stream] = {connection: None}
@@ -177,18 +183,19 @@ class StreamHub:
         subscribers[connection] = None
         return False
 
-    def unsubscribe(self, connection: Connection, stream: str) -> bool:
+    def unsubscribe(self, connection: C, stream: str) -> bool:
         """Returns True when the stream lost its last subscriber."""
-        connection.streams.discard(stream)
+        connection.streams.pop(stream, None)
         subscribers = self.subscribers.get(stream)
-        if subscribers is None or subscribers.pop(connection, 0) == 0:
+        if subscribers is None or connection not in subscribers:
             return False
+        del subscribers[connection]
         if not subscribers:
             del self.subscribers[stream]
             return True
         return False
 
-    def drop(self, connection: Connection) -> list[str]:
+    def drop(self, connection: C) -> list[str]:
         """Unsubscribe a closed connection; returns the streams left without subscribers."""
         orphaned = [stream for stream in list(connection.streams) if self.unsubscribe(connection, stream)]
         connection.streams.clear()

@@ -61,7 +61,7 @@ _MEAN_NOTIONAL_USD = 800.0
 
 
 def format_units(units: int, decimals: int, places: int | None = None) -> str:
-    """`units` × 10^-decimals as a decimal string with `places` fractional digits (rounded half up)."""
+    """`units` * 10^-decimals as a decimal string with `places` fractional digits (rounded half up)."""
     if places is None:
         places = decimals
     if places >= decimals:
@@ -166,7 +166,7 @@ class Instrument:
         return format_units(lots, self.quantity_decimals, places)
 
     def notional(self, units: int, places: int | None = None) -> str:
-        """A price × quantity product (such as a quote volume) as a decimal string."""
+        """A price * quantity product (such as a quote volume) as a decimal string."""
         return format_units(units, self.price_decimals + self.quantity_decimals, places)
 
 
@@ -204,7 +204,7 @@ class Kline:
     interval: str
     open_time: int
     close_time: int
-    open: int  # prices in ticks, volumes in lots, quote volumes in tick × lot units
+    open: int  # prices in ticks, volumes in lots, quote volumes in tick * lot units
     high: int
     low: int
     close: int
@@ -565,7 +565,8 @@ class Market:
         history = tape.history
         close_time = next_bar_open_time(interval, open_time) - 1
         cached = tape.kline_cache.get(interval)
-        if cached is not None and cached.open_time == open_time and tape.kline_next[interval] >= history.begin:
+        resumable = cached is not None and tape.kline_next[interval] >= history.begin
+        if cached is not None and resumable and cached.open_time == open_time:
             bar, index = cached, tape.kline_next[interval]
         else:
             index = history.first_index_at_or_after(open_time)

@@ -1,0 +1,119 @@
+"""`collector demo`: the simulator, the embedded broker and a worker together, for a first look."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from agents.embedded_broker import free_port
+
+DEMO_SYMBOLS = ["BTC/USDT", "ETH/USDT", "BNB/USDT"]
+DEMO_DATA_TYPES = ["trade", "kline_1s", "kline_1m", "ticker", "bbo"]
+
+
+def _wait_for_line(path: Path, text: str, process: subprocess.Popen[bytes], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in path.read_text(errors="replace"):
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.1)
+    return False
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="collector demo", description=__doc__)
+    parser.add_argument("--rate", type=float, default=5.0, help="trades per second per symbol")
+    parser.add_argument("--port", type=int, default=6066, help="the worker's web port")
+    args = parser.parse_args(argv)
+
+    workdir = Path(tempfile.mkdtemp(prefix="collector-demo-"))
+    sim_port = free_port()
+    sim_log = workdir / "simulator.log"
+    worker_log = workdir / "worker.log"
+    simulator = subprocess.Popen(
+        [sys.executable, "-m", "simulator", "--host", "127.0.0.1", "--port", str(sim_port),
+         "--symbols", ",".join(DEMO_SYMBOLS), "--rate", str(args.rate)],
+        stdout=sim_log.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        if not _wait_for_line(sim_log, "listening", simulator, 30):
+            print(f"demo: the simulator did not start; see {sim_log}", file=sys.stderr)
+            return 1
+        config_path = workdir / "demo.yaml"
+        config_path.write_text(
+            yaml.safe_dump(
+                {
+                    "server": {"port": args.port},
+                    "exchanges": {
+                        "binance": {
+                            "wsEndpoint": f"ws://127.0.0.1:{sim_port}",
+                            "restEndpoint": f"http://127.0.0.1:{sim_port}",
+                            "symbols": DEMO_SYMBOLS,
+                            "dataTypes": DEMO_DATA_TYPES,
+                        }
+                    },
+                    "kafka": {"brokers": "embedded"},
+                    "logging": {"level": "info", "format": "json"},
+                }
+            )
+        )
+        env = {**os.environ, "COLLECTOR_CONFIG": str(config_path)}
+        env.pop("COLLECTOR_KAFKA_BROKERS", None)
+        env.pop("COLLECTOR_SERVER_PORT", None)
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "agents.cli", "worker", "-l", "info"],
+            stdout=worker_log.open("wb"), stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+        if not _wait_for_line(worker_log, "Worker ready", worker, 90):
+            print(f"demo: the worker did not start; see {worker_log}", file=sys.stderr)
+            return 1
+        broker_line = next(
+            (line for line in worker_log.read_text().splitlines() if "embedded broker listening" in line), ""
+        )
+        broker = broker_line.rsplit(" ", 1)[-1] if broker_line else "127.0.0.1:9092"
+        print(
+            f"""
+Exchange Collector demo is running (Ctrl-C stops everything).
+  simulator (Binance spot protocol)  ws://127.0.0.1:{sim_port}  http://127.0.0.1:{sim_port}/_sim/stats
+  embedded Kafka broker              {broker}
+  worker web server                  http://127.0.0.1:{args.port}/
+  market topics                      market.<trade|kline|ticker|bbo>.binance.<btc-usdt|eth-usdt|bnb-usdt>
+  read one                           collector tail market.trade.binance.btc-usdt --brokers {broker}
+  logs                               {worker_log}  {sim_log}
+""",
+            flush=True,
+        )
+        stop = {"now": False}
+
+        def request_stop(signum: int, frame: object) -> None:
+            stop["now"] = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+        while not stop["now"] and worker.poll() is None and simulator.poll() is None:
+            time.sleep(0.2)
+        return 0
+    finally:
+        if worker is not None:
+            _stop(worker)
+        _stop(simulator)

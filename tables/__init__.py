@@ -1,0 +1,1 @@
+"""What is remembered and served: Faust tables and the web views over them."""

@@ -1,0 +1,74 @@
+"""`collector worker` with no brokers configured starts the embedded broker and leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Simulator, Worker, wait_for, write_config
+
+pytestmark = pytest.mark.e2e
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _broker_pid(worker: Worker) -> int:
+    def find() -> int | None:
+        for child in _children(worker.process.pid):
+            try:
+                if "tansu" in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
+                    return child
+            except OSError:
+                continue
+        return None
+
+    pid = wait_for(find, 20, "the embedded broker process")
+    assert pid is not None
+    return pid
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_the_worker_starts_the_embedded_broker_and_it_dies_with_the_worker(
+    tmp_path: Path, signum: int
+) -> None:
+    simulator = Simulator(["BTC/USDT"], rate=5)
+    config = write_config(tmp_path / "c.yaml", simulator, ["BTC/USDT"], ["trade"])
+    worker = Worker(config, brokers=None, log_dir=tmp_path)
+    try:
+        started = time.monotonic()
+        worker.wait_ready(timeout=60)
+        assert "embedded broker listening on 127.0.0.1:" in worker.log()
+        broker = _broker_pid(worker)
+        worker.signal(signum)
+        worker.process.wait(timeout=30)
+        wait_for(lambda: _gone(broker), 15, "the broker to exit")
+        assert time.monotonic() - started < 60
+        if signum != signal.SIGKILL:
+            assert worker.process.returncode == 0, worker.log()[-3000:]
+    finally:
+        if worker.process.poll() is None:
+            os.killpg(worker.process.pid, signal.SIGKILL)
+        simulator.stop()

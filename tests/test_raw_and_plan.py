@@ -1,0 +1,131 @@
+"""Pure pieces of the data path: the raw batch format, connection planning, the batched writer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from agents.source import Backoff, FrameBatcher
+from agents.writer import TopicWriter
+from streams.exchanges.base import DataType, Instrument
+from streams.exchanges.binance import BinanceAdapter
+from streams.plan import PlanError, plan_connections
+from streams.raw import RawBatch, RawFrame, decode_batch, encode_batch
+from streams.topics import market_topic, symbol_token
+
+
+def test_raw_batches_keep_frame_bytes_untouched_even_when_not_utf8() -> None:
+    frames = [RawFrame(0, 1700000000000, b'{"a":1}'), RawFrame(1, 1700000000001, b"\xff\xfe\x00garbage")]
+    batch = RawBatch(exchange="binance", connection_id="binance-0-1", frames=frames)
+    decoded = decode_batch(encode_batch(batch))
+    assert decoded == batch
+    assert decoded.frames[1].payload == b"\xff\xfe\x00garbage"
+    assert decoded.source == "ws" and decoded.v == 1
+
+
+def test_a_malformed_raw_record_raises_msgspec_errors() -> None:
+    with pytest.raises(msgspec.DecodeError):
+        decode_batch(b"\xc1not msgpack")
+    with pytest.raises(msgspec.ValidationError):
+        decode_batch(msgspec.msgpack.encode({"exchange": 1}))
+
+
+def test_topic_names_follow_the_contract() -> None:
+    assert symbol_token("BTC/USDT") == "btc-usdt"
+    assert market_topic("kline", "binance", "1000SATS/USDT") == "market.kline.binance.1000sats-usdt"
+
+
+def _instruments(count: int) -> list[Instrument]:
+    return [Instrument(f"C{i}/USDT", f"C{i}USDT", f"C{i}", "USDT") for i in range(count)]
+
+
+def test_streams_are_spread_over_connections_within_the_per_connection_limit() -> None:
+    adapter = BinanceAdapter(_instruments(300))
+    kinds = [DataType.parse(t) for t in ("trade", "kline_1m", "ticker", "bbo")]
+    plans = plan_connections(adapter, _instruments(300), kinds, max_connections=5, streams_per_connection=500)
+    assert [len(p.streams) for p in plans] == [500, 500, 200]
+    assert all(p.route == "/stream" for p in plans)
+    every = [s for p in plans for s in p.streams]
+    assert len(every) == len(set(every)) == 1200
+
+
+def test_the_exchange_limit_wins_over_a_larger_configured_one() -> None:
+    adapter = BinanceAdapter(_instruments(600))
+    plans = plan_connections(
+        adapter,
+        _instruments(600),
+        [DataType("trade"), DataType("bbo")],
+        max_connections=5,
+        streams_per_connection=5000,
+    )
+    assert [len(p.streams) for p in plans] == [1024, 176]
+
+
+def test_too_many_streams_for_the_allowed_connections_is_refused_clearly() -> None:
+    adapter = BinanceAdapter(_instruments(100))
+    with pytest.raises(PlanError, match=r"connections\.max is 1"):
+        plan_connections(
+            adapter, _instruments(100), [DataType("trade")], max_connections=1, streams_per_connection=10
+        )
+
+
+def test_backoff_doubles_to_its_cap_with_jitter_and_resets_after_a_stable_connection() -> None:
+    backoff = Backoff(first=1.0, cap=30.0, stable_after=60.0)
+    delays = [backoff.next_delay() for _ in range(8)]
+    ceilings = [1, 2, 4, 8, 16, 30, 30, 30]
+    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+    backoff.connection_lasted(5.0)
+    assert backoff.current == 30.0
+    backoff.connection_lasted(61.0)
+    assert backoff.next_delay() <= 1.0
+
+
+async def test_the_batcher_numbers_frames_per_connection_and_flushes_whole_batches() -> None:
+    sent: list[tuple[str, bytes]] = []
+
+    async def send_raw(key: str, value: bytes) -> None:
+        sent.append((key, value))
+
+    batcher = FrameBatcher("binance", "conn-1", send_raw)
+    for i in range(5):
+        batcher.add(f'{{"n":{i}}}'.encode(), 1000 + i)
+    await batcher.flush()
+    await batcher.flush()  # nothing new: no empty record
+    batcher.add(b"{}", 2000)
+    await batcher.flush()
+    batches = [decode_batch(value) for _, value in sent]
+    assert [key for key, _ in sent] == ["conn-1", "conn-1"]
+    assert [f.sequence for b in batches for f in b.frames] == [0, 1, 2, 3, 4, 5]
+    assert batches[0].frames[4].received_at == 1004
+
+
+async def test_the_writer_returns_only_after_every_record_is_acknowledged_and_retries_failures() -> None:
+    loop = asyncio.get_running_loop()
+    declared: list[str] = []
+    attempts: dict[bytes, int] = {}
+
+    async def declare(topic: str) -> None:
+        declared.append(topic)
+
+    async def produce(topic: str, key: bytes, value: bytes) -> asyncio.Future[str]:
+        attempts[value] = attempts.get(value, 0) + 1
+        future: asyncio.Future[str] = loop.create_future()
+        if value == b"flaky" and attempts[value] == 1:
+            loop.call_soon(future.set_exception, ConnectionError("broker gone"))
+        else:
+            loop.call_soon(future.set_result, topic)
+        return future
+
+    writer = TopicWriter(produce, declare, retry_delay=0.01)
+    writer.send("t1", b"k", b"ok")
+    writer.send("t2", b"k", b"flaky")
+    writer.send("t1", b"k", b"ok2")
+    await asyncio.wait_for(writer.flush(), timeout=5)
+    assert sorted(declared) == ["t1", "t2"]
+    assert attempts == {b"ok": 1, b"flaky": 2, b"ok2": 1}
+    assert writer.sent == 3 and writer.retries == 1
+    writer.send("t1", b"k", b"again")
+    await asyncio.wait_for(writer.flush(), timeout=5)
+    assert sorted(declared) == ["t1", "t2"]  # declared once
