@@ -11,7 +11,7 @@ import socket
 import sys
 
 from agents.embedded_broker import EmbeddedBroker
-from streams.config import ConfigError, load_config
+from streams.config import EMBEDDED_BROKER_PORT, ConfigError, load_config
 
 USAGE_EXTRA = """
 Exchange Collector commands (besides Faust's):
@@ -49,13 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if command == "tail":
         from agents.tail import main as tail
-        from streams.app import broker_urls
 
-        return tail(args[1:], broker_urls(config).replace("kafka://", "").replace(";", ","))
+        return tail(args[1:], ",".join(config.kafka.bootstrap_servers))
     broker: EmbeddedBroker | None = None
     if command == "worker" and config.kafka.embedded:
-        from streams.app import EMBEDDED_BROKER_PORT
-
         port = EMBEDDED_BROKER_PORT if _port_is_free(EMBEDDED_BROKER_PORT) else None
         try:
             broker = EmbeddedBroker(port=port).start()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from agents.embedded_broker import free_port
+from agents.embedded_broker import die_with_parent, free_port
 
 DEMO_SYMBOLS = ["BTC/USDT", "ETH/USDT", "BNB/USDT"]
 DEMO_DATA_TYPES = ["trade", "kline_1s", "kline_1m", "ticker", "bbo"]
@@ -52,7 +52,8 @@ def main(argv: list[str]) -> int:
     simulator = subprocess.Popen(
         [sys.executable, "-m", "simulator", "--host", "127.0.0.1", "--port", str(sim_port),
          "--symbols", ",".join(DEMO_SYMBOLS), "--rate", str(args.rate)],
-        stdout=sim_log.open("wb"), stderr=subprocess.STDOUT,
+        stdout=sim_log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=die_with_parent(signal.SIGTERM),
     )  # fmt: skip
     worker: subprocess.Popen[bytes] | None = None
     try:
@@ -82,7 +83,8 @@ def main(argv: list[str]) -> int:
         env.pop("COLLECTOR_SERVER_PORT", None)
         worker = subprocess.Popen(
             [sys.executable, "-m", "agents.cli", "worker", "-l", "info"],
-            stdout=worker_log.open("wb"), stderr=subprocess.STDOUT, env=env,
+            stdout=worker_log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )  # fmt: skip
         if not _wait_for_line(worker_log, "Worker ready", worker, 90):
             print(f"demo: the worker did not start; see {worker_log}", file=sys.stderr)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -27,10 +28,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: ask the kernel to SIGKILL it when the parent dies.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def die_with_parent(signum: int = signal.SIGKILL) -> Callable[[], None]:
+    """A `preexec_fn` asking the kernel to send `signum` to the child when its parent dies."""
+
+    def request() -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
+
+    return request
 
 
 def _answers_kafka(host: str, port: int) -> bool:
@@ -76,7 +81,10 @@ class EmbeddedBroker:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                # Its own process group: a terminal's Ctrl-C reaches the worker, which stops the
+                # broker after it has flushed, instead of the broker vanishing mid-shutdown.
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
         deadline = time.monotonic() + timeout
         while not _answers_kafka(self.host, self.port):

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 import msgspec
 
+from agents.metrics import flow_meter
 from agents.writer import TopicWriter
 from streams.deadletter import dead_letter
 from streams.exchanges.base import ExchangeAdapter, FrameError
@@ -37,6 +38,7 @@ class Normalizer:
         exchange = self.exchange
         parse = self.adapter.parse_frame
         send = self.writer.send
+        record_flow = flow_meter(exchange).record
         for value in raw_values:
             try:
                 batch = decode_batch(value)
@@ -57,14 +59,17 @@ class Normalizer:
                         topic = market_topic(item.type, exchange, item.symbol)
                         send(topic, item.symbol.encode(), encode_record(item))
                         self.records_out += 1
+                        record_flow(item)
 
     def _reject(
         self, reason: str, detail: str, connection_id: str, sequence: int, received_at: int, payload: bytes
     ) -> None:
         self.dead_lettered += 1
+        flow_meter(self.exchange).dead_letter(reason)
         record = dead_letter(self.exchange, reason, detail, connection_id, sequence, received_at, payload)
         self.writer.send(self.deadletters, self.exchange.encode(), record)
 
     async def handle(self, raw_values: list[bytes]) -> None:
         self.normalize_frames(raw_values)
         await self.writer.flush()
+        flow_meter(self.exchange).flushed(raw_values, self.writer.retries)

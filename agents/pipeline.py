@@ -9,6 +9,7 @@ from typing import Any
 import faust
 from mode import Service
 
+from agents import metrics, state
 from agents.normalize import Normalizer
 from agents.source import WebSocketConnection, fetch_instruments, now_ms
 from agents.writer import TopicWriter
@@ -59,6 +60,7 @@ class AdapterDirectory:
 
 
 directory = AdapterDirectory()
+state.use_adapters(directory.get)
 raw_topics = {
     name: app.topic(raw_topic(name), partitions=RAW_PARTITIONS, key_serializer="raw", value_serializer="raw")
     for name in config.exchanges
@@ -75,6 +77,7 @@ async def produce(topic: str, key: bytes, value: bytes) -> Any:
 
 
 async def emit_event(event: CollectorEvent) -> None:
+    metrics.event_emitted(event)
     await produce(EVENTS, event.exchange.encode(), encode_event(event))
 
 

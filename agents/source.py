@@ -18,6 +18,7 @@ import aiohttp
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from agents import metrics
 from streams.events import CollectorEvent
 from streams.exchanges.base import (
     Ack,
@@ -59,6 +60,7 @@ async def fetch_instruments(
             try:
                 async with session.get(url) as response:
                     body = await response.read()
+                    metrics.rest_weight_reported(adapter_type.name, response.headers)
                     if response.status == 200:
                         return adapter_type.parse_instruments(body)
                     problem = f"HTTP {response.status}"
@@ -108,6 +110,7 @@ class FrameBatcher:
     async def flush(self) -> None:
         if not self._frames:
             return
+        metrics.frames_received(self.exchange, len(self._frames), self._bytes)
         frames, self._frames, self._bytes = self._frames, [], 0
         batch = RawBatch(exchange=self.exchange, connection_id=self.connection_id, frames=frames)
         await self._send_raw(self.connection_id, encode_batch(batch))
@@ -156,6 +159,7 @@ class WebSocketConnection:
                 log.exception("connection %s failed unexpectedly", self.name)
                 reason = f"{type(exc).__name__}: {exc}"
             self.state = "recovering"
+            metrics.connection_failed(self.adapter.name)
             self.subscribed.clear()
             self.backoff.connection_lasted(time.monotonic() - started)
             delay = self.backoff.next_delay()
@@ -175,6 +179,7 @@ class WebSocketConnection:
             compression=None,
         ) as ws:
             self.connects += 1
+            metrics.connection_opened(self.adapter.name, reconnect=self.connects > 1)
             connection_id = f"{self.name}-{now_ms()}-{self.connects}"
             self.state = "connected"
             await self._emit_event("connected", {"url": self.url}, connection_id)
@@ -184,6 +189,7 @@ class WebSocketConnection:
             try:
                 await self._read(ws, batcher, connection_id)
             finally:
+                metrics.connection_closed(self.adapter.name)
                 subscriber.cancel()
                 flusher.cancel()
                 await batcher.flush()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from confluent_kafka import Consumer, KafkaException
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
 
 
 def main(argv: list[str], default_brokers: str) -> int:
@@ -23,9 +23,15 @@ def main(argv: list[str], default_brokers: str) -> int:
             "auto.offset.reset": "earliest" if args.from_beginning else "latest",
         }
     )
-    consumer.subscribe([args.topic])
     shown = 0
     try:
+        # Assigning partitions directly skips a consumer-group join, which the broker may hold for seconds.
+        topic = consumer.list_topics(args.topic, timeout=10).topics.get(args.topic)
+        if topic is None or topic.error is not None or not topic.partitions:
+            print(f"collector tail: no topic {args.topic}", file=sys.stderr)
+            return 1
+        start = OFFSET_BEGINNING if args.from_beginning else OFFSET_END
+        consumer.assign([TopicPartition(args.topic, p, start) for p in topic.partitions])
         while not args.count or shown < args.count:
             message = consumer.poll(1.0)
             if message is None:

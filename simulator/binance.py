@@ -28,7 +28,7 @@ import msgspec
 from aiohttp import WSMsgType, web
 
 from simulator import binance_format as fmt
-from simulator.connections import PONG, Connection, StreamHub
+from simulator.connections import PONG, Connection, StreamHub, text_frame
 from simulator.market import KLINE_INTERVALS, Instrument, Market, Tick, bar_open_time
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class BinanceSpot:
             elif message.type is WSMsgType.TEXT:
                 reply = self._control(connection, message.data)
                 if reply is not None:
-                    connection.send("control", _encode(reply))
+                    connection.send("control", text_frame(_encode(reply)))
             elif message.type is WSMsgType.PING:
                 connection.send(PONG, message.data)
             elif message.type is WSMsgType.PONG:
@@ -256,7 +256,7 @@ class BinanceSpot:
             elif message.type is WSMsgType.BINARY:
                 reply = self._control(connection, message.data.decode("utf-8", "replace"))
                 if reply is not None:
-                    connection.send("control", _encode(reply))
+                    connection.send("control", text_frame(_encode(reply)))
             else:  # ERROR
                 break
             if connection.closing:
@@ -435,15 +435,18 @@ class BinanceSpot:
     def _fan_out(
         self, stream: str, kind: str, listeners: Mapping[BinanceConnection, None], raw: bytes
     ) -> None:
-        # Encoded once; the combined form is built at most once, and only if someone needs it.
-        combined: bytes | None = None
+        # Encoded once; each form (raw, combined) is framed at most once, and only if someone needs it.
+        raw_frame: bytes | None = None
+        combined_frame: bytes | None = None
         for connection in listeners:
             if connection.combined:
-                if combined is None:
-                    combined = self._wrap(stream, raw)
-                connection.send(kind, combined)
+                if combined_frame is None:
+                    combined_frame = text_frame(self._wrap(stream, raw))
+                connection.send(kind, combined_frame)
             else:
-                connection.send(kind, raw)
+                if raw_frame is None:
+                    raw_frame = text_frame(raw)
+                connection.send(kind, raw_frame)
 
     def _wrap(self, stream: str, raw: bytes) -> bytes:
         prefix = self._combined_prefixes.get(stream)
@@ -469,8 +472,8 @@ class BinanceSpot:
     async def close_all(self) -> None:
         """Tell every client the server is going away, close them, wait for the handlers."""
         self._stopping = True
-        raw = _encode(fmt.server_shutdown_event(self._now_ms()))
-        combined = self._wrap("!serverShutdown", raw)
+        event = _encode(fmt.server_shutdown_event(self._now_ms()))
+        raw, combined = text_frame(event), text_frame(self._wrap("!serverShutdown", event))
         for connection in list(self._connections.values()):
             connection.send("serverShutdown", combined if connection.combined else raw)
             connection.close(GOING_AWAY)

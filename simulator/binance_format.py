@@ -24,6 +24,14 @@ def exchange_symbol(instrument: Instrument) -> str:
     return instrument.base + instrument.quote
 
 
+# Market strings carry the instrument's precision; Binance pads them to 8 decimals.
+_PADDING = [".00000000", *("0" * (PLACES - decimals) for decimals in range(1, PLACES + 1))]
+
+
+def _padded(text: str, decimals: int) -> str:
+    return text + _PADDING[decimals]
+
+
 def _price(instrument: Instrument, ticks: int) -> str:
     return format_units(ticks, instrument.price_decimals, PLACES)
 
@@ -45,8 +53,8 @@ def trade_event(symbol: str, instrument: Instrument, trade: Trade, event_time: i
         "E": event_time,
         "s": symbol,
         "t": trade.id,
-        "p": _price(instrument, trade.price_ticks),
-        "q": _quantity(instrument, trade.quantity_lots),
+        "p": _padded(trade.price, instrument.price_decimals),
+        "q": _padded(trade.quantity, instrument.quantity_decimals),
         "T": trade.time,
         "m": trade.taker_side == "sell",  # the buyer was the maker, so the taker sold
         "M": True,
@@ -60,8 +68,8 @@ def agg_trade_event(symbol: str, instrument: Instrument, trade: Trade, event_tim
         "E": event_time,
         "s": symbol,
         "a": trade.id,
-        "p": _price(instrument, trade.price_ticks),
-        "q": _quantity(instrument, trade.quantity_lots),
+        "p": _padded(trade.price, instrument.price_decimals),
+        "q": _padded(trade.quantity, instrument.quantity_decimals),
         "f": trade.id,
         "l": trade.id,
         "T": trade.time,
@@ -160,8 +168,8 @@ def _weighted_average(instrument: Instrument, stats: RollingStats) -> str:
 def rest_trade(instrument: Instrument, trade: Trade) -> dict[str, Any]:
     return {
         "id": trade.id,
-        "price": _price(instrument, trade.price_ticks),
-        "qty": _quantity(instrument, trade.quantity_lots),
+        "price": _padded(trade.price, instrument.price_decimals),
+        "qty": _padded(trade.quantity, instrument.quantity_decimals),
         "quoteQty": _notional(instrument, trade.price_ticks * trade.quantity_lots),
         "time": trade.time,
         "isBuyerMaker": trade.taker_side == "sell",
@@ -172,8 +180,8 @@ def rest_trade(instrument: Instrument, trade: Trade) -> dict[str, Any]:
 def rest_agg_trade(instrument: Instrument, trade: Trade) -> dict[str, Any]:
     return {
         "a": trade.id,
-        "p": _price(instrument, trade.price_ticks),
-        "q": _quantity(instrument, trade.quantity_lots),
+        "p": _padded(trade.price, instrument.price_decimals),
+        "q": _padded(trade.quantity, instrument.quantity_decimals),
         "f": trade.id,
         "l": trade.id,
         "T": trade.time,

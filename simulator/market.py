@@ -56,6 +56,7 @@ _USD_PRICES = {
     "USDC": 1.0, "FDUSD": 1.0, "USD": 1.0, "EUR": 1.08, "KRW": 1 / 1350,
 }
 _VOLATILITY = 0.0002  # standard deviation of one trade's price step, relative to the price
+_TRIANGULAR_SCALE = 6**0.5  # u1 - u2 of two uniforms has standard deviation 1/sqrt(6)
 _REVERSION = 0.0005  # pull back towards the opening price so long runs stay plausible
 _MEAN_NOTIONAL_USD = 800.0
 
@@ -64,16 +65,19 @@ def format_units(units: int, decimals: int, places: int | None = None) -> str:
     """`units` * 10^-decimals as a decimal string with `places` fractional digits (rounded half up)."""
     if places is None:
         places = decimals
-    if places >= decimals:
-        scaled = units * 10 ** (places - decimals)
-    else:
+    if places < decimals:
         divisor = 10 ** (decimals - places)
-        scaled = (abs(units) + divisor // 2) // divisor * (1 if units >= 0 else -1)
-    sign = "-" if scaled < 0 else ""
+        units = (abs(units) + divisor // 2) // divisor * (1 if units >= 0 else -1)
+    elif places > decimals:
+        units *= 10 ** (places - decimals)
+    # String slicing rather than divmod and an f-string: this runs several times per trade.
+    digits = str(abs(units))
+    sign = "-" if units < 0 else ""
     if places == 0:
-        return f"{sign}{abs(scaled)}"
-    whole, fraction = divmod(abs(scaled), 10**places)
-    return f"{sign}{whole}.{fraction:0{places}d}"
+        return sign + digits
+    if len(digits) <= places:
+        digits = digits.rjust(places + 1, "0")
+    return f"{sign}{digits[:-places]}.{digits[-places:]}"
 
 
 def format_ratio(numerator: int, denominator: int, places: int) -> str:
@@ -404,7 +408,8 @@ class _Tape:
     history: TradeHistory
     window: _RollingWindow
     price: int
-    quote: Quote
+    quote: Quote  # the book as of the last tick
+    book: tuple[int, int, int, int, int]  # the book after the last trade: update id, bid, lots, ask, lots
     floor: int
     due: float = 0.0  # trades owed but not yet generated (the fractional carry between ticks)
     kline_cache: dict[str, Kline] = field(default_factory=dict)  # interval -> newest built bar
@@ -438,6 +443,8 @@ class Market:
             history = TradeHistory(instrument.first_trade_id, history_limit)
             price = instrument.opening_price
             spread = max(1, price // 10_000)
+            book = (instrument.first_update_id, price - spread, instrument.mean_quantity,
+                    price + spread, instrument.mean_quantity)
             self.instruments[symbol] = instrument
             self._tapes[symbol] = _Tape(
                 instrument=instrument,
@@ -445,11 +452,11 @@ class Market:
                 history=history,
                 window=_RollingWindow(history, price),
                 price=price,
-                quote=Quote(symbol, instrument.first_update_id, price - spread, instrument.mean_quantity,
-                            price + spread, instrument.mean_quantity),
+                quote=Quote(symbol, *book),
+                book=book,
                 floor=max(10, price // 10),
             )
-        self.started_at = self._now_ms(clock())
+        self.started_at = int(clock() * 1000)
         self._last_tick = clock()
         self._paused = False
 
@@ -467,17 +474,23 @@ class Market:
             self._paused = False
             self._last_tick = self.clock()  # paused time owes no trades
 
-    def tick(self, now: float | None = None) -> Tick:
-        """Generate the trades due since the previous tick; returns them and the books they moved."""
+    def tick(self, now: float | None = None, max_elapsed: float | None = None) -> Tick:
+        """Generate the trades due since the previous tick; returns them and the books they moved.
+
+        `max_elapsed` bounds the time one tick may cover: a caller that fell behind skips the excess
+        (the market just runs slower) instead of generating an ever larger backlog.
+        """
         if now is None:
             now = self.clock()
-        now_ms = self._now_ms(now)
+        now_ms = int(now * 1000)
         elapsed = now - self._last_tick
         if self._paused or elapsed <= 0:
             if self._paused:
                 self._last_tick = now
             return Tick(now_ms, [], [])
-        start = self._last_tick
+        if max_elapsed is not None and elapsed > max_elapsed:
+            elapsed = max_elapsed
+        start = now - elapsed
         self._last_tick = now
         trades: list[Trade] = []
         quotes: list[Quote] = []
@@ -489,49 +502,50 @@ class Market:
                 continue
             tape.due -= count
             # Spread the trades evenly over the elapsed time rather than stamping them all `now`.
-            step = elapsed / count
-            for k in range(1, count + 1):
-                trades.append(self._make_trade(tape, self._now_ms(start + step * k)))
+            spacing = elapsed / count
+            self._make_trades(tape, [int((start + spacing * k) * 1000) for k in range(1, count + 1)], trades)
+            tape.quote = Quote(tape.instrument.symbol, *tape.book)
             quotes.append(tape.quote)
         return Tick(now_ms, trades, quotes)
 
-    def _make_trade(self, tape: _Tape, time_ms: int) -> Trade:
-        rng = tape.rng
-        instrument = tape.instrument
-        # A fixed number of draws per trade keeps the i-th trade a function of (seed, symbol, i).
-        step = round(rng.gauss(0.0, tape.price * _VOLATILITY) + (instrument.opening_price - tape.price)
-                     * _REVERSION)
-        coin = rng.random()
-        quantity = 1 + int(rng.expovariate(1.0) * instrument.mean_quantity)
-        spread = 1 + int(rng.random() * 3)
-        bid_lots = 1 + int(rng.expovariate(1.0) * instrument.mean_quantity * 3)
-        ask_lots = 1 + int(rng.expovariate(1.0) * instrument.mean_quantity * 3)
-        price = max(tape.floor, tape.price + step)
-        taker_side: TakerSide = "buy" if step > 0 or (step == 0 and coin < 0.5) else "sell"
-        tape.price = price
-        history = tape.history
-        trade = Trade(
-            symbol=instrument.symbol,
-            id=history.first_id + history.total,
-            price=format_units(price, instrument.price_decimals),
-            quantity=format_units(quantity, instrument.quantity_decimals),
-            price_ticks=price,
-            quantity_lots=quantity,
-            taker_side=taker_side,
-            time=time_ms,
-        )
-        history.append(trade)
-        # A buyer lifted the ask, so the ask is at the trade price; a seller hit the bid.
-        if taker_side == "buy":
-            bid, ask = price - spread, price
-        else:
-            bid, ask = price, price + spread
-        tape.quote = Quote(instrument.symbol, tape.quote.update_id + 1, bid, bid_lots, ask, ask_lots)
-        return trade
-
     @staticmethod
-    def _now_ms(now: float) -> int:
-        return math.floor(now * 1000)
+    def _make_trades(tape: _Tape, times: list[int], out: list[Trade]) -> None:
+        """Append the tape's next trades, one per time; the hot path of the whole simulator."""
+        draw = tape.rng.random
+        instrument = tape.instrument
+        symbol, opening, mean = instrument.symbol, instrument.opening_price, instrument.mean_quantity
+        price_decimals, quantity_decimals = instrument.price_decimals, instrument.quantity_decimals
+        history = tape.history
+        price, floor = tape.price, tape.floor
+        update_id, bid, bid_lots, ask, ask_lots = tape.book
+        for time_ms in times:
+            # Exactly seven draws per trade keep the i-th trade a function of (seed, symbol, i).
+            # The difference of two uniforms is a cheap bell-ish step with standard deviation 1.
+            step = round((draw() - draw()) * _TRIANGULAR_SCALE * price * _VOLATILITY
+                         + (opening - price) * _REVERSION)
+            coin, size, spread, bid_size, ask_size = draw(), draw(), draw(), draw(), draw()
+            price = max(floor, price + step)
+            quantity = 1 + int(-math.log(1.0 - size) * mean)  # exponential sizes: many small, few big
+            buy = step > 0 or (step == 0 and coin < 0.5)
+            trade = Trade(
+                symbol,
+                history.first_id + history.total,
+                format_units(price, price_decimals),
+                format_units(quantity, quantity_decimals),
+                price,
+                quantity,
+                "buy" if buy else "sell",
+                time_ms,
+            )
+            history.append(trade)
+            out.append(trade)
+            # A buyer lifted the ask, so the ask is at the trade price; a seller hit the bid.
+            gap = 1 + int(spread * 3)
+            bid, ask = (price - gap, price) if buy else (price, price + gap)
+            bid_lots, ask_lots = 1 + int(bid_size * 6 * mean), 1 + int(ask_size * 6 * mean)
+            update_id += 1
+        tape.price = price
+        tape.book = (update_id, bid, bid_lots, ask, ask_lots)
 
     # -- queries ----------------------------------------------------------------------------------
 

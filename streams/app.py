@@ -14,18 +14,16 @@ from typing import Any
 import faust
 
 from streams.config import CollectorConfig, load_config
+from streams.logs import logging_config
 
 APP_ID = "exchange-collector"
 RAW_PARTITIONS = 4
-EMBEDDED_BROKER_PORT = 9092
 
 
 def broker_urls(config: CollectorConfig) -> str:
-    if config.kafka.embedded:
-        # `collector worker` starts the embedded broker here (or on a free port it then passes
-        # in COLLECTOR_KAFKA_BROKERS); other commands reach a running one at this address.
-        return f"kafka://127.0.0.1:{EMBEDDED_BROKER_PORT}"
-    return ";".join(f"kafka://{broker}" for broker in config.kafka.brokers)
+    # With `embedded`, `collector worker` has started the broker and passed its address in
+    # COLLECTOR_KAFKA_BROKERS; other commands look for a running one at the usual address.
+    return ";".join(f"kafka://{broker}" for broker in config.kafka.bootstrap_servers)
 
 
 def faust_settings(config: CollectorConfig) -> dict[str, Any]:
@@ -47,6 +45,7 @@ def faust_settings(config: CollectorConfig) -> dict[str, Any]:
         "topic_replication_factor": 1,
         "consumer_auto_offset_reset": "earliest",
         "loglevel": config.logging.level.upper(),
+        "logging_config": logging_config(config.logging),  # JSON lines when logging.format is json
     }
 
 

@@ -20,6 +20,7 @@ from streams.exchanges.base import DataType
 
 DEFAULT_CONFIG_PATH = Path("config/default.yaml")
 EMBEDDED: Literal["embedded"] = "embedded"
+EMBEDDED_BROKER_PORT = 9092  # where `collector worker` starts the embedded broker when the port is free
 _SYMBOL = re.compile(r"^[A-Z0-9]{1,20}/[A-Z0-9]{1,20}$")
 _BROKER = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5}$")
 
@@ -110,13 +111,35 @@ class KafkaConfig(_Strict):
     def embedded(self) -> bool:
         return self.brokers == EMBEDDED
 
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        """host:port list; the embedded broker's usual address when none are configured."""
+        if isinstance(self.brokers, list):
+            return self.brokers
+        return [f"127.0.0.1:{EMBEDDED_BROKER_PORT}"]
+
 
 class PrometheusConfig(_Strict):
     enabled: bool = True
 
 
+class AlertsConfig(_Strict):
+    webhookUrl: str | None = None  # alerts are POSTed here as JSON when set
+    staleAfterSeconds: Annotated[float, Field(gt=0)] = 60.0  # a subscribed coin silent this long is stale
+    stuckAfterSeconds: Annotated[float, Field(gt=0)] = 60.0  # a connector down this long gets a recovery
+    recoveryAttempts: Annotated[int, Field(ge=1, le=100)] = 3  # recoveries before recovery-failed
+
+    @field_validator("webhookUrl")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
 class MonitoringConfig(_Strict):
     prometheus: PrometheusConfig = PrometheusConfig()
+    alerts: AlertsConfig = AlertsConfig()
 
 
 class LoggingConfig(_Strict):

@@ -9,27 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Simulator, Worker, wait_for, write_config
+from tests.harness import Simulator, Worker, child_pids, is_alive, wait_for, write_config
 
 pytestmark = pytest.mark.e2e
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def _broker_pid(worker: Worker) -> int:
     def find() -> int | None:
-        for child in _children(worker.process.pid):
+        for child in child_pids(worker.process.pid):
             try:
                 if "tansu" in Path(f"/proc/{child}/cmdline").read_bytes().decode(errors="replace"):
                     return child
@@ -40,14 +27,6 @@ def _broker_pid(worker: Worker) -> int:
     pid = wait_for(find, 20, "the embedded broker process")
     assert pid is not None
     return pid
-
-
-def _gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
@@ -64,7 +43,7 @@ def test_the_worker_starts_the_embedded_broker_and_it_dies_with_the_worker(
         broker = _broker_pid(worker)
         worker.signal(signum)
         worker.process.wait(timeout=30)
-        wait_for(lambda: _gone(broker), 15, "the broker to exit")
+        wait_for(lambda: not is_alive(broker), 15, "the broker to exit")
         assert time.monotonic() - started < 60
         if signum != signal.SIGKILL:
             assert worker.process.returncode == 0, worker.log()[-3000:]

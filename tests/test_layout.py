@@ -24,3 +24,15 @@ def test_every_exchange_module_registers_an_adapter_under_its_module_name() -> N
     assert "binance" in found
     for name, adapter in found.items():
         assert adapter.__module__ == f"streams.exchanges.{name.replace('-', '_')}"
+
+
+def test_the_command_line_does_not_build_the_app_before_it_has_started_the_broker() -> None:
+    # streams.app reads COLLECTOR_KAFKA_BROKERS at import; the CLI sets it after starting the broker.
+    import subprocess
+    import sys
+
+    probe = "import sys, agents.cli; print('streams.app' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.strip() == "False", result.stderr

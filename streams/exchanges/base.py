@@ -111,6 +111,10 @@ class ExchangeAdapter(ABC):
     kline_intervals: ClassVar[frozenset[str]]
     data_kinds: ClassVar[frozenset[DataKind]]
     instruments_path: ClassVar[str]  # REST path (with query) that lists the exchange's markets
+    # Protocol traits the connection code follows (overridden by exchanges that differ from Binance):
+    acknowledges_subscriptions: ClassVar[bool] = True  # False: data just starts to flow (Upbit)
+    replaces_subscriptions: ClassVar[bool] = False  # True: each request replaces the whole set (Upbit)
+    keepalive: ClassVar[tuple[float, bytes] | None] = None  # (seconds, text message) the client must send
 
     def __init__(self, instruments: Iterable[Instrument]) -> None:
         self.instruments: dict[str, Instrument] = {i.exchange_symbol: i for i in instruments}

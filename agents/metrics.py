@@ -1,0 +1,370 @@
+"""Prometheus metrics: the registry and every metric object, plus the flow meters of the normalize agents.
+
+Other modules import the objects and call them at the points where frames, records, dead letters and
+events flow. Nothing here is called once per frame or per record except `FlowMeter.record`, which
+only appends to a list; the accounting happens once per normalize step in `FlowMeter.flushed`.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from streams.events import CollectorEvent
+from streams.records import MarketRecord
+from tables.records import CoinFlow, FlowSummary
+from tables.summary import EXCHANGE_TO_RECEIVE, LATENCY_BUCKETS, RECEIVE_TO_APPEND
+
+# `*_created` series double the output and no dashboard or alert here reads them.
+disable_created_metrics()
+REGISTRY = CollectorRegistry(auto_describe=True)
+ProcessCollector(registry=REGISTRY)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+
+CONNECTIONS_ACTIVE = Gauge(
+    "collector_connections_active", "Open exchange WebSocket connections.", ["exchange"], registry=REGISTRY
+)
+CONNECTIONS = Counter(
+    "collector_connections", "Exchange WebSocket connections opened.", ["exchange"], registry=REGISTRY
+)
+CONNECTION_FAILURES = Counter(
+    "collector_connection_failures",
+    "Connection attempts that failed and open connections that were lost.",
+    ["exchange"],
+    registry=REGISTRY,
+)
+RECONNECTS = Counter(
+    "collector_reconnects", "Connections opened again after one was lost.", ["exchange"], registry=REGISTRY
+)
+FRAMES_RECEIVED = Counter(
+    "collector_messages_received",
+    "Frames received from the exchange (WebSocket and REST).",
+    ["exchange"],
+    registry=REGISTRY,
+)
+BYTES_RECEIVED = Counter(
+    "collector_received_bytes", "Bytes of the frames received from the exchange.", ["exchange"],
+    registry=REGISTRY,
+)  # fmt: skip
+MESSAGES_PROCESSED = Counter(
+    "collector_messages_processed",
+    "Market records normalized from received frames.",
+    ["exchange", "type"],
+    registry=REGISTRY,
+)
+MESSAGES_SENT = Counter(
+    "collector_messages_sent",
+    "Market records acknowledged by Kafka.",
+    ["exchange", "type"],
+    registry=REGISTRY,
+)
+DEADLETTERS = Counter(
+    "collector_deadletters", "Frames dead-lettered, by reason.", ["exchange", "reason"], registry=REGISTRY
+)
+SEND_ERRORS = Counter(
+    "collector_send_errors",
+    "Records the broker did not acknowledge at first (they are retried).",
+    ["exchange"],
+    registry=REGISTRY,
+)
+EVENTS = Counter(
+    "collector_events", "collector.events records emitted by this worker.", ["exchange", "type"],
+    registry=REGISTRY,
+)  # fmt: skip
+REST_WEIGHT_USED = Gauge(
+    "collector_rest_weight_used",
+    "REST request weight used in the exchange's current window, as the exchange last reported it.",
+    ["exchange"],
+    registry=REGISTRY,
+)
+ALERTS = Counter("collector_alerts", "Alerts raised by the manager.", ["exchange", "kind"], registry=REGISTRY)
+RECOVERIES_REQUESTED = Counter(
+    "collector_recoveries_requested",
+    "Recoveries of stuck connectors ordered by the manager.",
+    ["exchange"],
+    registry=REGISTRY,
+)
+
+# Header names exchanges use to report the request weight used in their current window.
+_WEIGHT_HEADERS = ("X-MBX-USED-WEIGHT-1M", "X-MBX-USED-WEIGHT")
+
+
+class BulkHistogram(Collector):
+    """A labelled histogram that takes many observations at once.
+
+    prometheus_client's Histogram takes a lock per observation; a normalize step observes hundreds.
+    Everything here runs on the worker's event loop, like the /metrics view that reads it.
+    """
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...], buckets: Iterable[float]):
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels
+        self.bounds = tuple(buckets)
+        self._series: dict[tuple[str, ...], _Series] = {}
+
+    def observe_many(self, label_values: tuple[str, ...], values: Iterable[float]) -> list[int]:
+        """Add observations; returns how many fell in each bucket (last one: above the highest bound)."""
+        series = self._series.get(label_values)
+        if series is None:
+            series = self._series[label_values] = _Series(len(self.bounds) + 1)
+        bounds = self.bounds
+        added = [0] * (len(bounds) + 1)
+        total = 0.0
+        for value in values:
+            added[bisect_left(bounds, value)] += 1
+            total += value
+        for index, count in enumerate(added):
+            series.counts[index] += count
+        series.total += total
+        return added
+
+    def snapshot(self, label_values: tuple[str, ...]) -> list[int]:
+        series = self._series.get(label_values)
+        return list(series.counts) if series else [0] * (len(self.bounds) + 1)
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=list(self.labels))
+        for label_values, series in sorted(self._series.items()):
+            cumulative, running = [], 0
+            for bound, count in zip((*map(_bound_text, self.bounds), "+Inf"), series.counts, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            family.add_metric(list(label_values), cumulative, series.total)
+        yield family
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=list(self.labels))
+
+
+@dataclass
+class _Series:
+    size: int
+    counts: list[int] = field(init=False)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * self.size
+
+
+def _bound_text(bound: float) -> str:
+    return repr(float(bound))
+
+
+LATENCY = BulkHistogram(
+    "collector_latency_seconds",
+    "Latency of market records: exchange event time to receipt, and receipt to Kafka acknowledgement.",
+    ("exchange", "stage"),
+    LATENCY_BUCKETS,
+)
+REGISTRY.register(LATENCY)
+
+
+# ---- per-coin flow, aggregated in the normalize agents --------------------------------------------
+
+
+class FlowMeter:
+    """Counts one exchange's normalized records, per coin and type, for metrics and flow summaries."""
+
+    def __init__(self, exchange: str, clock: Callable[[], int] | None = None) -> None:
+        self.exchange = exchange
+        self._clock = clock or now_ms
+        self._pending: list[MarketRecord] = []
+        self._interval_started = self._clock()
+        self._coins: dict[str, CoinFlow] = {}
+        self._dead_letters: dict[str, int] = {}
+        self._raw_bytes = 0
+        self._latency: dict[str, list[int]] = {}
+        self._send_retries_seen = 0
+
+    def record(self, record: MarketRecord) -> None:
+        """Called once per normalized record: keep it cheap."""
+        self._pending.append(record)
+
+    def dead_letter(self, reason: str) -> None:
+        DEADLETTERS.labels(self.exchange, reason).inc()
+        self._dead_letters[reason] = self._dead_letters.get(reason, 0) + 1
+
+    def flushed(self, raw_values: Iterable[bytes], send_retries: int = 0) -> None:
+        """The records recorded since the last call have all been acknowledged by the broker."""
+        pending, self._pending = self._pending, []
+        self._raw_bytes += sum(map(len, raw_values))
+        if send_retries > self._send_retries_seen:
+            SEND_ERRORS.labels(self.exchange).inc(send_retries - self._send_retries_seen)
+            self._send_retries_seen = send_retries
+        if not pending:
+            return
+        acknowledged_at = self._clock()
+        per_type: dict[str, int] = {}
+        coins = self._coins
+        for record in pending:
+            kind = record.type
+            per_type[kind] = per_type.get(kind, 0) + 1
+            coin = coins.get(record.symbol)
+            if coin is None:
+                coin = coins[record.symbol] = CoinFlow()
+            coin.records[kind] = coin.records.get(kind, 0) + 1
+            if record.received_at > coin.last_received_at:
+                coin.last_received_at = record.received_at
+            if record.timestamp > coin.last_event_at:
+                coin.last_event_at = record.timestamp
+        for record_type, count in per_type.items():
+            MESSAGES_PROCESSED.labels(self.exchange, record_type).inc(count)
+            MESSAGES_SENT.labels(self.exchange, record_type).inc(count)
+        # Clock skew can put an exchange's event time after our receive time: count it as zero.
+        self._observe(EXCHANGE_TO_RECEIVE, (max(r.received_at - r.timestamp, 0) / 1000.0 for r in pending))
+        self._observe(RECEIVE_TO_APPEND, (max(acknowledged_at - r.received_at, 0) / 1000.0 for r in pending))
+
+    def _observe(self, stage: str, seconds: Iterable[float]) -> None:
+        added = LATENCY.observe_many((self.exchange, stage), seconds)
+        interval = self._latency.setdefault(stage, [0] * len(added))
+        for index, count in enumerate(added):
+            interval[index] += count
+
+    def take_summary(self, worker: str) -> FlowSummary | None:
+        """The interval's summary, starting the next interval; None when nothing happened."""
+        ended_at = self._clock()
+        if not (self._coins or self._dead_letters or self._raw_bytes):
+            self._interval_started = ended_at
+            return None
+        summary = FlowSummary(
+            exchange=self.exchange,
+            worker=worker,
+            started_at=self._interval_started,
+            ended_at=ended_at,
+            coins=self._coins,
+            dead_letters=self._dead_letters,
+            raw_bytes=self._raw_bytes,
+            latency=self._latency,
+        )
+        self._interval_started = ended_at
+        self._coins, self._dead_letters, self._raw_bytes, self._latency = {}, {}, 0, {}
+        return summary
+
+
+_meters: dict[str, FlowMeter] = {}
+
+
+def flow_meter(exchange: str) -> FlowMeter:
+    """The process's flow meter for an exchange (one normalize agent per exchange per worker)."""
+    meter = _meters.get(exchange)
+    if meter is None:
+        meter = _meters[exchange] = FlowMeter(exchange)
+    return meter
+
+
+def flow_meters() -> list[FlowMeter]:
+    return list(_meters.values())
+
+
+# ---- connections, frames, events ----------------------------------------------------------------
+
+
+def connection_opened(exchange: str, reconnect: bool) -> None:
+    CONNECTIONS.labels(exchange).inc()
+    CONNECTIONS_ACTIVE.labels(exchange).inc()
+    if reconnect:
+        RECONNECTS.labels(exchange).inc()
+
+
+def connection_closed(exchange: str) -> None:
+    CONNECTIONS_ACTIVE.labels(exchange).dec()
+
+
+def connection_failed(exchange: str) -> None:
+    CONNECTION_FAILURES.labels(exchange).inc()
+
+
+def frames_received(exchange: str, frames: int, size: int) -> None:
+    FRAMES_RECEIVED.labels(exchange).inc(frames)
+    BYTES_RECEIVED.labels(exchange).inc(size)
+
+
+def rest_weight_reported(exchange: str, headers: Mapping[str, str]) -> None:
+    """Record the weight an exchange's REST response says has been used, if it says so."""
+    for name in _WEIGHT_HEADERS:
+        value = headers.get(name)
+        if value is not None and value.strip().isdigit():
+            REST_WEIGHT_USED.labels(exchange).set(int(value))
+            return
+
+
+def event_emitted(event: CollectorEvent) -> None:
+    EVENTS.labels(event.exchange, event.type).inc()
+
+
+# ---- the process ----------------------------------------------------------------------------------
+
+
+class ProcessSampler:
+    """CPU use between samples (percent of one core) and resident memory of this process."""
+
+    def __init__(self) -> None:
+        self._last_cpu = self._cpu_seconds()
+        self._last_wall = time.monotonic()
+
+    @staticmethod
+    def _cpu_seconds() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def sample(self) -> dict[str, float]:
+        cpu, wall = self._cpu_seconds(), time.monotonic()
+        elapsed = wall - self._last_wall
+        percent = 100.0 * (cpu - self._last_cpu) / elapsed if elapsed > 0 else 0.0
+        self._last_cpu, self._last_wall = cpu, wall
+        return {"cpuPercent": round(percent, 1), "rssBytes": float(resident_bytes())}
+
+
+def resident_bytes() -> int:
+    try:
+        with open(f"/proc/{os.getpid()}/statm", encoding="ascii") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ComputedGauge(Collector):
+    """A labelled gauge whose samples a function computes at scrape time (e.g. from a table)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: tuple[str, ...],
+        samples: Callable[[], Iterable[tuple[list[str], float]]],
+    ) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self._samples = samples
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=list(self.labels))
+        for label_values, value in self._samples():
+            family.add_metric(label_values, value)
+        yield family
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(self.name, self.documentation, labels=list(self.labels))
+
+
+def exposition() -> bytes:
+    """The registry in Prometheus text format."""
+    return generate_latest(REGISTRY)

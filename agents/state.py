@@ -1,0 +1,294 @@
+"""State agents, the flow reporter, the manager, and the /metrics view.
+
+- `state.events` applies `collector.events` to the coin, connector and collector tables.
+- `state.flow` applies the normalize agents' per-coin flow summaries (`collector.flow`).
+- `state.alerts` keeps the open and recent alerts (`collector.alerts`).
+- Every worker reports its normalize agents' flow every FLOW_INTERVAL seconds.
+- The manager runs on the leader: it orders recovery of stuck connectors (a `recover-requested`
+  event, which the connection named by it acts on) and raises alerts (log, metric, topic, webhook).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import aiohttp
+import msgspec
+from faust import web
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+
+from agents import metrics
+from streams.app import app, config
+from streams.events import CollectorEvent, decode_event, encode_event
+from streams.exchanges.base import ExchangeAdapter
+from tables import store
+from tables import views as _views  # noqa: F401 - registers the web views with the app
+from tables.manager import Decisions, ManagerSettings, apply_alert, evaluate
+from tables.records import Alert, decode_alert, decode_flow, encode
+from tables.state import COIN_STATES, CONNECTOR_STATES, Changes, apply_event, apply_flow
+
+log = logging.getLogger(__name__)
+
+FLOW_INTERVAL = 2.0  # seconds between a worker's flow summaries
+MANAGER_INTERVAL = 1.0
+WEBHOOK_TIMEOUT = 5.0
+
+AdapterGetter = Callable[[str], Awaitable[ExchangeAdapter]]
+_adapters: AdapterGetter | None = None
+_stream_symbols: dict[str, dict[str, str]] = {}  # exchange → stream name → symbol
+
+
+def use_adapters(get_adapter: AdapterGetter) -> None:
+    """Give the state agents the worker's adapters, to name the coins of events that list streams."""
+    global _adapters
+    _adapters = get_adapter
+
+
+async def _stream_resolver(exchange: str) -> Callable[[str], str | None]:
+    index = _stream_symbols.get(exchange)
+    if index is None and _adapters is not None and exchange in config.exchanges:
+        adapter = await _adapters(exchange)
+        index = _stream_symbols[exchange] = {
+            adapter.stream_name(instrument, data_type): instrument.symbol
+            for instrument in adapter.instruments.values()
+            for data_type in config.exchanges[exchange].data_types
+        }
+    return (index or {}).get
+
+
+def _write(changes: Changes) -> None:
+    for key, row in changes.coins.items():
+        store.coins[key] = row
+    for key, row in changes.connectors.items():
+        store.connectors[key] = row
+    for key, row in changes.collectors.items():
+        store.collectors[key] = row
+
+
+@app.agent(store.events_topic, name="state.events")
+async def track_events(stream: Any) -> None:
+    async for event in stream.events():
+        try:
+            decoded = decode_event(event.value)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("state: ignoring an undecodable collector event at offset %s: %s",
+                        event.message.offset, exc)  # fmt: skip
+            continue
+        resolver = await _stream_resolver(decoded.exchange)
+        _write(apply_event(decoded, event.message.offset, store.current_tables(), resolver))
+
+
+@app.agent(store.flow_topic, name="state.flow")
+async def track_flow(stream: Any) -> None:
+    async for event in stream.events():
+        try:
+            summary = decode_flow(event.value)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("state: ignoring an undecodable flow summary at offset %s: %s",
+                        event.message.offset, exc)  # fmt: skip
+            continue
+        _write(apply_flow(summary, event.message.offset, store.current_tables()))
+
+
+@app.agent(store.alerts_topic, name="state.alerts")
+async def track_alerts(stream: Any) -> None:
+    async for value in stream:
+        try:
+            alert = decode_alert(value)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.warning("state: ignoring an undecodable alert: %s", exc)
+            continue
+        recent = store.alerts.get(store.RECENT_ALERTS) or {}
+        if apply_alert(recent, alert):
+            store.alerts[store.RECENT_ALERTS] = recent
+
+
+_sampler = metrics.ProcessSampler()
+
+
+@app.timer(FLOW_INTERVAL)
+async def report_flow() -> None:
+    process = _sampler.sample()
+    for meter in metrics.flow_meters():
+        summary = meter.take_summary(store.WORKER)
+        if summary is not None:
+            summary.process = process
+            await store.flow_topic.send(key=summary.exchange.encode(), value=encode(summary))
+
+
+# ---- the manager ------------------------------------------------------------------------------------
+
+
+def manager_settings() -> ManagerSettings:
+    alerts = config.monitoring.alerts
+    return ManagerSettings(
+        stale_after_ms=int(alerts.staleAfterSeconds * 1000),
+        stuck_after_ms=int(alerts.stuckAfterSeconds * 1000),
+        recovery_attempts=alerts.recoveryAttempts,
+    )
+
+
+class Manager:
+    """Remembers what it ordered and raised until the tables show it, so nothing is sent twice."""
+
+    def __init__(self, settings: ManagerSettings) -> None:
+        self.settings = settings
+        self.ordered: dict[str, int] = {}  # connector → when its recovery was last ordered
+        self.raised: dict[str, str] = {}  # alert key → status sent, until the alerts table shows it
+        self._webhooks: set[asyncio.Task[None]] = set()
+
+    def open_alert_keys(self) -> set[str]:
+        recent = store.alerts.get(store.RECENT_ALERTS) or {}
+        open_keys = set(recent.get("open") or {})
+        for key, status in list(self.raised.items()):
+            if (status == "firing") == (key in open_keys):
+                del self.raised[key]  # the table has caught up
+            elif status == "firing":
+                open_keys.add(key)
+            else:
+                open_keys.discard(key)
+        return open_keys
+
+    async def run_once(self, now: int) -> Decisions:
+        decisions = evaluate(
+            store.rows(store.coins),
+            store.rows(store.connectors),
+            self.open_alert_keys(),
+            self.ordered,
+            now,
+            self.settings,
+        )
+        for order in decisions.recoveries:
+            self.ordered[order.connector] = now
+            metrics.RECOVERIES_REQUESTED.labels(order.exchange).inc()
+            log.warning(
+                "manager: ordering recovery %d of %s (%s)",
+                order.attempt,
+                order.connector,
+                order.reason,
+                extra={"connector": order.connector, "attempt": order.attempt},
+            )
+            detail = {"connector": order.connector, "attempt": order.attempt, "reason": order.reason}
+            await emit(
+                CollectorEvent(
+                    type="recover-requested",
+                    exchange=order.exchange,
+                    time=now,
+                    connection_id=order.connection_id,
+                    detail=detail,
+                )
+            )
+        for connector in decisions.failed_connectors:
+            reason = connector.get("lastError") or f"still {connector['state']}"
+            await emit(
+                CollectorEvent(
+                    type="recovery-failed",
+                    exchange=connector["exchange"],
+                    time=now,
+                    connection_id=connector.get("connectionId"),
+                    detail={"connector": connector["connector"], "reason": reason},
+                )
+            )
+        for alert in decisions.alerts:
+            self.raised[alert.key] = alert.status
+            await self.raise_alert(alert)
+        return decisions
+
+    async def raise_alert(self, alert: Alert) -> None:
+        fields = {
+            "alert": alert.kind,
+            "alertKey": alert.key,
+            "status": alert.status,
+            "exchange": alert.exchange,
+        }
+        if alert.status == "firing":
+            metrics.ALERTS.labels(alert.exchange, alert.kind).inc()
+            log.warning("ALERT %s: %s", alert.kind, alert.message, extra=fields)
+        else:
+            log.info("resolved %s: %s", alert.kind, alert.message, extra=fields)
+        await store.alerts_topic.send(key=alert.exchange.encode(), value=encode(alert))
+        url = config.monitoring.alerts.webhookUrl
+        if url:
+            task = asyncio.ensure_future(post_webhook(url, alert))
+            self._webhooks.add(task)
+            task.add_done_callback(self._webhooks.discard)
+
+
+async def post_webhook(url: str, alert: Alert) -> None:
+    """POST the alert as JSON; a failing webhook is logged and never stops the manager."""
+    try:
+        timeout = aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.post(url, data=encode(alert), headers={"Content-Type": "application/json"}) as response,
+        ):
+            if response.status >= 300:
+                log.warning("alert webhook %s answered HTTP %d", url, response.status)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        log.warning("alert webhook %s failed: %r", url, exc)
+
+
+async def emit(event: CollectorEvent) -> None:
+    metrics.event_emitted(event)
+    await store.events_topic.send(key=event.exchange.encode(), value=encode_event(event))
+
+
+manager = Manager(manager_settings())
+
+
+@app.timer(MANAGER_INTERVAL, on_leader=True)
+async def manage() -> None:
+    await manager.run_once(metrics.now_ms())
+
+
+# ---- /metrics ---------------------------------------------------------------------------------------
+
+
+def _coin_ages() -> Iterator[tuple[list[str], float]]:
+    if store.owns_state():
+        now = metrics.now_ms()
+        for row in store.rows(store.coins):
+            if row.get("state") == "subscribed" and row.get("lastReceivedAt"):
+                yield [row["exchange"], row["symbol"]], max(now - row["lastReceivedAt"], 0) / 1000
+
+
+def _counted_states(table: Any, states: tuple[str, ...]) -> Callable[[], Iterator[tuple[list[str], float]]]:
+    def samples() -> Iterator[tuple[list[str], float]]:
+        if not store.owns_state():
+            return
+        counts: dict[tuple[str, str], int] = {}
+        exchanges = set(config.exchanges)
+        for row in store.rows(table):
+            exchanges.add(row["exchange"])
+            counts[row["exchange"], row["state"]] = counts.get((row["exchange"], row["state"]), 0) + 1
+        for exchange in sorted(exchanges):
+            for state in states:
+                yield [exchange, state], counts.get((exchange, state), 0)
+
+    return samples
+
+
+# Table-derived gauges come from the worker that owns the state only, so that summing over workers works.
+metrics.REGISTRY.register(metrics.ComputedGauge(
+    "collector_seconds_since_last_message",
+    "Seconds since the last market record of a subscribed coin was received.",
+    ("exchange", "symbol"), _coin_ages,
+))  # fmt: skip
+metrics.REGISTRY.register(metrics.ComputedGauge(
+    "collector_coins", "Coins in each state.", ("exchange", "state"),
+    _counted_states(store.coins, COIN_STATES),
+))  # fmt: skip
+metrics.REGISTRY.register(metrics.ComputedGauge(
+    "collector_connectors", "Connectors (connection groups) in each state.", ("exchange", "state"),
+    _counted_states(store.connectors, CONNECTOR_STATES),
+))  # fmt: skip
+
+if config.monitoring.prometheus.enabled:
+
+    @app.page("/metrics")
+    class Metrics(web.View):
+        async def get(self, request: web.Request) -> web.Response:
+            return self.bytes(metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_PLAIN_0_0_4})

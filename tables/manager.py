@@ -1,0 +1,168 @@
+"""What the manager decides, as a pure function of the tables and the clock.
+
+- A connector that has been connecting, recovering or failed for longer than `stuck_after` gets a
+  recovery order, again every `stuck_after`, and after `recovery_attempts` orders without becoming
+  healthy an alert (`recovery-failed`) that resolves once it is healthy again.
+- A subscribed coin with no record for longer than `stale_after` raises `coin-stale`, resolved when
+  its records flow again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from tables.records import Alert
+from tables.state import Row
+
+STUCK_STATES = frozenset({"connecting", "recovering", "subscription-requesting", "failed"})
+
+
+@dataclass(frozen=True)
+class ManagerSettings:
+    stale_after_ms: int = 60_000
+    stuck_after_ms: int = 60_000
+    recovery_attempts: int = 3
+
+
+@dataclass(frozen=True)
+class RecoveryOrder:
+    exchange: str
+    connector: str
+    connection_id: str | None
+    attempt: int
+    reason: str
+
+
+@dataclass
+class Decisions:
+    recoveries: list[RecoveryOrder] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+    failed_connectors: list[Row] = field(default_factory=list)  # recovery failed: alert raised now
+
+
+def coin_age_ms(coin: Row, now: int) -> int | None:
+    received = coin.get("lastReceivedAt")
+    return None if received is None else max(now - received, 0)
+
+
+def is_stale(coin: Row, now: int, stale_after_ms: int) -> bool:
+    if coin.get("state") != "subscribed":
+        return False
+    age = coin_age_ms(coin, now)
+    # A coin subscribed but never heard from counts from when it was subscribed.
+    if age is None:
+        since = coin.get("since")
+        age = 0 if since is None else max(now - since, 0)
+    return age > stale_after_ms
+
+
+def evaluate(
+    coins: Iterable[Row],
+    connectors: Iterable[Row],
+    open_alerts: Container[str],
+    recently_ordered: Mapping[str, int],
+    now: int,
+    settings: ManagerSettings,
+) -> Decisions:
+    """Decide recoveries and alerts.
+
+    `open_alerts` holds the keys of firing alerts; `recently_ordered` maps connector → when this
+    manager last ordered its recovery (the table may not show that order yet).
+    """
+    decisions = Decisions()
+    for connector in connectors:
+        _judge_connector(connector, open_alerts, recently_ordered, now, settings, decisions)
+    for coin in coins:
+        key = f"coin-stale:{coin['exchange']}:{coin['symbol']}"
+        stale = is_stale(coin, now, settings.stale_after_ms)
+        if stale and key not in open_alerts:
+            age = coin_age_ms(coin, now)
+            seconds = "never" if age is None else f"{age / 1000:.0f} s ago"
+            decisions.alerts.append(
+                _alert(key, "coin-stale", "firing", coin["exchange"], now,
+                       f"{coin['exchange']} {coin['symbol']}: last record {seconds}",
+                       {"symbol": coin["symbol"], "lastReceivedAt": coin.get("lastReceivedAt")})
+            )  # fmt: skip
+        elif not stale and key in open_alerts:
+            decisions.alerts.append(
+                _alert(key, "coin-stale", "resolved", coin["exchange"], now,
+                       f"{coin['exchange']} {coin['symbol']}: records flow again", {"symbol": coin["symbol"]})
+            )  # fmt: skip
+    return decisions
+
+
+def _judge_connector(
+    connector: Row,
+    open_alerts: Container[str],
+    recently_ordered: Mapping[str, int],
+    now: int,
+    settings: ManagerSettings,
+    decisions: Decisions,
+) -> None:
+    name, exchange = connector["connector"], connector["exchange"]
+    key = f"recovery-failed:{name}"
+    if connector["state"] == "connected":
+        if key in open_alerts:
+            decisions.alerts.append(
+                _alert(key, "recovery-failed", "resolved", exchange, now, f"{name} is connected again",
+                       {"connector": name})
+            )  # fmt: skip
+        return
+    if connector["state"] not in STUCK_STATES or now - connector["since"] <= settings.stuck_after_ms:
+        return
+    last_order = max(connector.get("lastRecoveryRequestAt") or 0, recently_ordered.get(name, 0))
+    if now - last_order <= settings.stuck_after_ms:
+        return
+    attempts = connector.get("recoveryAttempts", 0)
+    if attempts >= settings.recovery_attempts:
+        if key not in open_alerts:
+            decisions.failed_connectors.append(connector)
+            decisions.alerts.append(
+                _alert(key, "recovery-failed", "firing", exchange, now,
+                       f"{name}: still {connector['state']} after {attempts} recovery attempts"
+                       f" ({connector.get('lastError') or 'no error reported'})",
+                       {"connector": name, "attempts": attempts, "lastError": connector.get("lastError")})
+            )  # fmt: skip
+        return
+    decisions.recoveries.append(
+        RecoveryOrder(exchange, name, connector.get("connectionId"), attempts + 1,
+                      f"{connector['state']} for {(now - connector['since']) / 1000:.0f} s")
+    )  # fmt: skip
+
+
+def _alert(
+    key: str, kind: str, status: str, exchange: str, now: int, message: str, detail: dict[str, object]
+) -> Alert:
+    return Alert(
+        id=f"{key}:{status}:{now}",
+        key=key,
+        kind=kind,
+        status=status,  # type: ignore[arg-type]
+        exchange=exchange,
+        time=now,
+        message=message,
+        detail=detail,
+    )
+
+
+def apply_alert(recent: Row, alert: Alert, keep: int = 50) -> bool:
+    """Add an alert to the `recent` row (open alerts by key + the latest alerts); False if seen before."""
+    seen = recent.setdefault("ids", [])
+    if alert.id in seen:
+        return False
+    seen.append(alert.id)
+    del seen[: -keep * 4]
+    record = {
+        "id": alert.id, "key": alert.key, "kind": alert.kind, "status": alert.status,
+        "exchange": alert.exchange, "time": alert.time, "message": alert.message, "detail": alert.detail,
+    }  # fmt: skip
+    latest = recent.setdefault("latest", [])
+    latest.insert(0, record)
+    del latest[keep:]
+    open_alerts = recent.setdefault("open", {})
+    if alert.status == "firing":
+        open_alerts[alert.key] = record
+    else:
+        open_alerts.pop(alert.key, None)
+    return True

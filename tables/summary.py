@@ -1,0 +1,80 @@
+"""Figures derived from a collector row: rates, latency percentiles, worker resources.
+
+Each worker's normalize agent reports its latest interval into the collector row; a report older
+than `FRESH_MS` is from a worker that stopped reporting and no longer counts towards the rates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tables.state import Row
+
+# Seconds. Shared by the Prometheus histograms and the flow summaries' bucket counts.
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+EXCHANGE_TO_RECEIVE = "exchange_to_receive"
+RECEIVE_TO_APPEND = "receive_to_append"
+QUANTILES = (0.5, 0.9, 0.95, 0.99)
+FRESH_MS = 10_000
+
+
+def quantile(bounds: tuple[float, ...], counts: list[int], q: float) -> float | None:
+    """The q-quantile of a bucketed distribution, interpolated linearly inside its bucket
+    (the way Prometheus' histogram_quantile does); None without observations."""
+    total = sum(counts)
+    if total == 0:
+        return None
+    rank = q * total
+    running = 0
+    for index, count in enumerate(counts):
+        if count and running + count >= rank:
+            if index >= len(bounds):  # above the highest bound: all we know is the bound
+                return bounds[-1]
+            lower = bounds[index - 1] if index else 0.0
+            return lower + (bounds[index] - lower) * (rank - running) / count
+        running += count
+    return bounds[-1]
+
+
+def percentiles(counts: list[int]) -> dict[str, float | None]:
+    """p50, p90, p95, p99 in milliseconds."""
+    found: dict[str, float | None] = {}
+    for q in QUANTILES:
+        seconds = quantile(LATENCY_BUCKETS, counts, q)
+        found[f"p{round(q * 100)}"] = None if seconds is None else round(seconds * 1000, 3)
+    return found
+
+
+def collector_overview(row: Row | None, exchange: str, now: int) -> dict[str, Any]:
+    """The collector's state with rates, latency percentiles (ms) and worker resources."""
+    if row is None:
+        return {"exchange": exchange, "state": "ready", "since": None, "rate": 0.0, "bytesPerSecond": 0.0,
+                "latencyMs": {}, "workers": {}, "recordsTotal": 0, "deadLetters": {}, "deadLettersTotal": 0,
+                "events": {}}  # fmt: skip
+    fresh = {name: w for name, w in row.get("workers", {}).items() if now - w.get("at", 0) <= FRESH_MS}
+    merged: dict[str, list[int]] = {}
+    for worker in fresh.values():
+        for stage, counts in (worker.get("latency") or {}).items():
+            total = merged.setdefault(stage, [0] * len(counts))
+            for index, count in enumerate(counts[: len(total)]):
+                total[index] += count
+    return {
+        "exchange": exchange,
+        "state": row["state"],
+        "since": row["since"],
+        "rate": round(sum(w.get("rate", 0.0) for w in fresh.values()), 3),
+        "bytesPerSecond": round(sum(w.get("bytesPerSecond", 0.0) for w in fresh.values()), 1),
+        "deadLettersPerSecond": round(sum(w.get("deadLettersPerSecond", 0.0) for w in fresh.values()), 3),
+        "latencyMs": {stage: percentiles(counts) for stage, counts in merged.items()},
+        "workers": {
+            name: {key: w.get(key) for key in ("at", "rate", "bytesPerSecond", "cpuPercent", "rssBytes")}
+            for name, w in row.get("workers", {}).items()
+        },
+        "recordsTotal": row["recordsTotal"],
+        "deadLetters": row["deadLetters"],
+        "deadLettersTotal": row["deadLettersTotal"],
+        "events": row["events"],
+        "lastEventAt": row.get("lastEventAt"),
+    }

@@ -1,0 +1,231 @@
+"""JSON web views over the state tables, and the dashboard page.
+
+Table-backed views go through `app.table_route`: a worker that does not own the state partition
+forwards the request to the one that does, so every worker gives the same answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from aiokafka.errors import KafkaError
+from faust import web
+
+from streams.app import app, config
+from tables import store
+from tables.manager import coin_age_ms, is_stale
+from tables.state import CONNECTOR_UP, Row, coin_key, success_rate
+from tables.summary import collector_overview
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).with_name("static")
+_STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+# Any exchange routes to partition 0 of the one-partition state tables.
+ROUTING_KEY = next(iter(config.exchanges))
+_SYMBOL = re.compile(r"^(?P<base>[A-Za-z0-9]{1,20})[/-](?P<quote>[A-Za-z0-9]{1,20})$")
+BROKER_CHECK_TIMEOUT = 3.0
+
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[web.Response]])
+
+
+def answered_by_owner(**key: str) -> Callable[[_Handler], _Handler]:
+    """`app.table_route` over the state tables: a worker that does not own the key forwards the request
+    to the one that does (`exact_key=`, or `match_info=` naming the URL part that holds the exchange)."""
+    return cast(Callable[[_Handler], _Handler], app.table_route(table=store.coins, **key))
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def stale_after_ms() -> int:
+    return int(config.monitoring.alerts.staleAfterSeconds * 1000)
+
+
+def public(row: Row) -> Row:
+    return {key: value for key, value in row.items() if key != "applied"}
+
+
+def coin_view(row: Row, now: int) -> Row:
+    age = coin_age_ms(row, now)
+    return {
+        **public(row),
+        "ageSeconds": None if age is None else round(age / 1000, 3),
+        "stale": is_stale(row, now, stale_after_ms()),
+    }
+
+
+def connector_view(row: Row, now: int) -> Row:
+    return {
+        **public(row),
+        "stateSeconds": round(max(now - row["since"], 0) / 1000, 3),
+        "connectionSuccessRate": success_rate(row["connects"], row["connects"] + row["connectFailures"]),
+        "subscriptionSuccessRate": success_rate(
+            row["subscribeOk"], row["subscribeOk"] + row["subscribeFailed"]
+        ),
+        "recoverySuccessRate": success_rate(row["recoveries"], row["recoveryRequests"]),
+        "activeCoins": len(row.get("coins") or []),
+    }
+
+
+def parse_symbol(text: str) -> str | None:
+    """`BTC/USDT`, `btc-usdt` → `BTC/USDT`."""
+    match = _SYMBOL.match(text)
+    return f"{match['base']}/{match['quote']}".upper() if match else None
+
+
+async def broker_reachable() -> tuple[bool, str]:
+    client = getattr(getattr(app.producer, "_producer", None), "client", None)
+    if client is None:
+        return False, "the producer has not started"
+    try:
+        await asyncio.wait_for(client.fetch_all_metadata(), BROKER_CHECK_TIMEOUT)
+    except (KafkaError, TimeoutError, OSError) as exc:
+        log.warning("health: broker metadata request failed: %r", exc)
+        return False, f"{type(exc).__name__}: {exc}"
+    return True, "metadata received"
+
+
+async def health_report() -> tuple[int, dict[str, Any]]:
+    now = _wall_ms()
+    reasons: list[str] = []
+    reachable, broker_detail = await broker_reachable()
+    if not reachable:
+        reasons.append(f"broker unreachable: {broker_detail}")
+    collector_states = {}
+    for exchange in config.exchanges:
+        row = store.collectors.get(exchange)
+        state = row["state"] if row else "ready"
+        collector_states[exchange] = state
+        if state != "running":
+            reasons.append(f"collector {exchange} is {state}")
+    stale = sorted(
+        coin_key(row["exchange"], row["symbol"])
+        for row in store.rows(store.coins)
+        if is_stale(row, now, stale_after_ms())
+    )
+    if stale:
+        listed = ", ".join(stale[:10]) + (f" and {len(stale) - 10} more" if len(stale) > 10 else "")
+        reasons.append(f"{len(stale)} stale coins: {listed}")
+    body = {
+        "status": "ok" if not reasons else "unhealthy",
+        "reasons": reasons,
+        "broker": {"reachable": reachable, "detail": broker_detail},
+        "collectors": collector_states,
+        "staleCoins": stale,
+        "time": now,
+        "servedBy": store.WORKER,
+    }
+    return (200 if not reasons else 503), body
+
+
+@app.page("/health")
+class Health(web.View):
+    @answered_by_owner(exact_key=ROUTING_KEY)
+    async def get(self, request: web.Request) -> web.Response:
+        status, body = await health_report()
+        return self.json(body, status=status)
+
+
+@app.page("/coins")
+class Coins(web.View):
+    @answered_by_owner(exact_key=ROUTING_KEY)
+    async def get(self, request: web.Request) -> web.Response:
+        now = _wall_ms()
+        exchange = request.query.get("exchange")
+        found = [
+            coin_view(row, now)
+            for row in store.rows(store.coins)
+            if exchange is None or row["exchange"] == exchange
+        ]
+        found.sort(key=lambda row: (row["exchange"], row["symbol"]))
+        return self.json({"coins": found, "time": now, "servedBy": store.WORKER})
+
+
+@app.page("/coins/{exchange}/{symbol:.+}")
+class CoinDetail(web.View):
+    @answered_by_owner(match_info="exchange")
+    async def get(self, request: web.Request, exchange: str, symbol: str) -> web.Response:
+        normalized = parse_symbol(symbol)
+        if normalized is None:
+            return self.json(
+                {"error": f"{symbol!r} is not a symbol: write BASE/QUOTE (BTC/USDT) or base-quote"},
+                status=400,
+            )
+        row = store.coins.get(coin_key(exchange, normalized))
+        if row is None:
+            return self.json({"error": f"no state for {exchange} {normalized}"}, status=404)
+        return self.json({**coin_view(row, _wall_ms()), "servedBy": store.WORKER})
+
+
+@app.page("/connectors")
+class Connectors(web.View):
+    @answered_by_owner(exact_key=ROUTING_KEY)
+    async def get(self, request: web.Request) -> web.Response:
+        now = _wall_ms()
+        found = sorted(
+            (connector_view(row, now) for row in store.rows(store.connectors)),
+            key=lambda row: (row["exchange"], row["connector"]),
+        )
+        return self.json({"connectors": found, "time": now, "servedBy": store.WORKER})
+
+
+@app.page("/collectors")
+class Collectors(web.View):
+    @answered_by_owner(exact_key=ROUTING_KEY)
+    async def get(self, request: web.Request) -> web.Response:
+        now = _wall_ms()
+        by_exchange = {row["exchange"]: row for row in store.rows(store.collectors)}
+        connectors = list(store.rows(store.connectors))
+        coins = list(store.rows(store.coins))
+        found = []
+        for exchange in sorted(set(config.exchanges) | set(by_exchange)):
+            mine = [c for c in connectors if c["exchange"] == exchange]
+            overview = collector_overview(by_exchange.get(exchange), exchange, now)
+            overview["connectors"] = len(mine)
+            overview["connectorsUp"] = sum(1 for c in mine if c["state"] in CONNECTOR_UP)
+            overview["coins"] = sum(1 for c in coins if c["exchange"] == exchange)
+            overview["coinsSubscribed"] = sum(
+                1 for c in coins if c["exchange"] == exchange and c["state"] == "subscribed"
+            )
+            found.append(overview)
+        return self.json({"collectors": found, "time": now, "servedBy": store.WORKER})
+
+
+@app.page("/alerts")
+class Alerts(web.View):
+    @answered_by_owner(exact_key=ROUTING_KEY)
+    async def get(self, request: web.Request) -> web.Response:
+        recent = store.alerts.get(store.RECENT_ALERTS) or {}
+        return self.json(
+            {
+                "open": sorted((recent.get("open") or {}).values(), key=lambda a: -a["time"]),
+                "latest": recent.get("latest") or [],
+                "time": _wall_ms(),
+                "servedBy": store.WORKER,
+            }
+        )
+
+
+@app.page("/")
+class Dashboard(web.View):
+    async def get(self, request: web.Request) -> web.Response:
+        return self.html((STATIC / "index.html").read_text(encoding="utf-8"))
+
+
+@app.page("/static/{name}")
+class StaticFile(web.View):
+    async def get(self, request: web.Request, name: str) -> web.Response:
+        path = STATIC / name
+        content_type = _STATIC_TYPES.get(path.suffix)
+        if content_type is None or "/" in name or name.startswith(".") or not path.is_file():
+            return self.json({"error": f"no static file {name!r}"}, status=404)
+        return self.text(path.read_text(encoding="utf-8"), content_type=content_type)

@@ -1,0 +1,127 @@
+"""Prometheus metrics (agents/metrics.py) and the flow meter the normalize agents feed."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from agents import metrics
+from streams.records import MarketRecord, Trade
+from tables.summary import LATENCY_BUCKETS, percentiles, quantile
+
+
+def sample(name: str, **labels: str) -> float | None:
+    return metrics.REGISTRY.get_sample_value(name, labels)
+
+
+def trade(symbol: str, timestamp: int, received_at: int) -> MarketRecord:
+    data = Trade(price="1", quantity="2", side="buy", trade_id=str(timestamp), trade_time=timestamp)
+    return MarketRecord("test", symbol, "trade", timestamp, received_at, data)
+
+
+def test_bulk_histogram_exposes_cumulative_buckets_sum_and_count() -> None:
+    histogram = metrics.BulkHistogram("test_seconds", "Test.", ("stage",), (0.1, 1.0))
+    added = histogram.observe_many(("a",), [0.05, 0.1, 0.5, 3.0])
+    assert added == [2, 1, 1]  # a value equal to a bound falls in that bound's bucket
+    [family] = histogram.collect()
+    samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+    assert samples == {
+        ("test_seconds_bucket", "0.1"): 2,
+        ("test_seconds_bucket", "1.0"): 3,
+        ("test_seconds_bucket", "+Inf"): 4,
+        ("test_seconds_count", None): 4,
+        ("test_seconds_sum", None): pytest.approx(3.65),
+    }
+
+
+def test_quantiles_interpolate_inside_buckets_like_histogram_quantile() -> None:
+    bounds = (0.01, 0.02, 0.05)
+    assert quantile(bounds, [0, 0, 0, 0], 0.5) is None
+    assert quantile(bounds, [10, 0, 0, 0], 0.5) == pytest.approx(0.005)
+    assert quantile(bounds, [0, 10, 10, 0], 0.75) == pytest.approx(0.035)
+    assert quantile(bounds, [0, 0, 0, 5], 0.99) == 0.05  # above the highest bound: the bound
+    counts = [0] * (len(LATENCY_BUCKETS) + 1)
+    counts[3] = 100  # all between 5 and 10 ms
+    found = percentiles(counts)
+    assert list(found) == ["p50", "p90", "p95", "p99"]
+    assert found["p50"] == pytest.approx(7.5) and found["p99"] == pytest.approx(9.95)
+
+
+def test_the_flow_meter_counts_per_coin_and_type_and_observes_both_latencies() -> None:
+    clock = iter([1_000, 1_500, 2_000]).__next__
+    meter = metrics.FlowMeter("meter-test", clock=clock)
+    meter.record(trade("BTC/USDT", timestamp=1_390, received_at=1_400))
+    meter.record(trade("BTC/USDT", timestamp=1_380, received_at=1_405))
+    meter.record(trade("ETH/USDT", timestamp=1_450, received_at=1_440))  # exchange clock ahead of ours
+    meter.dead_letter("schema-mismatch")
+    meter.flushed([b"x" * 100, b"y" * 50], send_retries=2)  # acknowledged at 1_500
+
+    assert sample("collector_messages_processed_total", exchange="meter-test", type="trade") == 3
+    assert sample("collector_messages_sent_total", exchange="meter-test", type="trade") == 3
+    assert sample("collector_deadletters_total", exchange="meter-test", reason="schema-mismatch") == 1
+    assert sample("collector_send_errors_total", exchange="meter-test") == 2
+    labels = {"exchange": "meter-test", "stage": "exchange_to_receive"}
+    assert sample("collector_latency_seconds_count", **labels) == 3
+    assert sample("collector_latency_seconds_sum", **labels) == pytest.approx(0.035)  # 10 + 25 + 0 ms
+    labels = {"exchange": "meter-test", "stage": "receive_to_append"}
+    assert sample("collector_latency_seconds_sum", **labels) == pytest.approx(0.1 + 0.095 + 0.06)
+    assert sample("collector_latency_seconds_bucket", le="0.1", **labels) == 3
+    assert sample("collector_latency_seconds_bucket", le="0.075", **labels) == 1
+
+    summary = meter.take_summary("worker-1")
+    assert summary is not None
+    assert (summary.exchange, summary.worker, summary.started_at, summary.ended_at) == (
+        "meter-test", "worker-1", 1_000, 2_000,
+    )  # fmt: skip
+    btc = summary.coins["BTC/USDT"]
+    assert (btc.records, btc.last_received_at, btc.last_event_at) == ({"trade": 2}, 1_405, 1_390)
+    assert summary.coins["ETH/USDT"].records == {"trade": 1}
+    assert summary.dead_letters == {"schema-mismatch": 1}
+    assert summary.raw_bytes == 150
+    assert sum(summary.latency["exchange_to_receive"]) == 3
+    assert sum(summary.latency["receive_to_append"]) == 3
+
+
+def test_an_idle_flow_meter_has_no_summary_and_counts_retries_once() -> None:
+    times = iter(range(0, 100_000, 1000))
+    meter = metrics.FlowMeter("idle-test", clock=lambda: next(times))
+    assert meter.take_summary("w") is None
+    meter.flushed([], send_retries=3)
+    meter.flushed([], send_retries=3)
+    assert sample("collector_send_errors_total", exchange="idle-test") == 3
+    assert meter.take_summary("w") is None
+
+
+def test_connection_metrics_track_open_connections_and_reconnects() -> None:
+    metrics.connection_opened("conn-test", reconnect=False)
+    metrics.connection_closed("conn-test")
+    metrics.connection_failed("conn-test")
+    metrics.connection_opened("conn-test", reconnect=True)
+    assert sample("collector_connections_active", exchange="conn-test") == 1
+    assert sample("collector_connections_total", exchange="conn-test") == 2
+    assert sample("collector_reconnects_total", exchange="conn-test") == 1
+    assert sample("collector_connection_failures_total", exchange="conn-test") == 1
+    metrics.frames_received("conn-test", 10, 2048)
+    assert sample("collector_messages_received_total", exchange="conn-test") == 10
+    assert sample("collector_received_bytes_total", exchange="conn-test") == 2048
+
+
+def test_rest_weight_is_read_from_the_exchange_header_when_present() -> None:
+    metrics.rest_weight_reported("weight-test", {"Content-Type": "application/json"})
+    assert sample("collector_rest_weight_used", exchange="weight-test") is None
+    metrics.rest_weight_reported("weight-test", {"X-MBX-USED-WEIGHT-1M": "37"})
+    assert sample("collector_rest_weight_used", exchange="weight-test") == 37
+    metrics.rest_weight_reported("weight-test", {"X-MBX-USED-WEIGHT-1M": "garbage"})
+    assert sample("collector_rest_weight_used", exchange="weight-test") == 37
+
+
+def test_the_exposition_passes_promtool() -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: `make test` installs it (Debian package prometheus)"
+    metrics.FlowMeter("promtool-test").dead_letter("invalid-json")
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=metrics.exposition(), capture_output=True, timeout=30
+    )
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()

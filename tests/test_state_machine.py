@@ -1,0 +1,244 @@
+"""The coin, connector and collector state machines (tables/state.py), driven by events and flow summaries."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from streams.events import CollectorEvent
+from tables.records import CoinFlow, FlowSummary
+from tables.state import Changes, Row, Tables, apply_event, apply_flow, coin_key, connector_name
+
+CONNECTION = "binance-0-1700000000000-1"
+
+
+class Rows:
+    """The three tables as dicts; `play` applies events and summaries in offset order, like the agents."""
+
+    def __init__(self) -> None:
+        self.coins: dict[str, Row] = {}
+        self.connectors: dict[str, Row] = {}
+        self.collectors: dict[str, Row] = {}
+        self.offsets = {"events": 0, "flow": 0}
+
+    @property
+    def tables(self) -> Tables:
+        return Tables(
+            coin=self.coins.get,
+            connector=self.connectors.get,
+            collector=self.collectors.get,
+            connectors_of=lambda exchange: [r for r in self.connectors.values() if r["exchange"] == exchange],
+        )
+
+    def write(self, changes: Changes) -> None:
+        self.coins.update(changes.coins)
+        self.connectors.update(changes.connectors)
+        self.collectors.update(changes.collectors)
+
+    def event(self, kind: str, time: int, offset: int | None = None, **fields: Any) -> Changes:
+        if offset is None:
+            offset = self.offsets["events"]
+            self.offsets["events"] += 1
+        event = CollectorEvent(type=kind, exchange="binance", time=time, **fields)
+        changes = apply_event(event, offset, self.tables, resolve_stream=STREAMS.get)
+        self.write(changes)
+        return changes
+
+    def flow(self, summary: FlowSummary, offset: int | None = None) -> Changes:
+        if offset is None:
+            offset = self.offsets["flow"]
+            self.offsets["flow"] += 1
+        changes = apply_flow(summary, offset, self.tables)
+        self.write(changes)
+        return changes
+
+
+STREAMS = {"btcusdt@trade": "BTC/USDT", "ethusdt@trade": "ETH/USDT"}
+
+
+def summary(started: int, ended: int, worker: str = "w1", **coins: dict[str, int]) -> FlowSummary:
+    return FlowSummary(
+        exchange="binance",
+        worker=worker,
+        started_at=started,
+        ended_at=ended,
+        coins={
+            symbol.replace("_", "/"): CoinFlow(
+                records=counts, last_received_at=ended - 10, last_event_at=ended - 12
+            )
+            for symbol, counts in coins.items()
+        },
+        dead_letters={"schema-mismatch": 2},
+        raw_bytes=4000,
+        latency={"exchange_to_receive": [3, 1, 0]},
+        process={"cpuPercent": 12.5, "rssBytes": 1e8},
+    )
+
+
+@pytest.mark.parametrize(
+    ("connection_id", "detail", "expected"),
+    [
+        ("binance-0-1700000000000-1", {}, "binance-0"),
+        ("binance-futures-3-1700000000000-12", {}, "binance-futures-3"),
+        ("odd-id", {}, "odd-id"),
+        (None, {"connector": "upbit-1"}, "upbit-1"),
+        (None, {}, None),
+    ],
+)
+def test_connector_name_comes_from_detail_or_connection_id(connection_id, detail, expected) -> None:
+    event = CollectorEvent(
+        type="connected", exchange="binance", time=1, connection_id=connection_id, detail=detail
+    )
+    assert connector_name(event) == expected
+
+
+def test_connector_goes_through_its_states_and_counts_success_rates() -> None:
+    rows = Rows()
+    rows.event("connecting", 100, connection_id=CONNECTION)
+    assert rows.connectors["binance-0"]["state"] == "connecting"
+    rows.event("connected", 200, connection_id=CONNECTION, detail={"url": "ws://x"})
+    row = rows.connectors["binance-0"]
+    assert (row["state"], row["since"], row["connects"], row["open"]) == ("connected", 200, 1, True)
+    assert rows.collectors["binance"]["state"] == "running"
+
+    rows.event("subscribe-requested", 210, connection_id=CONNECTION, detail={"streams": ["btcusdt@trade"]})
+    assert rows.connectors["binance-0"]["state"] == "subscription-requesting"
+    assert rows.coins[coin_key("binance", "BTC/USDT")]["state"] == "requested"
+    rows.event("subscribed", 220, connection_id=CONNECTION, detail={"streams": 1, "symbols": ["BTC/USDT"]})
+    row = rows.connectors["binance-0"]
+    assert (row["state"], row["subscribeOk"], row["streamsSubscribed"], row["coins"]) == (
+        "connected", 1, 1, ["BTC/USDT"],
+    )  # fmt: skip
+    assert rows.coins["binance:BTC/USDT"]["state"] == "subscribed"
+    assert rows.coins["binance:BTC/USDT"]["connector"] == "binance-0"
+
+    rows.event("stale", 300, connection_id=CONNECTION, detail={"silentFor": 60})
+    assert rows.connectors["binance-0"]["state"] == "failed"
+    rows.event("disconnected", 301, connection_id=CONNECTION, detail={"reason": "TimeoutError"})
+    row = rows.connectors["binance-0"]
+    assert (row["state"], row["drops"], row["connectFailures"], row["open"]) == ("recovering", 1, 0, False)
+    assert rows.collectors["binance"]["state"] == "stopped"
+    # A reconnect attempt that fails before the connection opens is a connect failure, not a drop.
+    rows.event("disconnected", 305, detail={"connector": "binance-0", "reason": "refused"})
+    assert (rows.connectors["binance-0"]["drops"], rows.connectors["binance-0"]["connectFailures"]) == (1, 1)
+    assert rows.connectors["binance-0"]["lastError"] == "refused"
+
+    rows.event("connected", 400, connection_id="binance-0-1700000000400-2")
+    row = rows.connectors["binance-0"]
+    assert (row["state"], row["connects"], row["connectionId"], row["lastError"]) == (
+        "connected", 2, "binance-0-1700000000400-2", None,
+    )  # fmt: skip
+    assert rows.collectors["binance"]["state"] == "running"
+    assert rows.collectors["binance"]["events"] == {
+        "connecting": 1, "connected": 2, "subscribe-requested": 1, "subscribed": 1, "stale": 1,
+        "disconnected": 2,
+    }  # fmt: skip
+
+
+def test_a_recovery_counts_as_successful_when_the_connector_connects_again() -> None:
+    rows = Rows()
+    rows.event("connected", 100, connection_id=CONNECTION)
+    rows.event("disconnected", 110, connection_id=CONNECTION)
+    rows.event(
+        "recover-requested", 200, connection_id=CONNECTION, detail={"connector": "binance-0", "attempt": 1}
+    )
+    rows.event(
+        "recover-requested", 300, connection_id=CONNECTION, detail={"connector": "binance-0", "attempt": 2}
+    )
+    row = rows.connectors["binance-0"]
+    assert (row["state"], row["recoveryRequests"], row["recoveryAttempts"], row["recoveryPending"]) == (
+        "recovering", 2, 2, True,
+    )  # fmt: skip
+    assert row["lastRecoveryRequestAt"] == 300
+    rows.event("connected", 350, connection_id="binance-0-1700000000350-2")
+    row = rows.connectors["binance-0"]
+    assert (row["recoveries"], row["recoveryAttempts"], row["recoveryPending"]) == (1, 0, False)
+    rows.event("recovery-failed", 400, detail={"connector": "binance-0", "reason": "gave up"})
+    assert rows.connectors["binance-0"]["state"] == "failed"
+    assert rows.connectors["binance-0"]["lastError"] == "gave up"
+
+
+def test_replayed_events_change_nothing() -> None:
+    rows = Rows()
+    rows.event("connected", 100, offset=0, connection_id=CONNECTION)
+    rows.event("subscribe-failed", 110, offset=1, connection_id=CONNECTION,
+               detail={"code": -1, "message": "bad stream", "streams": ["btcusdt@trade"]})  # fmt: skip
+    before = (
+        {k: dict(v) for k, v in rows.connectors.items()},
+        {k: dict(v) for k, v in rows.coins.items()},
+        {k: dict(v) for k, v in rows.collectors.items()},
+    )
+    # A rebalance replays both events: nothing may be counted twice.
+    assert not rows.event("connected", 100, offset=0, connection_id=CONNECTION)
+    failure = {"code": -1, "message": "bad stream", "streams": ["btcusdt@trade"]}
+    assert not rows.event("subscribe-failed", 110, offset=1, connection_id=CONNECTION, detail=failure)
+    assert (rows.connectors, rows.coins, rows.collectors) == before
+    assert rows.connectors["binance-0"]["connects"] == 1
+    assert rows.connectors["binance-0"]["subscribeFailed"] == 1
+    coin = rows.coins["binance:BTC/USDT"]
+    assert (coin["state"], coin["subscribeFailures"], coin["lastError"]) == ("stopped", 1, "bad stream")
+
+
+def test_unknown_symbols_stop_their_coins_with_a_reason() -> None:
+    rows = Rows()
+    changes = rows.event("unknown-symbols", 100, detail={"symbols": ["FOO/USDT", "BAR/USDT"]})
+    assert not changes.connectors
+    assert {row["state"] for row in rows.coins.values()} == {"stopped"}
+    assert set(rows.coins) == {"binance:FOO/USDT", "binance:BAR/USDT"}
+    assert rows.coins["binance:FOO/USDT"]["lastError"] == "the exchange does not list this symbol"
+
+
+def test_unsubscribe_stops_a_coin_and_removes_it_from_its_connector() -> None:
+    rows = Rows()
+    rows.event("subscribed", 100, connection_id=CONNECTION, detail={"symbols": ["BTC/USDT", "ETH/USDT"]})
+    rows.event("unsubscribed", 200, connection_id=CONNECTION, detail={"symbols": ["ETH/USDT"]})
+    assert rows.coins["binance:ETH/USDT"]["state"] == "stopped"
+    assert rows.coins["binance:BTC/USDT"]["state"] == "subscribed"
+    assert rows.connectors["binance-0"]["coins"] == ["BTC/USDT"]
+
+
+def test_flow_summaries_fill_coin_counts_rates_and_the_collector() -> None:
+    rows = Rows()
+    rows.flow(summary(0, 2000, BTC_USDT={"trade": 100, "bbo": 60}, ETH_USDT={"trade": 20}))
+    btc = rows.coins["binance:BTC/USDT"]
+    assert btc["state"] == "subscribed"  # data flowing proves the subscription
+    assert btc["records"] == {"trade": 100, "bbo": 60}
+    assert (btc["recordsTotal"], btc["rate"], btc["avgReceiveIntervalMs"]) == (160, 80.0, 12.5)
+    assert (btc["lastReceivedAt"], btc["lastEventAt"]) == (1990, 1988)
+    collector = rows.collectors["binance"]
+    assert collector["state"] == "running"
+    assert (collector["recordsTotal"], collector["deadLetters"], collector["deadLettersTotal"]) == (
+        180, {"schema-mismatch": 2}, 2,
+    )  # fmt: skip
+    assert collector["workers"]["w1"] == {
+        "at": 2000, "rate": 90.0, "bytesPerSecond": 2000.0, "deadLettersPerSecond": 1.0,
+        "latency": {"exchange_to_receive": [3, 1, 0]}, "cpuPercent": 12.5, "rssBytes": 1e8,
+    }  # fmt: skip
+
+    rows.flow(summary(2000, 4000, BTC_USDT={"trade": 40}))
+    btc = rows.coins["binance:BTC/USDT"]
+    assert (btc["records"], btc["recordsTotal"], btc["rate"]) == ({"trade": 140, "bbo": 60}, 200, 20.0)
+    # The average receive interval moves a fifth of the way towards the newest interval (50 ms).
+    assert btc["avgReceiveIntervalMs"] == 12.5 + 0.2 * (50.0 - 12.5)
+    assert rows.coins["binance:ETH/USDT"]["recordsTotal"] == 20
+
+
+def test_a_replayed_flow_summary_is_not_counted_twice() -> None:
+    rows = Rows()
+    first = summary(0, 2000, BTC_USDT={"trade": 100})
+    rows.flow(first, offset=7)
+    assert not rows.flow(first, offset=7)
+    assert rows.coins["binance:BTC/USDT"]["recordsTotal"] == 100
+    assert rows.collectors["binance"]["recordsTotal"] == 100
+    assert rows.collectors["binance"]["deadLettersTotal"] == 2
+
+
+def test_records_after_an_unsubscribe_resubscribe_the_coin_but_the_in_flight_tail_does_not() -> None:
+    rows = Rows()
+    rows.event("unsubscribed", 5000, detail={"symbols": ["BTC/USDT"]})
+    # Records received before the stop (in flight when it happened) leave the coin stopped.
+    rows.flow(summary(0, 4000, BTC_USDT={"trade": 3}))
+    assert rows.coins["binance:BTC/USDT"]["state"] == "stopped"
+    rows.flow(summary(4000, 9000, BTC_USDT={"trade": 3}))
+    assert rows.coins["binance:BTC/USDT"]["state"] == "subscribed"

@@ -1,0 +1,114 @@
+"""The manager's decisions (tables/manager.py): recovery orders, alerts, and the recent-alerts row."""
+
+from __future__ import annotations
+
+from tables.manager import ManagerSettings, apply_alert, evaluate, is_stale
+from tables.state import new_coin, new_connector
+
+SETTINGS = ManagerSettings(stale_after_ms=10_000, stuck_after_ms=30_000, recovery_attempts=2)
+
+
+def connector(state: str, since: int, **fields: object) -> dict:
+    row = new_connector("binance", "binance-0", since)
+    row.update(state=state, connectionId="binance-0-1-1", **fields)
+    return row
+
+
+def coin(state: str, last_received: int | None, since: int = 0) -> dict:
+    row = new_coin("binance", "BTC/USDT", since)
+    row.update(state=state, lastReceivedAt=last_received)
+    return row
+
+
+def test_a_connector_stuck_longer_than_the_limit_gets_a_recovery_order() -> None:
+    stuck = connector("recovering", since=0, lastError="refused")
+    assert not evaluate([], [stuck], set(), {}, now=30_000, settings=SETTINGS).recoveries
+    decisions = evaluate([], [stuck], set(), {}, now=30_001, settings=SETTINGS)
+    [order] = decisions.recoveries
+    assert (order.exchange, order.connector, order.connection_id, order.attempt) == (
+        "binance", "binance-0", "binance-0-1-1", 1,
+    )  # fmt: skip
+    assert order.reason == "recovering for 30 s"
+    assert not decisions.alerts
+
+
+def test_recovery_is_ordered_again_only_after_the_limit_since_the_last_order() -> None:
+    stuck = connector("recovering", since=0, recoveryAttempts=1, lastRecoveryRequestAt=40_000)
+    assert not evaluate([], [stuck], set(), {}, now=60_000, settings=SETTINGS).recoveries
+    # The manager's own memory of an order counts even before the table shows it.
+    assert not evaluate([], [stuck], set(), {"binance-0": 65_000}, now=80_000, settings=SETTINGS).recoveries
+    [order] = evaluate([], [stuck], set(), {}, now=70_001, settings=SETTINGS).recoveries
+    assert order.attempt == 2
+
+
+def test_healthy_and_idle_connectors_get_no_orders() -> None:
+    for state in ("connected", "subscription-requesting", "ready"):
+        row = connector(state, since=0)
+        if state == "subscription-requesting":
+            # Requesting subscriptions for too long is stuck too.
+            assert evaluate([], [row], set(), {}, now=100_000, settings=SETTINGS).recoveries
+        else:
+            assert not evaluate([], [row], set(), {}, now=100_000, settings=SETTINGS).recoveries
+
+
+def test_recovery_failing_repeatedly_raises_one_alert_and_resolves_when_connected() -> None:
+    failed = connector(
+        "recovering", since=0, recoveryAttempts=2, lastRecoveryRequestAt=10_000, lastError="refused"
+    )
+    decisions = evaluate([], [failed], set(), {}, now=50_000, settings=SETTINGS)
+    assert not decisions.recoveries
+    [alert] = decisions.alerts
+    assert (alert.kind, alert.status, alert.key) == ("recovery-failed", "firing", "recovery-failed:binance-0")
+    assert "after 2 recovery attempts" in alert.message and "refused" in alert.message
+    assert decisions.failed_connectors == [failed]
+    # Already firing: nothing new.
+    assert not evaluate([], [failed], {alert.key}, {}, now=90_000, settings=SETTINGS).alerts
+    healthy = connector("connected", since=95_000)
+    [resolved] = evaluate([], [healthy], {alert.key}, {}, now=96_000, settings=SETTINGS).alerts
+    assert (resolved.status, resolved.key) == ("resolved", alert.key)
+
+
+def test_a_silent_subscribed_coin_is_stale_and_resolves_when_records_flow() -> None:
+    assert not is_stale(coin("subscribed", 5_000), now=15_000, stale_after_ms=10_000)
+    assert is_stale(coin("subscribed", 5_000), now=15_001, stale_after_ms=10_000)
+    assert not is_stale(coin("stopped", 5_000), now=99_000, stale_after_ms=10_000)
+    assert is_stale(coin("subscribed", None, since=1_000), now=12_000, stale_after_ms=10_000)
+
+    [alert] = evaluate([coin("subscribed", 5_000)], [], set(), {}, now=20_000, settings=SETTINGS).alerts
+    assert (alert.kind, alert.status, alert.key) == ("coin-stale", "firing", "coin-stale:binance:BTC/USDT")
+    assert alert.message == "binance BTC/USDT: last record 15 s ago"
+    assert not evaluate(
+        [coin("subscribed", 5_000)], [], {alert.key}, {}, now=25_000, settings=SETTINGS
+    ).alerts
+    [resolved] = evaluate(
+        [coin("subscribed", 24_000)], [], {alert.key}, {}, now=25_000, settings=SETTINGS
+    ).alerts
+    assert resolved.status == "resolved"
+
+
+def test_the_recent_alerts_row_keeps_open_alerts_by_key_and_ignores_replays() -> None:
+    coins = [coin("subscribed", 0)]
+    [firing] = evaluate(coins, [], set(), {}, now=20_000, settings=SETTINGS).alerts
+    recent: dict = {}
+    assert apply_alert(recent, firing)
+    assert not apply_alert(recent, firing)  # replayed
+    assert list(recent["open"]) == [firing.key]
+    assert [a["id"] for a in recent["latest"]] == [firing.id]
+    [resolved] = evaluate(
+        [coin("subscribed", 29_000)], [], {firing.key}, {}, now=30_000, settings=SETTINGS
+    ).alerts
+    assert apply_alert(recent, resolved)
+    assert recent["open"] == {}
+    assert [a["status"] for a in recent["latest"]] == ["resolved", "firing"]
+
+
+def test_the_recent_alerts_row_is_bounded() -> None:
+    recent: dict = {}
+    for second in range(200):
+        [alert] = evaluate(
+            [coin("subscribed", 0)], [], set(), {}, now=20_000 + second, settings=SETTINGS
+        ).alerts
+        apply_alert(recent, alert, keep=50)
+    assert len(recent["latest"]) == 50
+    assert len(recent["ids"]) <= 200
+    assert recent["latest"][0]["time"] == 20_199

@@ -1,0 +1,255 @@
+"""End to end: the state tables behind the web views, /metrics, alerts and JSON logs, on two workers.
+
+One simulator, one embedded broker and two worker processes are shared by the module. The state lives
+in one table partition, so one worker owns it and the other forwards table-backed requests there.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from agents.embedded_broker import EmbeddedBroker
+from tables.records import ALERTS, decode_alert
+from tests.harness import Simulator, TopicReader, Worker, wait_for, write_config
+
+pytestmark = pytest.mark.e2e
+
+SYMBOLS = ["BTC/USDT", "ETH/USDT"]
+DATA_TYPES = ["trade", "bbo"]  # both stop while the simulator is paused, so coins can go stale
+STALE_AFTER = 3.0
+
+
+class Cluster:
+    def __init__(self, broker: EmbeddedBroker, simulator: Simulator, workers: list[Worker]) -> None:
+        self.broker, self.simulator, self.workers = broker, simulator, workers
+
+
+def request(worker: Worker, path: str, method: str = "GET") -> tuple[int, Any]:
+    http_request = urllib.request.Request(f"http://127.0.0.1:{worker.port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(http_request, timeout=10) as response:
+            body = response.read()
+            status = response.status
+    except urllib.error.HTTPError as error:
+        body, status = error.read(), error.code
+    text = body.decode()
+    return status, (json.loads(text) if text.startswith(("{", "[")) else text)
+
+
+def get(worker: Worker, path: str) -> Any:
+    status, body = request(worker, path)
+    assert status == 200, f"{path}: HTTP {status} {body}"
+    return body
+
+
+def coins_flowing(worker: Worker) -> bool:
+    status, body = request(worker, "/coins")
+    if status != 200:
+        return False
+    states = {c["symbol"]: c for c in body["coins"]}
+    return all(
+        s in states and states[s]["state"] == "subscribed" and states[s]["recordsTotal"] > 0 for s in SYMBOLS
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("web")
+    with EmbeddedBroker() as broker:
+        simulator = Simulator(SYMBOLS, rate=20)
+        config = write_config(
+            tmp / "c.yaml", simulator, SYMBOLS, DATA_TYPES,
+            monitoring={"alerts": {"staleAfterSeconds": STALE_AFTER, "stuckAfterSeconds": 30}},
+        )  # fmt: skip
+        workers = [Worker(config, broker.bootstrap, tmp, name=name) for name in ("a", "b")]
+        try:
+            for worker in workers:
+                worker.wait_ready()
+            wait_for(lambda: all(coins_flowing(w) for w in workers), 60, "both coins flowing on both workers")
+            yield Cluster(broker, simulator, workers)
+        finally:
+            for worker in workers:
+                worker.stop()
+            simulator.stop()
+        for worker in workers:
+            assert "Traceback" not in worker.log(), worker.log()[-5000:]
+
+
+def test_every_worker_answers_table_views_from_the_owner(cluster: Cluster) -> None:
+    a, b = cluster.workers
+    from_a, from_b = get(a, "/coins"), get(b, "/coins")
+    assert from_a["servedBy"] == from_b["servedBy"]
+    assert from_a["servedBy"].rsplit(":", 1)[1] in {str(a.port), str(b.port)}
+    assert [c["symbol"] for c in from_a["coins"]] == [c["symbol"] for c in from_b["coins"]] == SYMBOLS
+
+    for path in ("/coins/binance/BTC/USDT", "/coins/binance/btc-usdt"):
+        for worker in (a, b):
+            coin = get(worker, path)
+            assert (coin["exchange"], coin["symbol"], coin["state"], coin["stale"]) == (
+                "binance", "BTC/USDT", "subscribed", False,
+            )  # fmt: skip
+            assert set(coin["records"]) == {"trade", "bbo"}
+            assert coin["recordsTotal"] == sum(coin["records"].values()) > 0
+            assert coin["ageSeconds"] is not None and coin["avgReceiveIntervalMs"] > 0
+            assert "applied" not in coin
+
+    connectors = get(b, "/connectors")["connectors"]
+    assert [c["connector"] for c in connectors] == ["binance-0"]
+    [connector] = connectors
+    assert connector["state"] == "connected" and connector["connects"] >= 1
+    assert connector["subscribeOk"] >= 1 and connector["subscriptionSuccessRate"] == 1.0
+    assert connector["connectionId"].startswith("binance-0-")
+
+    [collector] = get(a, "/collectors")["collectors"]
+    assert (collector["exchange"], collector["state"]) == ("binance", "running")
+    assert collector["rate"] > 0 and collector["recordsTotal"] > 0 and collector["bytesPerSecond"] > 0
+    assert (collector["connectors"], collector["connectorsUp"], collector["coinsSubscribed"]) == (1, 1, 2)
+    for stage in ("exchange_to_receive", "receive_to_append"):
+        latency = collector["latencyMs"][stage]
+        assert list(latency) == ["p50", "p90", "p95", "p99"]
+        assert 0 <= latency["p50"] <= latency["p90"] <= latency["p95"] <= latency["p99"]
+    assert collector["events"]["connected"] >= 1
+    assert all(w["rssBytes"] > 0 for w in collector["workers"].values())
+
+
+def test_bad_coin_requests_get_clear_client_errors(cluster: Cluster) -> None:
+    worker = cluster.workers[1]
+    status, body = request(worker, "/coins/binance/not%20a%20symbol")
+    assert status == 400 and "BASE/QUOTE" in body["error"]
+    status, body = request(worker, "/coins/binance/DOGE/USDT")
+    assert status == 404 and body["error"] == "no state for binance DOGE/USDT"
+    status, _ = request(worker, "/static/../views.py")
+    assert status == 404
+
+
+def metric_samples(worker: Worker) -> list[Any]:
+    status, text = request(worker, "/metrics")
+    assert status == 200
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
+def total(per_worker: list[list[Any]], name: str, **labels: str) -> float:
+    return sum(
+        sample.value
+        for samples in per_worker
+        for sample in samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_metrics_of_every_worker_pass_promtool_and_add_up(cluster: Cluster) -> None:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: `make test` installs it (Debian package prometheus)"
+    for worker in cluster.workers:
+        _, text = request(worker, "/metrics")
+        result = subprocess.run(
+            [promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
+        )
+        assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+    families = [metric_samples(w) for w in cluster.workers]
+    assert total(families, "collector_connections_active", exchange="binance") >= 1
+    assert total(families, "collector_connections_total", exchange="binance") >= 1
+    assert total(families, "collector_messages_received_total", exchange="binance") > 0
+    assert total(families, "collector_received_bytes_total", exchange="binance") > 0
+    for record_type in DATA_TYPES:
+        assert total(families, "collector_messages_sent_total", exchange="binance", type=record_type) > 0
+    for stage in ("exchange_to_receive", "receive_to_append"):
+        assert total(families, "collector_latency_seconds_count", exchange="binance", stage=stage) > 0
+    assert total(families, "collector_rest_weight_used", exchange="binance") > 0
+    assert total(families, "collector_events_total", exchange="binance", type="connected") >= 1
+    # Table-derived gauges come from the owner only, so sums over workers stay right.
+    ages = [f for f in families if f["collector_seconds_since_last_message"].samples]
+    assert len(ages) == 1
+    assert (
+        sorted(s.labels["symbol"] for s in ages[0]["collector_seconds_since_last_message"].samples) == SYMBOLS
+    )
+    assert total(families, "collector_coins", exchange="binance", state="subscribed") == 2
+
+
+def test_silent_coins_raise_alerts_make_health_fail_and_recover(cluster: Cluster) -> None:
+    a, b = cluster.workers
+    wait_for(lambda: request(a, "/health")[0] == 200, 30, "a healthy collector")
+    status, health = request(b, "/health")
+    assert status == 200 and health["reasons"] == [] and health["broker"]["reachable"] is True
+    reader = TopicReader(cluster.broker.bootstrap)
+    cluster.simulator.post("/_sim/pause")
+    try:
+        wait_for(lambda: request(b, "/health")[0] == 503, 30, "health to report the stale coins")
+        _, health = request(a, "/health")
+        assert health["staleCoins"] == ["binance:BTC/USDT", "binance:ETH/USDT"]
+        assert any(reason.startswith("2 stale coins") for reason in health["reasons"])
+        alerts = wait_for(
+            lambda: len(get(a, "/alerts")["open"]) == 2 and get(a, "/alerts"), 30, "two open alerts"
+        )
+        assert sorted(alert["key"] for alert in alerts["open"]) == [
+            "coin-stale:binance:BTC/USDT", "coin-stale:binance:ETH/USDT",
+        ]  # fmt: skip
+    finally:
+        cluster.simulator.post("/_sim/resume")
+    wait_for(lambda: request(a, "/health")[0] == 200, 30, "health to recover")
+    wait_for(lambda: not get(b, "/alerts")["open"], 30, "the alerts to resolve")
+
+    def firing_and_resolved() -> list[Any] | None:
+        reader.follow(ALERTS)
+        reader.poll(0.3)
+        found = [decode_alert(m.value()) for m in reader.records.get(ALERTS, [])]
+        return found if len(found) >= 4 else None
+
+    try:
+        published = wait_for(firing_and_resolved, 30, "firing and resolved alerts on the alerts topic")
+    finally:
+        reader.close()
+    assert sorted((a.key, a.status) for a in published) == sorted(
+        (f"coin-stale:binance:{symbol}", status) for symbol in SYMBOLS for status in ("firing", "resolved")
+    )
+    families = [metric_samples(w) for w in cluster.workers]
+    assert total(families, "collector_alerts_total", exchange="binance", kind="coin-stale") == 2
+    lines = [
+        json.loads(line) for w in cluster.workers for line in w.log().splitlines() if line.startswith("{")
+    ]
+    alert_lines = [line for line in lines if line["message"].startswith("ALERT coin-stale")]
+    assert len(alert_lines) == 2
+    assert {line["alertKey"] for line in alert_lines} == {f"coin-stale:binance:{s}" for s in SYMBOLS}
+    assert all(line["level"] == "warning" and line["logger"] == "agents.state" for line in alert_lines)
+
+
+def test_logs_are_json_lines_and_quiet_on_the_hot_path(cluster: Cluster) -> None:
+    records = get(cluster.workers[0], "/collectors")["collectors"][0]["recordsTotal"]
+    for worker in cluster.workers:
+        lines = worker.log().splitlines()
+        banner = [line for line in lines if line.startswith(("+", "|"))]  # Faust's start-up banner
+        logged = [line for line in lines if line and line not in banner and not line.startswith("collector:")]
+        for line in logged:
+            document = json.loads(line)
+            assert {"time", "level", "logger", "message"} <= set(document), line
+        # Thousands of records flowed; the logs grew by start-up and state-change lines only.
+        assert len(logged) < 400 < records, (len(logged), records)
+
+
+def test_state_survives_its_owner_stopping(cluster: Cluster) -> None:
+    a, b = cluster.workers
+    served_by = get(a, "/coins")["servedBy"]
+    owner, survivor = (a, b) if served_by.endswith(f":{a.port}") else (b, a)
+    before = get(survivor, "/coins/binance/BTC/USDT")
+    connects_before = get(survivor, "/connectors")["connectors"][0]["connects"]
+    assert owner.stop() == 0
+
+    def recovered() -> dict[str, Any] | None:
+        status, body = request(survivor, "/coins/binance/BTC/USDT")
+        if status != 200 or not body["servedBy"].endswith(f":{survivor.port}"):
+            return None
+        return body if body["recordsTotal"] > before["recordsTotal"] else None
+
+    after = wait_for(recovered, 45, "the survivor to serve the recovered, still counting state")
+    assert after["records"]["trade"] >= before["records"]["trade"]
+    assert get(survivor, "/connectors")["connectors"][0]["connects"] >= connects_before
