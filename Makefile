@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run demo simulate test test-unit lint format clean
+.PHONY: help install system-deps run demo simulate test test-unit lint format clean bench
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -19,6 +19,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install the collector with its test tools
 
+# Debian packages the tests use: chromium (dashboard test) and prometheus (promtool). Installed only
+# when missing, so a machine that has them is left alone and nothing is printed.
+SYSTEM_PACKAGES := chromium prometheus
+system-deps: ## Install chromium and promtool (Debian packages) when missing
+	@if ! command -v chromium >/dev/null || ! command -v promtool >/dev/null; then \
+		SUDO=; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+		echo "installing Debian packages: $(SYSTEM_PACKAGES)"; \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends \
+			$(SYSTEM_PACKAGES) >/dev/null; \
+	fi
+
 run: install ## Run a worker with config/default.yaml (COLLECTOR_CONFIG picks another file)
 	$(VENV)/bin/collector worker -l info
 
@@ -28,11 +40,14 @@ demo: install ## Run simulator + embedded broker + worker together and print whe
 simulate: install ## Run only the exchange simulator
 	$(VENV)/bin/collector simulate
 
-test: install ## Run the whole test suite (unit + end-to-end)
+test: install system-deps ## Run the whole test suite (unit + end-to-end)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-unit: install ## Run the tests that need no broker, simulator or worker
+test-unit: install system-deps ## Run the tests that need no broker, simulator or worker
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+bench: install ## Throughput/latency ladder (simulator → worker → broker); writes docs/benchmarks.md (~8 min)
+	$(PY) -m bench $(BENCH_ARGS)
 
 lint: install ## ruff and mypy
 	$(VENV)/bin/ruff check .

@@ -19,6 +19,8 @@ Exchange Collector commands (besides Faust's):
   collector simulate    run the local exchange simulator alone (see `collector simulate --help`)
   collector demo        run simulator, embedded broker and a worker together
   collector tail TOPIC  print a topic's records (--from-beginning, -n COUNT, --brokers)
+  collector subscribe EXCHANGE SYMBOL DATA_TYPE...    subscribe at runtime (e.g. binance BTC/USDT trade)
+  collector unsubscribe EXCHANGE SYMBOL DATA_TYPE...  unsubscribe at runtime
 """
 
 
@@ -51,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         from agents.tail import main as tail
 
         return tail(args[1:], ",".join(config.kafka.bootstrap_servers))
+    if command in {"subscribe", "unsubscribe"}:
+        from agents.subscribe import main as subscribe
+
+        return subscribe("subscribe" if command == "subscribe" else "unsubscribe", args[1:], config)
     broker: EmbeddedBroker | None = None
     if command == "worker" and config.kafka.embedded:
         port = EMBEDDED_BROKER_PORT if _port_is_free(EMBEDDED_BROKER_PORT) else None

@@ -17,6 +17,24 @@ from agents.embedded_broker import die_with_parent, free_port
 
 DEMO_SYMBOLS = ["BTC/USDT", "ETH/USDT", "BNB/USDT"]
 DEMO_DATA_TYPES = ["trade", "kline_1s", "kline_1m", "ticker", "bbo"]
+KRW_SYMBOLS = [symbol.replace("/USDT", "/KRW") for symbol in DEMO_SYMBOLS]  # the simulator's Korean markets
+
+
+def demo_exchanges(sim_port: int) -> dict[str, dict[str, object]]:
+    """All four exchanges against the one simulator: each dialect lives under its own paths."""
+    base = f"127.0.0.1:{sim_port}"
+    return {
+        "binance": {"wsEndpoint": f"ws://{base}", "restEndpoint": f"http://{base}",
+                    "symbols": DEMO_SYMBOLS, "dataTypes": DEMO_DATA_TYPES},
+        "binance-futures": {"wsEndpoint": f"ws://{base}", "restEndpoint": f"http://{base}",
+                            "symbols": DEMO_SYMBOLS, "dataTypes": ["trade", "kline_1m", "ticker", "bbo"],
+                            # bookTicker (/public) and the rest (/market) never share a connection
+                            "connections": {"max": 10, "streamsPerConnection": 1000}},
+        "upbit": {"wsEndpoint": f"ws://{base}/upbit", "restEndpoint": f"http://{base}/upbit",
+                  "symbols": KRW_SYMBOLS, "dataTypes": ["trade", "kline_1s", "kline_1m", "ticker", "bbo"]},
+        "bithumb": {"wsEndpoint": f"ws://{base}/bithumb", "restEndpoint": f"http://{base}/bithumb",
+                    "symbols": KRW_SYMBOLS, "dataTypes": ["trade", "ticker", "bbo"]},
+    }  # fmt: skip
 
 
 def _wait_for_line(path: Path, text: str, process: subprocess.Popen[bytes], timeout: float) -> bool:
@@ -65,14 +83,7 @@ def main(argv: list[str]) -> int:
             yaml.safe_dump(
                 {
                     "server": {"port": args.port},
-                    "exchanges": {
-                        "binance": {
-                            "wsEndpoint": f"ws://127.0.0.1:{sim_port}",
-                            "restEndpoint": f"http://127.0.0.1:{sim_port}",
-                            "symbols": DEMO_SYMBOLS,
-                            "dataTypes": DEMO_DATA_TYPES,
-                        }
-                    },
+                    "exchanges": demo_exchanges(sim_port),
                     "kafka": {"brokers": "embedded"},
                     "logging": {"level": "info", "format": "json"},
                 }
@@ -96,11 +107,14 @@ def main(argv: list[str]) -> int:
         print(
             f"""
 Exchange Collector demo is running (Ctrl-C stops everything).
-  simulator (Binance spot protocol)  ws://127.0.0.1:{sim_port}  http://127.0.0.1:{sim_port}/_sim/stats
+  simulator (Binance spot and USD-M futures, Upbit under /upbit, Bithumb under /bithumb)
+                                     ws://127.0.0.1:{sim_port}  http://127.0.0.1:{sim_port}/_sim/stats
   embedded Kafka broker              {broker}
   worker web server                  http://127.0.0.1:{args.port}/
-  market topics                      market.<trade|kline|ticker|bbo>.binance.<btc-usdt|eth-usdt|bnb-usdt>
+  market topics                      market.<trade|kline|ticker|bbo>.<binance|binance-futures>.<btc-usdt|...>
+                                     market.<trade|kline|ticker|bbo>.<upbit|bithumb>.<btc-krw|eth-krw|bnb-krw>
   read one                           collector tail market.trade.binance.btc-usdt --brokers {broker}
+                                     collector tail market.trade.upbit.btc-krw --brokers {broker}
   logs                               {worker_log}  {sim_log}
 """,
             flush=True,

@@ -3,29 +3,60 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode import Service
 
-from agents import metrics, state
+from agents import control, metrics, state
+from agents.connection import SendRaw
+from agents.lastseen import last_trade_ids
 from agents.normalize import Normalizer
-from agents.source import WebSocketConnection, fetch_instruments, now_ms
-from agents.writer import TopicWriter
+from agents.source import ExchangeSource, fetch_instruments, now_ms
+from agents.writer import ConfluentDelivery, TopicWriter, confluent_settings
 from streams.app import RAW_PARTITIONS, app, config
-from streams.config import ExchangeConfig
 from streams.events import CollectorEvent, encode_event
 from streams.exchanges import adapter_class
 from streams.exchanges.base import ExchangeAdapter
-from streams.plan import plan_connections
 from streams.topics import EVENTS, raw_topic
 
 log = logging.getLogger(__name__)
 
 MARKET_PARTITIONS = 1  # one partition per market topic keeps each symbol's records in order
-TAKE_MAX = 64  # raw records (each a batch of frames) handled per normalize step
+# Raw records (each a batch of frames) handled per normalize step. Larger steps amortise the broker's
+# per-step cost, but one step runs without yielding to the WebSocket readers: 256 stalled them long
+# enough for the exchange to drop slow connections (docs/benchmarks.md).
+TAKE_MAX = 64
 TAKE_WITHIN = 0.01
+# 10 ms gave the same p99 at 10 k/s but cost the broker a core-fifth in fetches and smaller, costlier
+# normalize steps: ~25 % less throughput at 20 k/s (docs/benchmarks.md).
+FETCH_MAX_WAIT_MS = 50
+
+
+def _prompt_fetches() -> None:
+    """Faust asks for fetches that may wait 1.5 s for data and offers no setting for it. Kafka answers
+    as soon as any data is there, but the embedded broker (Tansu) holds every fetch for the full wait,
+    which put 0.5-1.5 s between a raw record's append and its normalization (docs/benchmarks.md)."""
+    create = faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer
+
+    def create_prompt(self: Any, transport: Any) -> Any:
+        consumer = create(self, transport)
+        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS  # read when the consumer starts its fetcher
+        return consumer
+
+    faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer = create_prompt  # type: ignore[method-assign]
+
+
+_prompt_fetches()
+# Raw batches are 10-500 KB. With aiokafka's default 16 KB batch each one travelled alone, and as
+# aiokafka keeps one batch per partition in flight, the raw topic carried one raw record per
+# partition per broker round trip: ~2-5 k frames/s under load (docs/benchmarks.md). Large batches
+# let every round trip carry all that has accumulated. (A producer setting: streams/app.py is its home.)
+app.conf.producer_max_batch_size = 4 * 1024 * 1024
 
 
 class AdapterDirectory:
@@ -47,16 +78,15 @@ class AdapterDirectory:
         settings = config.exchanges[exchange]
         adapter_type = adapter_class(exchange)
         listed = await fetch_instruments(adapter_type, settings.restEndpoint)
-        wanted = set(settings.symbols)
-        instruments = [i for i in listed if i.symbol in wanted]
-        missing = wanted - {i.symbol for i in instruments}
+        # Every listed market, not only the configured ones: symbols can be subscribed at runtime.
+        missing = set(settings.symbols) - {i.symbol for i in listed}
         if missing:
             log.error("%s does not list %s; they are skipped", exchange, ", ".join(sorted(missing)))
             await emit_event(
                 CollectorEvent(type="unknown-symbols", exchange=exchange, time=now_ms(),
                                detail={"symbols": sorted(missing)})
             )  # fmt: skip
-        return adapter_type(instruments)
+        return adapter_type(listed)
 
 
 directory = AdapterDirectory()
@@ -81,47 +111,36 @@ async def emit_event(event: CollectorEvent) -> None:
     await produce(EVENTS, event.exchange.encode(), encode_event(event))
 
 
+control.use(directory.get, emit_event)
+sources: dict[str, ExchangeSource] = {}  # this worker's sources; ownership assigns their groups
+
+
+def _confluent_settings() -> dict[str, Any]:
+    producer = config.kafka.producer
+    return confluent_settings(config.kafka.bootstrap_servers, producer.lingerMs, producer.compression)
+
+
 def _log_failed_delivery(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.error("raw batch not delivered: %r", future.exception())
 
 
-class ExchangeSource(Service):
-    """Runs the WebSocket connections of one exchange."""
+def _raw_sender(exchange: str) -> SendRaw:
+    name = raw_topic(exchange)
 
-    def __init__(self, exchange: str, settings: ExchangeConfig, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.exchange = exchange
-        self.settings = settings
-        self.connections: list[WebSocketConnection] = []
-        self._raw_name = raw_topic(exchange)
-
-    async def _send_raw(self, connection_id: str, value: bytes) -> None:
-        delivery = await produce(self._raw_name, connection_id.encode(), value)
+    async def send_raw(key: str, value: bytes) -> None:
+        # Keyed by connection group: a group's WebSocket and REST input stays in order on one partition.
+        delivery = await produce(name, key.encode(), value)
         delivery.add_done_callback(_log_failed_delivery)
 
-    async def on_start(self) -> None:
-        await raw_topics[self.exchange].maybe_declare()
-        await events_topic.maybe_declare()
-        self.add_future(self._run())
+    return send_raw
 
-    async def _run(self) -> None:
-        adapter = await directory.get(self.exchange)
-        plans = plan_connections(
-            adapter,
-            list(adapter.instruments.values()),
-            self.settings.data_types,
-            max_connections=self.settings.connections.max,
-            streams_per_connection=self.settings.connections.streamsPerConnection,
-        )
-        for plan in plans:
-            connection = WebSocketConnection(
-                adapter, plan, self.settings.wsEndpoint, self._send_raw, emit_event
-            )
-            self.connections.append(connection)
-            self.add_future(connection.run())
-        log.info("%s: %d streams on %d connections", self.exchange, sum(len(p.streams) for p in plans),
-                 len(plans))  # fmt: skip
+
+def _last_trade_ids(exchange: str) -> Callable[[Collection[str]], Awaitable[dict[str, int]]]:
+    async def read(symbols: Collection[str]) -> dict[str, int]:
+        return await last_trade_ids(config.kafka.bootstrap_servers, exchange, symbols)
+
+    return read
 
 
 @app.service
@@ -129,19 +148,48 @@ class SourceService(Service):
     """Starts one ExchangeSource per configured exchange when the worker is ready."""
 
     async def on_start(self) -> None:
+        await events_topic.maybe_declare()
         for exchange, settings in config.exchanges.items():
-            await self.add_runtime_dependency(ExchangeSource(exchange, settings, loop=self.loop))
+            await raw_topics[exchange].maybe_declare()
+            source = ExchangeSource(
+                exchange, settings, functools.partial(directory.get, exchange), _raw_sender(exchange),
+                emit_event, _last_trade_ids(exchange), loop=self.loop,
+            )  # fmt: skip
+            sources[exchange] = source
+            await self.add_runtime_dependency(source)
+            control.ownership.attach(exchange, source)  # runs the groups whose partitions we own
+
+
+def _market_delivery() -> ConfluentDelivery:
+    # Market records go through librdkafka: a batch costs ~1 us per record to hand over instead of
+    # an awaited aiokafka send per record (docs/benchmarks.md).
+    return ConfluentDelivery(_confluent_settings())
 
 
 def _normalize_agent(exchange: str) -> None:
     async def normalize(stream: faust.StreamT[bytes]) -> None:
         adapter = await directory.get(exchange)
-        normalizer = Normalizer(adapter, TopicWriter(produce, declare_topic))
+        normalizer = Normalizer(
+            adapter, TopicWriter(None, declare_topic, delivery=_market_delivery()),
+            config.validation.clockSkewSeconds,
+            _last_trade_ids(exchange),
+        )  # fmt: skip
+        normalizers.append(normalizer)
         async for raw_values in stream.take(TAKE_MAX, within=TAKE_WITHIN):
             await normalizer.handle(raw_values)
 
     normalize.__name__ = normalize.__qualname__ = f"normalize_{exchange.replace('-', '_')}"
     app.agent(raw_topics[exchange], name=f"normalize.{exchange}")(normalize)
+
+
+normalizers: list[Normalizer] = []
+
+
+@app.on_partitions_revoked.connect
+async def _forget_published(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+    # Another worker may publish these partitions' trades now: reread the market topics' ends later.
+    for normalizer in normalizers:
+        normalizer.published.forget()
 
 
 for _exchange in config.exchanges:

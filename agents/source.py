@@ -1,8 +1,21 @@
-"""Source agents: exchange WebSocket I/O → `raw.<exchange>`.
+"""Source agents: exchange WebSocket (and REST) I/O → `raw.<exchange>`.
 
-Each connection writes every frame untouched, with its receive time and a per-connection sequence
-number, into batches of frames (one Kafka record per batch, see streams/raw.py). Control frames
-(acks, errors, serverShutdown) are also read here, through the adapter, to drive the connection.
+`ExchangeSource` runs one exchange's connection groups on this worker. A group (key `binance:3`)
+carries a set of streams over one or more connection slots of at most `streamsPerConnection` streams
+each; `assign_group` changes the set on the live connections with paced SUBSCRIBE/UNSUBSCRIBE and
+reconnects nothing. Each slot:
+
+- connects through a per-exchange attempt limiter shared by all its connections (no storms) with
+  backoff 1 s doubling to 30 s, jittered, reset after a stable minute; `serverShutdown` reconnects
+  at once;
+- recycles a connection that stays silent for `connections.silenceTimeoutSeconds`;
+- rolls over before the exchange's connection lifetime, make-before-break;
+- while down, polls REST (trades by id, tickers, klines) within the weight budget, and on every
+  (re)connect holds the new connection's frames back until REST has written the missing trades,
+  so each symbol's trades reach the raw topic in id order; a `gap` event records each gap.
+
+Last trade id seen per symbol starts from the end of the market topic (agents/lastseen.py), so a
+group moved to another worker backfills from what was actually published.
 """
 
 from __future__ import annotations
@@ -11,41 +24,40 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import websockets
-from websockets.asyncio.client import ClientConnection
+from mode import Service
 
 from agents import metrics
+from agents.backfill import StreamInfo
+from agents.connection import FrameBatcher, SendRaw, now_ms, wait_until_allowed
+from agents.rest import RestClient
+from agents.slot import ConnectionStatus, Group, Slot
+from streams.config import ExchangeConfig
 from streams.events import CollectorEvent
-from streams.exchanges.base import (
-    Ack,
-    ErrorReply,
-    ExchangeAdapter,
-    Instrument,
-    ServerShutdown,
-    SubscriptionList,
-)
-from streams.plan import ConnectionPlan
-from streams.raw import RawBatch, RawFrame, encode_batch
+from streams.exchanges.base import DataType, ExchangeAdapter, Instrument
+from streams.limits import Backoff, SlidingWindow, connect_window
+
+__all__ = [
+    "Backoff",
+    "ConnectionStatus",
+    "ExchangeSource",
+    "FrameBatcher",
+    "GroupStatus",
+    "fetch_instruments",
+    "now_ms",
+]
 
 log = logging.getLogger(__name__)
 
-SendRaw = Callable[[str, bytes], Awaitable[None]]
 EmitEvent = Callable[[CollectorEvent], Awaitable[None]]
+ReadLastTradeIds = Callable[[Collection[str]], Awaitable[dict[str, int]]]  # symbols → last published id
+AdapterGetter = Callable[[], Awaitable[ExchangeAdapter]]
 
-FLUSH_INTERVAL = 0.02  # seconds a frame may wait in a batch: bounds the latency batching adds
-MAX_BATCH_FRAMES = 1000
-MAX_BATCH_BYTES = 512 * 1024
-MAX_FRAME_BYTES = 16 * 1024 * 1024
-SUBSCRIBE_CHUNK = 200  # streams per SUBSCRIBE message
-SUBSCRIBE_PACE = 0.25  # seconds between control messages: stays under 5 msg/s with room for pongs
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+ROLLOVER_MARGIN = 15 * 60.0  # roll over this long before the exchange's connection lifetime ends
 
 
 async def fetch_instruments(
@@ -72,182 +84,211 @@ async def fetch_instruments(
     raise RuntimeError(f"could not load instruments from {url}")
 
 
-class Backoff:
-    """Exponential backoff with full jitter, reset once a connection has been stable."""
-
-    def __init__(self, first: float = 1.0, cap: float = 30.0, stable_after: float = 60.0) -> None:
-        self.first, self.cap, self.stable_after = first, cap, stable_after
-        self.current = first
-
-    def next_delay(self) -> float:
-        delay = random.uniform(self.current / 2, self.current)
-        self.current = min(self.current * 2, self.cap)
-        return delay
-
-    def connection_lasted(self, seconds: float) -> None:
-        if seconds >= self.stable_after:
-            self.current = self.first
+@dataclass
+class GroupStatus:
+    group: str
+    streams: int
+    connections: list[ConnectionStatus] = field(default_factory=list)
+    last_trade_ids: dict[str, int] = field(default_factory=dict)  # symbol → last trade id passed on
 
 
-class FrameBatcher:
-    """Collects one connection's frames and hands them on as raw batches."""
-
-    def __init__(self, exchange: str, connection_id: str, send_raw: SendRaw) -> None:
-        self.exchange = exchange
-        self.connection_id = connection_id
-        self._send_raw = send_raw
-        self._frames: list[RawFrame] = []
-        self._bytes = 0
-        self.sequence = 0
-
-    def add(self, payload: bytes, received_at: int) -> bool:
-        """Add a frame; True when the batch is full and should be flushed now."""
-        self._frames.append(RawFrame(self.sequence, received_at, payload))
-        self.sequence += 1
-        self._bytes += len(payload)
-        return len(self._frames) >= MAX_BATCH_FRAMES or self._bytes >= MAX_BATCH_BYTES
-
-    async def flush(self) -> None:
-        if not self._frames:
-            return
-        metrics.frames_received(self.exchange, len(self._frames), self._bytes)
-        frames, self._frames, self._bytes = self._frames, [], 0
-        batch = RawBatch(exchange=self.exchange, connection_id=self.connection_id, frames=frames)
-        await self._send_raw(self.connection_id, encode_batch(batch))
-
-
-class WebSocketConnection:
-    """One connection group: connect, subscribe, read frames, reconnect with backoff."""
+class ExchangeSource(Service):
+    """Runs this worker's connection groups of one exchange."""
 
     def __init__(
         self,
-        adapter: ExchangeAdapter,
-        plan: ConnectionPlan,
-        ws_endpoint: str,
+        exchange: str,
+        settings: ExchangeConfig,
+        get_adapter: AdapterGetter,
         send_raw: SendRaw,
-        emit: EmitEvent,
-        silence_timeout: float = 60.0,
+        emit_event: EmitEvent,
+        read_last_trade_ids: ReadLastTradeIds,
+        **kwargs: Any,
     ) -> None:
-        self.adapter = adapter
-        self.plan = plan
-        self.url = ws_endpoint + plan.route
-        self._send_raw = send_raw
-        self._emit = emit
-        self.silence_timeout = silence_timeout
-        self.backoff = Backoff()
-        self.connects = 0
-        self._request_id = 0
-        self._pending: dict[int, tuple[str, ...]] = {}
-        self.subscribed: set[str] = set()
-        self.state = "ready"
+        super().__init__(**kwargs)
+        self.exchange = exchange
+        self.settings = settings
+        self._get_adapter = get_adapter
+        self.send_raw = send_raw
+        self._emit_event = emit_event
+        self._read_last_trade_ids = read_last_trade_ids
+        self._groups: dict[str, Group] = {}
+        self._changes = asyncio.Lock()
+        self._attempt_lock = asyncio.Lock()
+        self._attempts: SlidingWindow | None = None
+        self._adapter: ExchangeAdapter | None = None
+        self._rest: RestClient | None = None
+        self._stream_index: dict[str, tuple[Instrument, DataType]] = {}
+        self._stream_index_size = -1
+        connections = settings.connections
+        self.silence_timeout = connections.silenceTimeoutSeconds
+        self._lifetime_setting = connections.lifetimeSeconds
+
+    # -- shared per exchange ----------------------------------------------------------------------
 
     @property
-    def name(self) -> str:
-        return f"{self.adapter.name}-{self.plan.group}"
+    def adapter(self) -> ExchangeAdapter:
+        assert self._adapter is not None, "ExchangeSource used before its adapter was loaded"
+        return self._adapter
 
-    async def run(self) -> None:
-        while True:
-            started = time.monotonic()
-            reason = "closed"
-            try:
-                await self._session()
-            except asyncio.CancelledError:
-                raise
-            except (TimeoutError, OSError, websockets.WebSocketException) as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-            except Exception as exc:  # the I/O boundary: log it, never let the group die
-                log.exception("connection %s failed unexpectedly", self.name)
-                reason = f"{type(exc).__name__}: {exc}"
-            self.state = "recovering"
-            metrics.connection_failed(self.adapter.name)
-            self.subscribed.clear()
-            self.backoff.connection_lasted(time.monotonic() - started)
-            delay = self.backoff.next_delay()
-            log.warning("connection %s lost (%s); reconnecting in %.1f s", self.name, reason, delay)
-            await self._emit_event("disconnected", {"reason": reason, "retryIn": round(delay, 3)})
-            await asyncio.sleep(delay)
+    @property
+    def rest(self) -> RestClient:
+        assert self._rest is not None
+        return self._rest
 
-    async def _session(self) -> None:
-        self.state = "connecting"
-        async with websockets.connect(
-            self.url,
-            ping_interval=None,  # the exchange pings us; our own pings would count against its limits
-            max_size=MAX_FRAME_BYTES,
-            max_queue=4096,
-            open_timeout=10,
-            close_timeout=2,
-            compression=None,
-        ) as ws:
-            self.connects += 1
-            metrics.connection_opened(self.adapter.name, reconnect=self.connects > 1)
-            connection_id = f"{self.name}-{now_ms()}-{self.connects}"
-            self.state = "connected"
-            await self._emit_event("connected", {"url": self.url}, connection_id)
-            batcher = FrameBatcher(self.adapter.name, connection_id, self._send_raw)
-            flusher = asyncio.create_task(self._flush_periodically(batcher))
-            subscriber = asyncio.create_task(self._subscribe(ws, self.plan.streams))
-            try:
-                await self._read(ws, batcher, connection_id)
-            finally:
-                metrics.connection_closed(self.adapter.name)
-                subscriber.cancel()
-                flusher.cancel()
-                await batcher.flush()
+    @property
+    def lifetime(self) -> float | None:
+        if self._lifetime_setting is not None:
+            return self._lifetime_setting
+        limit = self.adapter.limits.max_connection_lifetime_seconds
+        return None if limit is None else max(60.0, limit - ROLLOVER_MARGIN)
 
-    async def _read(self, ws: ClientConnection, batcher: FrameBatcher, connection_id: str) -> None:
-        adapter = self.adapter
-        while True:
-            try:
-                payload = await asyncio.wait_for(ws.recv(decode=False), timeout=self.silence_timeout)
-            except TimeoutError:
-                await self._emit_event("stale", {"silentFor": self.silence_timeout}, connection_id)
-                raise
-            received_at = now_ms()
-            if isinstance(payload, str):
-                payload = payload.encode()
-            if batcher.add(payload, received_at):
-                await batcher.flush()
-            for event in adapter.control_events(payload):
-                if isinstance(event, ServerShutdown):
-                    await self._emit_event("server-shutdown", {"eventTime": event.event_time}, connection_id)
-                    return
-                await self._on_control(event, connection_id)
+    async def ready(self) -> ExchangeAdapter:
+        if self._adapter is None:
+            adapter = await self._get_adapter()
+            if self._adapter is None:
+                limits = adapter.limits
+                self._attempts = connect_window(
+                    limits.max_connection_attempts, limits.connection_attempt_window_seconds
+                )
+                self._rest = RestClient(adapter, self.settings.restEndpoint, self._throttled)
+                self._adapter = adapter
+        return self.adapter
 
-    async def _on_control(self, event: Ack | ErrorReply | SubscriptionList, connection_id: str) -> None:
-        if isinstance(event, Ack) and isinstance(event.request_id, int):
-            streams = self._pending.pop(event.request_id, ())
-            self.subscribed.update(streams)
-            if self.subscribed.issuperset(self.plan.streams):
-                self.state = "subscribed"
-            await self._emit_event("subscribed", {"streams": len(streams)}, connection_id)
-        elif isinstance(event, ErrorReply):
-            failed = self._pending.pop(event.request_id, ()) if isinstance(event.request_id, int) else ()
-            log.error("%s rejected a request: %s %s", self.name, event.code, event.message)
-            await self._emit_event(
-                "subscribe-failed",
-                {"code": event.code, "message": event.message, "streams": list(failed)},
-                connection_id,
-            )
+    async def connect_attempt(self) -> None:
+        """Wait until one more connection attempt fits the exchange's per-IP limit, and count it."""
+        assert self._attempts is not None
+        attempts = self._attempts
+        async with self._attempt_lock:
+            await wait_until_allowed(lambda: attempts.delay(time.monotonic()))
+            attempts.record(time.monotonic())
 
-    async def _subscribe(self, ws: ClientConnection, streams: tuple[str, ...]) -> None:
-        self.state = "subscription-requesting"
-        for start in range(0, len(streams), SUBSCRIBE_CHUNK):
-            chunk = streams[start : start + SUBSCRIBE_CHUNK]
-            self._request_id += 1
-            self._pending[self._request_id] = chunk
-            await ws.send(self.adapter.subscribe_message(chunk, self._request_id), text=True)
-            await asyncio.sleep(SUBSCRIBE_PACE)
-
-    async def _flush_periodically(self, batcher: FrameBatcher) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_INTERVAL)
-            await batcher.flush()
-
-    async def _emit_event(self, kind: str, detail: dict[str, Any], connection_id: str | None = None) -> None:
+    async def emit(self, kind: str, detail: dict[str, Any], connection_id: str | None = None) -> None:
         event = CollectorEvent(
-            type=kind, exchange=self.adapter.name, time=now_ms(), connection_id=connection_id, detail=detail
+            type=kind, exchange=self.exchange, time=now_ms(), connection_id=connection_id, detail=detail
         )
         try:
-            await self._emit(event)
+            await self._emit_event(event)
         except Exception:  # events are best effort; the data path must not stop for them
             log.exception("could not emit %s event", kind)
+
+    async def _throttled(self, status: int, retry_after: float) -> None:
+        await self.emit("rest-throttled", {"status": status, "retryAfter": retry_after})
+
+    def stream_infos(self, streams: Collection[str]) -> list[StreamInfo]:
+        """What each stream is (symbol and data type); streams this worker cannot name are left out."""
+        adapter = self.adapter
+        if self._stream_index_size != len(adapter.instruments):  # built once per instrument list
+            self._stream_index = {
+                adapter.stream_name(instrument, data_type): (instrument, data_type)
+                for data_type in self._data_types()
+                for instrument in adapter.instruments.values()
+            }
+            self._stream_index_size = len(adapter.instruments)
+        index = self._stream_index
+        return [StreamInfo(name, *index[name]) for name in sorted(streams) if name in index]
+
+    def _data_types(self) -> list[DataType]:
+        kinds = {str(dt): dt for dt in self.settings.data_types}
+        for kind in ("trade", "ticker", "bbo"):
+            data_type = DataType.parse(kind)
+            if self.adapter.supports(data_type):
+                kinds.setdefault(kind, data_type)
+        return list(kinds.values())
+
+    # -- the interface ownership uses -------------------------------------------------------------
+
+    async def assign_group(self, group: str, streams: Collection[str]) -> None:
+        """Run `group` carrying exactly `streams`, changing live connections in place."""
+        await self.ready()
+        async with self._changes:
+            running = self._groups.get(group)
+            if running is None:
+                symbols = {
+                    info.instrument.symbol
+                    for info in self.stream_infos(streams)
+                    if info.data_type.kind == "trade"
+                }
+                last_seen = await self._read_last_trade_ids(symbols) if symbols else {}
+                running = self._groups[group] = Group(group, dict(last_seen))
+            await self._place(running, set(streams))
+
+    async def _place(self, group: Group, streams: set[str]) -> None:
+        per_connection = min(
+            self.settings.connections.streamsPerConnection, self.adapter.limits.max_streams_per_connection
+        )
+        wanted: dict[Slot, set[str]] = {slot: slot.desired & streams for slot in group.slots}
+        placed = set().union(*wanted.values()) if wanted else set()
+        routes = self._routes(streams - placed)
+        for stream, route in routes.items():
+            slot = next(
+                (s for s, chosen in wanted.items() if s.route == route and len(chosen) < per_connection), None
+            )
+            if slot is None:
+                if self._connection_count() >= self.settings.connections.max:
+                    log.error(
+                        "%s: connections.max (%d) reached; %s not carried",
+                        group.key,
+                        self.settings.connections.max,
+                        stream,
+                    )
+                    await self.emit(
+                        "subscribe-failed",
+                        {"group": group.key, "streams": [stream], "message": "connections.max reached"},
+                    )
+                    continue
+                slot = self._new_slot(group, route)
+                wanted[slot] = set()
+            wanted[slot].add(stream)
+        for slot, chosen in wanted.items():
+            if not chosen:
+                group.slots.remove(slot)
+                await slot.stop()
+                continue
+            await slot.set_streams(chosen)
+            if not slot.started:
+                slot.start()
+
+    def _new_slot(self, group: Group, route: str) -> Slot:
+        number = group.key.rsplit(":", 1)[-1]
+        index = len(group.slots)
+        name = f"{self.exchange}-{number}" + (f".{index}" if index else "")
+        while any(s.name == name for s in group.slots):
+            index += 1
+            name = f"{self.exchange}-{number}.{index}"
+        slot = Slot(self, group, name, route)
+        group.slots.append(slot)
+        return slot
+
+    def _routes(self, streams: Collection[str]) -> dict[str, str]:
+        infos = {info.name: info for info in self.stream_infos(streams)}
+        default = self.adapter.route(DataType.parse("trade"))
+        return {s: self.adapter.route(infos[s].data_type) if s in infos else default for s in sorted(streams)}
+
+    def _connection_count(self) -> int:
+        return sum(len(group.slots) for group in self._groups.values())
+
+    async def release_group(self, group: str) -> None:
+        """Stop the group's connections, writing what they had received."""
+        async with self._changes:
+            running = self._groups.pop(group, None)
+            if running is not None:
+                for slot in running.slots:
+                    await slot.stop()
+
+    def groups(self) -> dict[str, GroupStatus]:
+        return {
+            key: GroupStatus(
+                key,
+                sum(len(s.desired) for s in group.slots),
+                [s.status() for s in group.slots],
+                dict(group.last_seen),
+            )
+            for key, group in self._groups.items()
+        }
+
+    async def on_stop(self) -> None:
+        for key in list(self._groups):
+            await self.release_group(key)
+        if self._rest is not None:
+            await self._rest.close()

@@ -28,7 +28,7 @@ from tables import store
 from tables import views as _views  # noqa: F401 - registers the web views with the app
 from tables.manager import Decisions, ManagerSettings, apply_alert, evaluate
 from tables.records import Alert, decode_alert, decode_flow, encode
-from tables.state import COIN_STATES, CONNECTOR_STATES, Changes, apply_event, apply_flow
+from tables.state import COIN_STATES, CONNECTOR_STATES, Changes, apply_event, apply_flow, stream_index
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,9 @@ WEBHOOK_TIMEOUT = 5.0
 
 AdapterGetter = Callable[[str], Awaitable[ExchangeAdapter]]
 _adapters: AdapterGetter | None = None
-_stream_symbols: dict[str, dict[str, str]] = {}  # exchange → stream name → symbol
+StreamIndex = tuple[tuple[int, int], dict[str, str]]  # (adapter version, stream name → symbol)
+_stream_symbols: dict[str, StreamIndex] = {}
+ADAPTER_WAIT = 1.0  # seconds an event waits for its exchange's adapter before going without coin names
 
 
 def use_adapters(get_adapter: AdapterGetter) -> None:
@@ -48,15 +50,25 @@ def use_adapters(get_adapter: AdapterGetter) -> None:
 
 
 async def _stream_resolver(exchange: str) -> Callable[[str], str | None]:
-    index = _stream_symbols.get(exchange)
-    if index is None and _adapters is not None and exchange in config.exchanges:
-        adapter = await _adapters(exchange)
-        index = _stream_symbols[exchange] = {
-            adapter.stream_name(instrument, data_type): instrument.symbol
-            for instrument in adapter.instruments.values()
-            for data_type in config.exchanges[exchange].data_types
-        }
-    return (index or {}).get
+    if _adapters is None or exchange not in config.exchanges:
+        return _no_stream
+    try:
+        # The adapter exists long before a connection emits events; if its instrument list cannot be
+        # loaded, the state agent must not stall behind it.
+        adapter = await asyncio.wait_for(_adapters(exchange), ADAPTER_WAIT)
+    except (TimeoutError, RuntimeError) as exc:
+        log.warning("state: no %s adapter to name the coins of an event: %r", exchange, exc)
+        return _no_stream
+    # Rebuilt when the adapter changes or learns instruments (runtime subscriptions).
+    version = (id(adapter), len(adapter.instruments))
+    cached = _stream_symbols.get(exchange)
+    if cached is None or cached[0] != version:
+        cached = _stream_symbols[exchange] = (version, stream_index(adapter))
+    return cached[1].get
+
+
+def _no_stream(stream: str) -> str | None:
+    return None
 
 
 def _write(changes: Changes) -> None:

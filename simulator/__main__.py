@@ -16,7 +16,10 @@ from simulator.server import DEFAULT_SYMBOLS, Simulator, SimulatorConfig
 
 
 def parse_args(argv: list[str] | None) -> SimulatorConfig:
-    parser = argparse.ArgumentParser(prog="python -m simulator", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulator",
+        description="A local exchange speaking Binance spot's WebSocket and REST protocols.",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765, help="0 picks a free port (default 8765)")
     parser.add_argument("--symbols", default=",".join(DEFAULT_SYMBOLS), help="comma-separated BASE/QUOTE")

@@ -29,6 +29,7 @@ from aiohttp import WSMsgType, web
 
 from simulator import binance_format as fmt
 from simulator.connections import PONG, Connection, StreamHub, text_frame
+from simulator.faults import Faults
 from simulator.market import KLINE_INTERVALS, Instrument, Market, Tick, bar_open_time
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,7 @@ class BinanceSpot:
         self.slow_consumers = 0
         self.rest_requests = 0
         self.rest_rejected = 0
+        self.faults = Faults()  # test-triggered faults, and the per-IP handshake limit
 
     # -- routes -----------------------------------------------------------------------------------
 
@@ -190,12 +192,16 @@ class BinanceSpot:
         }
         for path, (weigh, answer) in endpoints.items():
             app.router.add_get(f"/api/v3/{path}", self._rest_handler(weigh, answer))
+        self.faults.add_routes(app, self)
 
     # -- WebSocket ----------------------------------------------------------------------------------
 
     async def _handle_ws(self, request: web.Request) -> web.StreamResponse:
         if self._stopping:
             raise web.HTTPServiceUnavailable()
+        refusal = self.faults.handshake_refusal(request.remote or "unknown", time.monotonic())
+        if refusal is not None:
+            return _json_response({"code": -1003, "msg": "Connection refused."}, refusal)
         combined = request.path.startswith("/stream")
         listed = request.match_info.get("streams", "") if not combined else request.query.get("streams", "")
         names = [name for name in listed.split("/") if name]
@@ -242,8 +248,9 @@ class BinanceSpot:
             # Binance counts every incoming frame against the limit, pings and pongs included.
             if not connection.note_incoming(time.monotonic()):
                 self.violations["messageRate"] += 1
-                log.info("%s sent more than %d messages in a second", connection.id,
-                         self.max_messages_per_second)
+                log.info(
+                    "%s sent more than %d messages in a second", connection.id, self.max_messages_per_second
+                )
                 connection.close(POLICY_VIOLATION, discard_queued=True)
             elif message.type is WSMsgType.TEXT:
                 reply = self._control(connection, message.data)
@@ -483,6 +490,34 @@ class BinanceSpot:
             self.disconnect_all()
             await asyncio.wait_for(self._all_closed.wait(), CLOSE_TIMEOUT)
 
+    def inject(self, payload: bytes, *, binary: bool = False, stream: str | None = None) -> int:
+        """Queue `payload`, untouched, as one frame to every open connection or to a stream's subscribers.
+
+        The frame joins each connection's queue behind the market frames already there.
+        """
+        frame = text_frame(payload)
+        if binary:
+            frame = b"\x82" + frame[1:]  # same framing, binary opcode
+        targets = self._connections.values() if stream is None else self._hub.subscribers.get(stream, {})
+        sent = 0
+        for connection in list(targets):
+            if not connection.closing:
+                connection.send("injected", frame)
+                sent += 1
+        return sent
+
+    def open_connections(self) -> list[BinanceConnection]:
+        return [c for c in self._connections.values() if not c.closing]
+
+    def send_server_shutdown(self) -> int:
+        """Announce a shutdown on every open connection without closing them (the fault does, later)."""
+        event = _encode(fmt.server_shutdown_event(self._now_ms()))
+        raw, combined = text_frame(event), text_frame(self._wrap("!serverShutdown", event))
+        connections = self.open_connections()
+        for connection in connections:
+            connection.send("serverShutdown", combined if connection.combined else raw)
+        return len(connections)
+
     def disconnect_all(self) -> int:
         """Drop every connection at the TCP level, without close frames."""
         connections = list(self._connections.values())
@@ -496,8 +531,9 @@ class BinanceSpot:
             "connections": {"open": len(self._connections), "total": self.connections_total},
             "subscriptions": {cid: list(c.streams) for cid, c in self._connections.items()},
             "framesSent": dict(self.frames_sent),
-            "violations": sum(self.violations.values()),
+            "violations": sum(self.violations.values()) + sum(self.faults.violations.values()),
             "violationsByReason": dict(self.violations),
+            "faults": self.faults.state(),
             "pongTimeouts": self.pong_timeouts,
             "slowConsumers": self.slow_consumers,
             "rest": {
@@ -516,15 +552,28 @@ class BinanceSpot:
             self.rest_requests += 1
             client = request.remote or "unknown"
             now = time.monotonic()
+            refused = self.faults.rest_refusal(client, now)
+            if refused is not None:
+                self.rest_rejected += 1
+                status, retry_after = refused
+                body = {"code": -1003, "msg": "Way too many requests; IP banned until later."}
+                return _json_response(body, status, {"Retry-After": str(retry_after)})
             used = self.weights.charge(client, weigh(request.query), now)
             if used is None:
                 self.rest_rejected += 1
-                body = {"code": -1003, "msg": (
-                    f"Too much request weight used; current limit is {self.weights.limit} request weight "
-                    "per 1 MINUTE. Please use WebSocket Streams for live updates to avoid polling the API."
-                )}
-                headers = {"X-MBX-USED-WEIGHT-1M": str(self.weights.used(client, now)),
-                           "Retry-After": str(self.weights.retry_after(client, now))}
+                body = {
+                    "code": -1003,
+                    "msg": (
+                        f"Too much request weight used; current limit is {self.weights.limit} request weight "
+                        "per 1 MINUTE. Please use WebSocket Streams for live updates to avoid polling the API."
+                    ),
+                }
+                retry_after = self.weights.retry_after(client, now)
+                self.faults.note_throttled(client, now, retry_after)
+                headers = {
+                    "X-MBX-USED-WEIGHT-1M": str(self.weights.used(client, now)),
+                    "Retry-After": str(retry_after),
+                }
                 return _json_response(body, 429, headers)
             try:
                 body, status = answer(request.query), 200
@@ -585,8 +634,9 @@ class BinanceSpot:
             raise BinanceError(-1130, "Data sent for parameter 'timeZone' is not valid.")
         limit = _limit(params, default=500, maximum=1000)
         start_time, end_time = _time_range(params)
-        bars = self.market.klines(names.instrument.symbol, interval, start_time, end_time, limit,
-                                  self._now_ms())
+        bars = self.market.klines(
+            names.instrument.symbol, interval, start_time, end_time, limit, self._now_ms()
+        )
         return [fmt.rest_kline(names.instrument, bar) for bar in bars]
 
     def _ticker_24hr(self, params: Mapping[str, str]) -> Any:
@@ -598,8 +648,9 @@ class BinanceSpot:
         def ticker(names: _SymbolStreams) -> dict[str, Any]:
             symbol = names.instrument.symbol
             stats = self.market.rolling_stats(symbol, now_ms)
-            return fmt.rest_ticker(names.exchange_symbol, names.instrument, stats,
-                                   self.market.quote(symbol), kind == "FULL")
+            return fmt.rest_ticker(
+                names.exchange_symbol, names.instrument, stats, self.market.quote(symbol), kind == "FULL"
+            )
 
         if "symbol" in params:
             return ticker(self._symbol(params))
@@ -630,8 +681,10 @@ class BinanceSpot:
             return None
         text = params["symbols"]
         if not _SYMBOL_LIST.match(text):
-            raise BinanceError(-1100, "Illegal characters found in parameter 'symbols'; legal range is "
-                                      f"'{_SYMBOL_LIST.pattern}'.")
+            raise BinanceError(
+                -1100,
+                f"Illegal characters found in parameter 'symbols'; legal range is '{_SYMBOL_LIST.pattern}'.",
+            )
         symbols = json.loads(text)
         if not symbols:
             raise BinanceError(-1130, "Data sent for parameter 'symbols' is not valid.")
@@ -668,7 +721,7 @@ def _json_reason(error: ValueError) -> str:
         return str(error)
     reason = error.msg
     if reason.startswith("Expecting "):
-        reason = "expected " + reason[len("Expecting "):]
+        reason = "expected " + reason[len("Expecting ") :]
     return f"{reason[:1].lower()}{reason[1:]} at line {error.lineno} column {error.colno}"
 
 
@@ -693,8 +746,9 @@ def _integer(params: Mapping[str, str], name: str) -> int | None:
     if text == "":
         raise BinanceError(-1105, f"Parameter '{name}' was empty.")
     if not _UNSIGNED.match(text):
-        raise BinanceError(-1100, f"Illegal characters found in parameter '{name}'; legal range is "
-                                  f"'{_UNSIGNED.pattern}'.")
+        raise BinanceError(
+            -1100, f"Illegal characters found in parameter '{name}'; legal range is '{_UNSIGNED.pattern}'."
+        )
     return int(text)
 
 

@@ -13,8 +13,12 @@ from simulator.market import Instrument, Kline, Quote, RollingStats, Trade, form
 PLACES = 8
 WEIGHT_LIMIT_PER_MINUTE = 6000
 RATE_LIMITS = [
-    {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1,
-     "limit": WEIGHT_LIMIT_PER_MINUTE},
+    {
+        "rateLimitType": "REQUEST_WEIGHT",
+        "interval": "MINUTE",
+        "intervalNum": 1,
+        "limit": WEIGHT_LIMIT_PER_MINUTE,
+    },
     {"rateLimitType": "RAW_REQUESTS", "interval": "MINUTE", "intervalNum": 5, "limit": 61000},
 ]
 
@@ -289,8 +293,12 @@ def symbol_info(instrument: Instrument) -> dict[str, Any]:
         "isSpotTradingAllowed": True,
         "isMarginTradingAllowed": False,
         "filters": [
-            {"filterType": "PRICE_FILTER", "minPrice": tick, "maxPrice": "1000000.00000000",
-             "tickSize": tick},
+            {
+                "filterType": "PRICE_FILTER",
+                "minPrice": tick,
+                "maxPrice": "1000000.00000000",
+                "tickSize": tick,
+            },
             {"filterType": "LOT_SIZE", "minQty": lot, "maxQty": "9000000.00000000", "stepSize": lot},
         ],
         "permissions": [],

@@ -65,6 +65,7 @@ class Connection:
         self.streams: dict[str, None] = {}  # an ordered set: LIST_SUBSCRIPTIONS keeps the order
         self.last_ping_at = now
         self.closing = False
+        self.stalled = False  # a stall fault: open, but nothing is sent
         self.slow_consumer = False
         self._transport = request.transport
         self._frames_sent = frames_sent  # shared by all connections of a dialect, so totals survive closes
@@ -81,7 +82,7 @@ class Connection:
 
     def send(self, kind: str, frame: bytes) -> None:
         """Queue a frame made by `text_frame` (for PING and PONG: just the payload)."""
-        if self.closing:
+        if self.closing or self.stalled:
             return
         self._queue.append((kind, frame))
         self._queued_bytes += len(frame)

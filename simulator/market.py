@@ -51,9 +51,24 @@ _MONDAY_OFFSET_MS = 4 * DAY_MS  # 1970-01-01 was a Thursday; weekly bars open on
 
 # Rough opening prices in USD so the generated markets look familiar; other bases get a seeded price.
 _USD_PRICES = {
-    "BTC": 60_000.0, "ETH": 3_000.0, "BNB": 600.0, "SOL": 150.0, "XRP": 0.6, "DOGE": 0.15,
-    "ADA": 0.45, "TRX": 0.12, "DOT": 7.0, "LINK": 15.0, "LTC": 80.0, "AVAX": 30.0, "USDT": 1.0,
-    "USDC": 1.0, "FDUSD": 1.0, "USD": 1.0, "EUR": 1.08, "KRW": 1 / 1350,
+    "BTC": 60_000.0,
+    "ETH": 3_000.0,
+    "BNB": 600.0,
+    "SOL": 150.0,
+    "XRP": 0.6,
+    "DOGE": 0.15,
+    "ADA": 0.45,
+    "TRX": 0.12,
+    "DOT": 7.0,
+    "LINK": 15.0,
+    "LTC": 80.0,
+    "AVAX": 30.0,
+    "USDT": 1.0,
+    "USDC": 1.0,
+    "FDUSD": 1.0,
+    "USD": 1.0,
+    "EUR": 1.08,
+    "KRW": 1 / 1350,
 }
 _VOLATILITY = 0.0002  # standard deviation of one trade's price step, relative to the price
 _TRIANGULAR_SCALE = 6**0.5  # u1 - u2 of two uniforms has standard deviation 1/sqrt(6)
@@ -443,8 +458,13 @@ class Market:
             history = TradeHistory(instrument.first_trade_id, history_limit)
             price = instrument.opening_price
             spread = max(1, price // 10_000)
-            book = (instrument.first_update_id, price - spread, instrument.mean_quantity,
-                    price + spread, instrument.mean_quantity)
+            book = (
+                instrument.first_update_id,
+                price - spread,
+                instrument.mean_quantity,
+                price + spread,
+                instrument.mean_quantity,
+            )
             self.instruments[symbol] = instrument
             self._tapes[symbol] = _Tape(
                 instrument=instrument,
@@ -521,8 +541,9 @@ class Market:
         for time_ms in times:
             # Exactly seven draws per trade keep the i-th trade a function of (seed, symbol, i).
             # The difference of two uniforms is a cheap bell-ish step with standard deviation 1.
-            step = round((draw() - draw()) * _TRIANGULAR_SCALE * price * _VOLATILITY
-                         + (opening - price) * _REVERSION)
+            step = round(
+                (draw() - draw()) * _TRIANGULAR_SCALE * price * _VOLATILITY + (opening - price) * _REVERSION
+            )
             coin, size, spread, bid_size, ask_size = draw(), draw(), draw(), draw(), draw()
             price = max(floor, price + step)
             quantity = 1 + int(-math.log(1.0 - size) * mean)  # exponential sizes: many small, few big
@@ -626,8 +647,9 @@ class Market:
         for open_time in opens:
             close_time = next_bar_open_time(interval, open_time) - 1
             index = tape.history.first_index_at_or_after(open_time)
-            bars.append(self._fold(self._empty_bar(tape, interval, open_time, close_time, index),
-                                   tape.history, index))
+            bars.append(
+                self._fold(self._empty_bar(tape, interval, open_time, close_time, index), tape.history, index)
+            )
         return bars
 
     @staticmethod

@@ -40,6 +40,10 @@ class ServerConfig(_Strict):
 class ConnectionsConfig(_Strict):
     max: Annotated[int, Field(ge=1, le=1000)] = 5
     streamsPerConnection: Annotated[int, Field(ge=1)] = 1000
+    # A subscribed connection that receives no frame for this long is recycled.
+    silenceTimeoutSeconds: Annotated[float, Field(gt=0)] = 60.0
+    # Roll connections over (make-before-break) after this long; default: the exchange's limit less 15 min.
+    lifetimeSeconds: Annotated[float | None, Field(gt=0)] = None
 
 
 class ExchangeConfig(_Strict):
@@ -67,7 +71,7 @@ class ExchangeConfig(_Strict):
     @classmethod
     def _symbols(cls, value: list[str]) -> list[str]:
         for symbol in value:
-            if not _SYMBOL.match(symbol):
+            if not _SYMBOL.fullmatch(symbol):
                 raise ValueError(f"symbol {symbol!r} is not BASE/QUOTE in capitals, e.g. BTC/USDT")
         if len(set(value)) != len(value):
             raise ValueError("symbols are listed twice")
@@ -103,7 +107,7 @@ class KafkaConfig(_Strict):
             if not value:
                 raise ValueError("list at least one host:port, or say embedded")
             for broker in value:
-                if not _BROKER.match(broker):
+                if not _BROKER.fullmatch(broker):
                     raise ValueError(f"broker {broker!r} is not host:port")
         return value
 
@@ -142,6 +146,11 @@ class MonitoringConfig(_Strict):
     alerts: AlertsConfig = AlertsConfig()
 
 
+class ValidationConfig(_Strict):
+    # How far an exchange's event time may be from our receive time before a record is refused.
+    clockSkewSeconds: Annotated[float, Field(gt=0, le=86_400)] = 300.0
+
+
 class LoggingConfig(_Strict):
     level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     format: Literal["json", "text"] = "json"
@@ -153,6 +162,7 @@ class CollectorConfig(_Strict):
     kafka: KafkaConfig = KafkaConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
     logging: LoggingConfig = LoggingConfig()
+    validation: ValidationConfig = ValidationConfig()
 
     @model_validator(mode="after")
     def _exchanges_known(self) -> CollectorConfig:
@@ -242,6 +252,8 @@ def load_config(environ: os._Environ[str] | dict[str, str] | None = None) -> Col
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"COLLECTOR_CONFIG: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streams.events import CollectorEvent
+from streams.exchanges.base import DataType, ExchangeAdapter
 from tables.records import FlowSummary
 
 Row = dict[str, Any]
@@ -50,21 +51,47 @@ def connector_name(event: CollectorEvent) -> str | None:
     return match.group("group") if match else event.connection_id
 
 
-def _symbols(event: CollectorEvent, resolve_stream: Callable[[str], str | None]) -> list[str]:
-    """The coins an event is about: `symbol`, `detail.symbols`, or its `detail.streams` mapped to coins."""
-    found: list[str] = []
+def _coins_of(event: CollectorEvent, resolve_stream: Callable[[str], str | None]) -> dict[str, list[str]]:
+    """The coins an event is about, each with the streams of it the event names (none: the whole coin).
+
+    Coins come from `symbol`, `detail.symbols`, and `detail.streams` mapped to coins by the adapter."""
+    found: dict[str, list[str]] = {}
     if event.symbol:
-        found.append(event.symbol)
+        found.setdefault(event.symbol, [])
     symbols = event.detail.get("symbols")
     if isinstance(symbols, list):
-        found += [s for s in symbols if isinstance(s, str)]
+        for symbol in symbols:
+            if isinstance(symbol, str):
+                found.setdefault(symbol, [])
     streams = event.detail.get("streams")
     if isinstance(streams, list):
         for stream in streams:
             symbol = resolve_stream(stream) if isinstance(stream, str) else None
             if symbol:
-                found.append(symbol)
-    return list(dict.fromkeys(found))
+                found.setdefault(symbol, []).append(stream)
+    return found
+
+
+def stream_index(adapter: ExchangeAdapter) -> dict[str, str]:
+    """Every stream name the adapter can build for its instruments → the instrument's symbol."""
+    data_types = [
+        data_type
+        for kind in sorted(adapter.data_kinds)
+        for data_type in (
+            [DataType("kline", interval) for interval in sorted(adapter.kline_intervals)]
+            if kind == "kline"
+            else [DataType(kind)]
+        )
+        if adapter.supports(data_type)
+    ]
+    index = {}
+    for instrument in adapter.instruments.values():
+        for data_type in data_types:
+            try:
+                index[adapter.stream_name(instrument, data_type)] = instrument.symbol
+            except ValueError:  # a data type this instrument's market does not carry
+                continue
+    return index
 
 
 def new_coin(exchange: str, symbol: str, now: int = 0) -> Row:
@@ -82,6 +109,7 @@ def new_coin(exchange: str, symbol: str, now: int = 0) -> Row:
         "avgReceiveIntervalMs": None,
         "subscribeRequests": 0,
         "subscribeFailures": 0,
+        "streams": [],  # the coin's subscribed streams, when events name them
         "lastError": None,
         "applied": {},
     }
@@ -191,17 +219,21 @@ def apply_event(
         else:
             connector = None
 
-    symbols = _symbols(event, resolve_stream)
-    for symbol in symbols:
+    coins = _coins_of(event, resolve_stream)
+    for symbol, streams in coins.items():
         key = coin_key(exchange, symbol)
         coin = tables.coin(key) or new_coin(exchange, symbol, now)
         if _fresh(coin, EVENTS_SOURCE, offset):
-            _apply_to_coin(coin, event, name)
+            _apply_to_coin(coin, event, name, streams)
             changes.coins[key] = coin
-    if connector is not None and event.type in {"subscribed", "subscribe-requested"} and symbols:
-        connector["coins"] = sorted(set(connector["coins"]) | set(symbols))
-    if connector is not None and event.type == "unsubscribed" and symbols:
-        connector["coins"] = sorted(set(connector["coins"]) - set(symbols))
+    if connector is not None and coins:
+        on_connector = set(connector["coins"])
+        if event.type in {"subscribed", "subscribe-requested"}:
+            on_connector |= set(coins)
+        elif event.type == "unsubscribed":
+            stopped = {key for key, coin in changes.coins.items() if coin["state"] == "stopped"}
+            on_connector -= {symbol for symbol in coins if coin_key(exchange, symbol) in stopped}
+        connector["coins"] = sorted(on_connector)
 
     collector = tables.collector(exchange) or new_collector(exchange, now)
     if _fresh(collector, EVENTS_SOURCE, offset):
@@ -263,22 +295,29 @@ def _apply_to_connector(row: Row, event: CollectorEvent) -> None:
         _enter(row, "failed", now)
 
 
-def _apply_to_coin(row: Row, event: CollectorEvent, connector: str | None) -> None:
+def _apply_to_coin(row: Row, event: CollectorEvent, connector: str | None, streams: list[str]) -> None:
     now, kind = event.time, event.type
     if connector is not None and kind in {"subscribe-requested", "subscribed"}:
         row["connector"] = connector
+    subscribed = set(row.setdefault("streams", []))
     if kind == "subscribe-requested":
         row["subscribeRequests"] += 1
-        _enter(row, "requested", now)
+        if row["state"] != "subscribed":  # adding a data type to a flowing coin does not stop it
+            _enter(row, "requested", now)
     elif kind == "subscribed":
+        row["streams"] = sorted(subscribed | set(streams))
         row["lastError"] = None
         _enter(row, "subscribed", now)
     elif kind == "subscribe-failed":
         row["subscribeFailures"] += 1
         row["lastError"] = str(event.detail.get("message") or "subscribe failed")
-        _enter(row, "stopped", now)
+        if not subscribed - set(streams):
+            _enter(row, "stopped", now)
     elif kind == "unsubscribed":
-        _enter(row, "stopped", now)
+        remaining = subscribed - set(streams) if streams else set()
+        row["streams"] = sorted(remaining)
+        if not remaining:
+            _enter(row, "stopped", now)
     elif kind == "unknown-symbols":
         row["lastError"] = "the exchange does not list this symbol"
         _enter(row, "stopped", now)

@@ -11,9 +11,11 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
+from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import aiohttp
 from aiokafka.errors import KafkaError
 from faust import web
 
@@ -31,15 +33,32 @@ _STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/c
 ROUTING_KEY = next(iter(config.exchanges))
 _SYMBOL = re.compile(r"^(?P<base>[A-Za-z0-9]{1,20})[/-](?P<quote>[A-Za-z0-9]{1,20})$")
 BROKER_CHECK_TIMEOUT = 3.0
-
+FORWARD_TIMEOUT = 10.0
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[web.Response]])
 
 
 def answered_by_owner(**key: str) -> Callable[[_Handler], _Handler]:
     """`app.table_route` over the state tables: a worker that does not own the key forwards the request
-    to the one that does (`exact_key=`, or `match_info=` naming the URL part that holds the exchange)."""
-    return cast(Callable[[_Handler], _Handler], app.table_route(table=store.coins, **key))
+    to the one that does (`exact_key=`, or `match_info=` naming the URL part that holds the exchange).
+    While the owner is gone (until the rebalance hands its partition over) the answer is a 503."""
+
+    def decorate(handler: _Handler) -> _Handler:
+        routed = app.table_route(table=store.coins, **key)(handler)
+
+        @wraps(handler)
+        async def answer(view: web.View, request: web.Request, *args: Any, **kwargs: Any) -> web.Response:
+            try:
+                return await asyncio.wait_for(routed(view, request, *args, **kwargs), FORWARD_TIMEOUT)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("could not forward %s to the state owner: %r", request.url, exc)
+                return view.json(
+                    {"error": f"the worker owning the state did not answer ({exc}); retry"}, status=503
+                )
+
+        return cast(_Handler, answer)
+
+    return decorate
 
 
 def _wall_ms() -> int:

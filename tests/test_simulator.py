@@ -31,15 +31,65 @@ class Dec:
 
 
 TRADE = {"e": str, "E": int, "s": str, "t": int, "p": Dec, "q": Dec, "T": int, "m": bool, "M": bool}
-AGG_TRADE = {"e": str, "E": int, "s": str, "a": int, "p": Dec, "q": Dec, "f": int, "l": int, "T": int,
-             "m": bool, "M": bool}
+AGG_TRADE = {
+    "e": str,
+    "E": int,
+    "s": str,
+    "a": int,
+    "p": Dec,
+    "q": Dec,
+    "f": int,
+    "l": int,
+    "T": int,
+    "m": bool,
+    "M": bool,
+}
 BOOK_TICKER = {"u": int, "s": str, "b": Dec, "B": Dec, "a": Dec, "A": Dec}
 KLINE = {"e": str, "E": int, "s": str, "k": dict}
-KLINE_BAR = {"t": int, "T": int, "s": str, "i": str, "f": int, "L": int, "o": Dec, "c": Dec, "h": Dec,
-             "l": Dec, "v": Dec, "n": int, "x": bool, "q": Dec, "V": Dec, "Q": Dec, "B": str}
-TICKER = {"e": str, "E": int, "s": str, "p": str, "P": str, "w": Dec, "x": Dec, "c": Dec, "Q": Dec,
-          "b": Dec, "B": Dec, "a": Dec, "A": Dec, "o": Dec, "h": Dec, "l": Dec, "v": Dec, "q": Dec,
-          "O": int, "C": int, "F": int, "L": int, "n": int}
+KLINE_BAR = {
+    "t": int,
+    "T": int,
+    "s": str,
+    "i": str,
+    "f": int,
+    "L": int,
+    "o": Dec,
+    "c": Dec,
+    "h": Dec,
+    "l": Dec,
+    "v": Dec,
+    "n": int,
+    "x": bool,
+    "q": Dec,
+    "V": Dec,
+    "Q": Dec,
+    "B": str,
+}
+TICKER = {
+    "e": str,
+    "E": int,
+    "s": str,
+    "p": str,
+    "P": str,
+    "w": Dec,
+    "x": Dec,
+    "c": Dec,
+    "Q": Dec,
+    "b": Dec,
+    "B": Dec,
+    "a": Dec,
+    "A": Dec,
+    "o": Dec,
+    "h": Dec,
+    "l": Dec,
+    "v": Dec,
+    "q": Dec,
+    "O": int,
+    "C": int,
+    "F": int,
+    "L": int,
+    "n": int,
+}
 
 
 def assert_shape(payload: dict[str, Any], shape: dict[str, type]) -> None:
@@ -106,8 +156,13 @@ async def post(simulator: Simulator, path: str) -> Any:
 
 
 async def test_combined_subscribe_acks_then_sends_every_stream_type(sim: Simulator) -> None:
-    streams = ["btcusdt@trade", "btcusdt@aggTrade", "btcusdt@bookTicker", "btcusdt@ticker",
-               "btcusdt@kline_1s"]
+    streams = [
+        "btcusdt@trade",
+        "btcusdt@aggTrade",
+        "btcusdt@bookTicker",
+        "btcusdt@ticker",
+        "btcusdt@kline_1s",
+    ]
     async with ws_connect(sim, "/stream") as ws:
         subscribe = {"method": "SUBSCRIBE", "params": streams, "id": 1}
         assert await request(ws, subscribe) == {"result": None, "id": 1}
@@ -148,9 +203,13 @@ async def test_raw_and_combined_urls_and_the_combined_property(sim: Simulator) -
     async with ws_connect(sim, "/ws/btcusdt@trade") as ws:
         assert (await recv(ws))["e"] == "trade"
         assert await request(ws, {"method": "GET_PROPERTY", "params": ["combined"], "id": 2}) == {
-            "result": False, "id": 2}
+            "result": False,
+            "id": 2,
+        }
         assert await request(ws, {"method": "SET_PROPERTY", "params": ["combined", True], "id": 3}) == {
-            "result": None, "id": 3}
+            "result": None,
+            "id": 3,
+        }
         # The ack is queued after every raw frame, so everything after it is wrapped.
         assert (await recv(ws))["stream"] == "btcusdt@trade"
 
@@ -158,7 +217,9 @@ async def test_raw_and_combined_urls_and_the_combined_property(sim: Simulator) -
         streams = {(await recv(ws))["stream"] for _ in range(20)}
         assert streams == {"btcusdt@trade", "ethusdt@aggTrade"}
         assert await request(ws, {"method": "LIST_SUBSCRIPTIONS", "id": "list1"}) == {
-            "result": ["btcusdt@trade", "ethusdt@aggTrade"], "id": "list1"}
+            "result": ["btcusdt@trade", "ethusdt@aggTrade"],
+            "id": "list1",
+        }
 
 
 async def test_unsubscribe_stops_frames_and_list_subscriptions_follows(sim: Simulator) -> None:
@@ -166,14 +227,18 @@ async def test_unsubscribe_stops_frames_and_list_subscriptions_follows(sim: Simu
         subscribe = {"method": "SUBSCRIBE", "params": ["btcusdt@trade", "ethusdt@aggTrade"], "id": 1}
         assert await request(ws, subscribe) == {"result": None, "id": 1}
         assert (await request(ws, {"method": "LIST_SUBSCRIPTIONS", "id": 2}))["result"] == [
-            "btcusdt@trade", "ethusdt@aggTrade"]
+            "btcusdt@trade",
+            "ethusdt@aggTrade",
+        ]
         unsubscribe = {"method": "UNSUBSCRIBE", "params": ["btcusdt@trade"], "id": 3}
         assert await request(ws, unsubscribe) == {"result": None, "id": 3}
         # Frames are queued in order, so once the ack is here no trade frame may follow it.
         kinds = {(await recv(ws))["e"] for _ in range(15)}
         assert kinds == {"aggTrade"}
         assert await request(ws, {"method": "LIST_SUBSCRIPTIONS", "id": 4}) == {
-            "result": ["ethusdt@aggTrade"], "id": 4}
+            "result": ["ethusdt@aggTrade"],
+            "id": 4,
+        }
     stats = await post_free_stats(sim)
     assert stats["violations"] == 0
 
@@ -187,29 +252,65 @@ async def post_free_stats(simulator: Simulator) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("message", "reply"),
     [
-        ("{not json", {"error": {"code": 3, "msg": "Invalid JSON: expected property name enclosed in "
-                                                   "double quotes at line 1 column 2"}}),
-        ({"method": "FETCH", "id": 1},
-         {"error": {"code": 2, "msg": "Invalid request: unknown variant `FETCH`, expected one of "
-                    "`SUBSCRIBE`, `UNSUBSCRIBE`, `LIST_SUBSCRIPTIONS`, `SET_PROPERTY`, `GET_PROPERTY`"},
-          "id": 1}),
-        ({"params": [], "id": 2},
-         {"error": {"code": 2, "msg": "Invalid request: missing field `method`"}, "id": 2}),
-        ({"method": "SUBSCRIBE", "params": [], "id": "not valid!"},
-         {"error": {"code": 2, "msg": "Invalid request: request ID must be an unsigned integer"}}),
-        ({"method": "SUBSCRIBE", "params": "btcusdt@trade", "id": 3},
-         {"error": {"code": 2, "msg": "Invalid request: invalid type for `params`, expected a sequence"},
-          "id": 3}),
-        ({"method": "SUBSCRIBE", "params": ["btcusdt@trade", "dogeusdt@trade"], "id": 4},
-         {"error": {"code": 2, "msg": "Invalid request: invalid stream"}, "id": 4}),
-        ({"method": "SUBSCRIBE", "params": ["BTCUSDT@trade"], "id": 5},
-         {"error": {"code": 2, "msg": "Invalid request: invalid stream"}, "id": 5}),
-        ({"method": "LIST_SUBSCRIPTIONS", "params": ["x"], "id": 6},
-         {"error": {"code": 2, "msg": "Invalid request: too many parameters"}, "id": 6}),
-        ({"method": "SET_PROPERTY", "params": ["compressed", True], "id": 7},
-         {"error": {"code": 0, "msg": "Unknown property"}, "id": 7}),
-        ({"method": "SET_PROPERTY", "params": ["combined", "yes"], "id": 8},
-         {"error": {"code": 1, "msg": "Invalid value type: expected Boolean"}, "id": 8}),
+        (
+            "{not json",
+            {
+                "error": {
+                    "code": 3,
+                    "msg": "Invalid JSON: expected property name enclosed in "
+                    "double quotes at line 1 column 2",
+                }
+            },
+        ),
+        (
+            {"method": "FETCH", "id": 1},
+            {
+                "error": {
+                    "code": 2,
+                    "msg": "Invalid request: unknown variant `FETCH`, expected one of "
+                    "`SUBSCRIBE`, `UNSUBSCRIBE`, `LIST_SUBSCRIPTIONS`, `SET_PROPERTY`, `GET_PROPERTY`",
+                },
+                "id": 1,
+            },
+        ),
+        (
+            {"params": [], "id": 2},
+            {"error": {"code": 2, "msg": "Invalid request: missing field `method`"}, "id": 2},
+        ),
+        (
+            {"method": "SUBSCRIBE", "params": [], "id": "not valid!"},
+            {"error": {"code": 2, "msg": "Invalid request: request ID must be an unsigned integer"}},
+        ),
+        (
+            {"method": "SUBSCRIBE", "params": "btcusdt@trade", "id": 3},
+            {
+                "error": {
+                    "code": 2,
+                    "msg": "Invalid request: invalid type for `params`, expected a sequence",
+                },
+                "id": 3,
+            },
+        ),
+        (
+            {"method": "SUBSCRIBE", "params": ["btcusdt@trade", "dogeusdt@trade"], "id": 4},
+            {"error": {"code": 2, "msg": "Invalid request: invalid stream"}, "id": 4},
+        ),
+        (
+            {"method": "SUBSCRIBE", "params": ["BTCUSDT@trade"], "id": 5},
+            {"error": {"code": 2, "msg": "Invalid request: invalid stream"}, "id": 5},
+        ),
+        (
+            {"method": "LIST_SUBSCRIPTIONS", "params": ["x"], "id": 6},
+            {"error": {"code": 2, "msg": "Invalid request: too many parameters"}, "id": 6},
+        ),
+        (
+            {"method": "SET_PROPERTY", "params": ["compressed", True], "id": 7},
+            {"error": {"code": 0, "msg": "Unknown property"}, "id": 7},
+        ),
+        (
+            {"method": "SET_PROPERTY", "params": ["combined", "yes"], "id": 8},
+            {"error": {"code": 1, "msg": "Invalid value type: expected Boolean"}, "id": 8},
+        ),
     ],
 )
 async def test_bad_requests_get_binance_error_replies(
@@ -261,8 +362,24 @@ async def test_ten_messages_in_a_second_is_a_violation_and_a_disconnect(sim: Sim
 async def test_more_than_1024_streams_is_a_violation() -> None:
     symbols = [f"C{i}/USDT" for i in range(52)]  # 52 symbols x 20 stream kinds = 1040 streams
     async with Simulator(SimulatorConfig(symbols=symbols, trades_per_second=1)) as simulator:
-        intervals = ["1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d",
-                     "1w", "1M"]
+        intervals = [
+            "1s",
+            "1m",
+            "3m",
+            "5m",
+            "15m",
+            "30m",
+            "1h",
+            "2h",
+            "4h",
+            "6h",
+            "8h",
+            "12h",
+            "1d",
+            "3d",
+            "1w",
+            "1M",
+        ]
         kinds = ["trade", "aggTrade", "ticker", "bookTicker", *(f"kline_{i}" for i in intervals)]
         streams = [f"c{i}usdt@{kind}" for i in range(52) for kind in kinds][:1025]
         async with ws_connect(simulator, "/ws") as ws:
@@ -325,12 +442,14 @@ async def test_rest_trades_match_the_websocket(sim: Simulator) -> None:
 
     _, _, historical = await get(sim, f"/api/v3/historicalTrades?symbol=BTCUSDT&fromId={ids[0]}&limit=20")
     assert [(t["id"], t["price"], t["qty"], t["time"], t["isBuyerMaker"]) for t in historical] == [
-        (f["t"], f["p"], f["q"], f["T"], f["m"]) for f in frames]
+        (f["t"], f["p"], f["q"], f["T"], f["m"]) for f in frames
+    ]
     assert all(Decimal(t["quoteQty"]) == Decimal(t["price"]) * Decimal(t["qty"]) for t in historical)
 
     _, _, aggregates = await get(sim, f"/api/v3/aggTrades?symbol=BTCUSDT&fromId={ids[0]}&limit=20")
     assert [(a["a"], a["f"], a["l"], a["p"], a["q"], a["T"], a["m"]) for a in aggregates] == [
-        (f["t"], f["t"], f["t"], f["p"], f["q"], f["T"], f["m"]) for f in frames]
+        (f["t"], f["t"], f["t"], f["p"], f["q"], f["T"], f["m"]) for f in frames
+    ]
     start, end = frames[3]["T"], frames[10]["T"]
     _, _, by_time = await get(sim, f"/api/v3/aggTrades?symbol=BTCUSDT&startTime={start}&endTime={end}")
     assert all(start <= a["T"] <= end for a in by_time) and frames[5]["t"] in {a["a"] for a in by_time}
@@ -391,7 +510,9 @@ async def test_exchange_info_and_rest_errors(sim: Simulator) -> None:
     status, _, info = await get(sim, "/api/v3/exchangeInfo")
     assert status == 200 and info["rateLimits"][0]["rateLimitType"] == "REQUEST_WEIGHT"
     assert [(s["symbol"], s["status"], s["baseAsset"], s["quoteAsset"]) for s in info["symbols"]] == [
-        ("BTCUSDT", "TRADING", "BTC", "USDT"), ("ETHUSDT", "TRADING", "ETH", "USDT")]
+        ("BTCUSDT", "TRADING", "BTC", "USDT"),
+        ("ETHUSDT", "TRADING", "ETH", "USDT"),
+    ]
     _, _, one = await get(sim, "/api/v3/exchangeInfo?symbol=ETHUSDT")
     assert [s["symbol"] for s in one["symbols"]] == ["ETHUSDT"]
 
@@ -413,9 +534,13 @@ async def test_weight_header_tracks_the_documented_weights() -> None:
     config = SimulatorConfig(symbols=SYMBOLS, rest_weight_limit=300)
     async with Simulator(config) as simulator:
         used = []
-        for path in ["/api/v3/ping", "/api/v3/trades?symbol=BTCUSDT",
-                     "/api/v3/depth?symbol=BTCUSDT&limit=5000", "/api/v3/exchangeInfo",
-                     "/api/v3/klines?symbol=BTCUSDT&interval=1m"]:
+        for path in [
+            "/api/v3/ping",
+            "/api/v3/trades?symbol=BTCUSDT",
+            "/api/v3/depth?symbol=BTCUSDT&limit=5000",
+            "/api/v3/exchangeInfo",
+            "/api/v3/klines?symbol=BTCUSDT&interval=1m",
+        ]:
             status, headers, _ = await get(simulator, path)
             assert status == 200
             used.append(int(headers["X-MBX-USED-WEIGHT-1M"]))
@@ -450,8 +575,12 @@ def test_same_seed_same_trades_whatever_the_timing() -> None:
         clock = FakeClock()
         market = Market(["BTC/USDT", "XYZ/KRW"], seed=seed, trades_per_second=50, clock=clock)
         generate(market, clock, steps)
-        tapes.append([[tuple(getattr(trade, f) for f in fields) for trade in market.trades(symbol)]
-                      for symbol in market.instruments])
+        tapes.append(
+            [
+                [tuple(getattr(trade, f) for f in fields) for trade in market.trades(symbol)]
+                for symbol in market.instruments
+            ]
+        )
     # 4 s at 50/s, give or take the last trade, which float rounding of the clock may postpone.
     assert all(199 <= len(trades) <= 200 for tape in tapes for trades in tape)
     common = min(len(trades) for tape in tapes for trades in tape)
@@ -491,8 +620,17 @@ def test_history_limit_keeps_the_newest_trades() -> None:
 
 async def test_cli_prints_its_address_and_stops_on_sigterm() -> None:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "simulator", "--port", "0", "--symbols", "BTC/USDT", "--rate", "5",
-        cwd=REPO, stdout=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "simulator",
+        "--port",
+        "0",
+        "--symbols",
+        "BTC/USDT",
+        "--rate",
+        "5",
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
     )
     try:
         assert process.stdout is not None

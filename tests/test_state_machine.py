@@ -7,8 +7,19 @@ from typing import Any
 import pytest
 
 from streams.events import CollectorEvent
+from streams.exchanges.base import DataType, Instrument
+from streams.exchanges.binance import BinanceAdapter
 from tables.records import CoinFlow, FlowSummary
-from tables.state import Changes, Row, Tables, apply_event, apply_flow, coin_key, connector_name
+from tables.state import (
+    Changes,
+    Row,
+    Tables,
+    apply_event,
+    apply_flow,
+    coin_key,
+    connector_name,
+    stream_index,
+)
 
 CONNECTION = "binance-0-1700000000000-1"
 
@@ -54,7 +65,9 @@ class Rows:
         return changes
 
 
-STREAMS = {"btcusdt@trade": "BTC/USDT", "ethusdt@trade": "ETH/USDT"}
+STREAMS = {name: "BTC/USDT" for name in ("btcusdt@trade", "btcusdt@bbo", "btcusdt@ticker")} | {
+    "ethusdt@trade": "ETH/USDT"
+}
 
 
 def summary(started: int, ended: int, worker: str = "w1", **coins: dict[str, int]) -> FlowSummary:
@@ -242,3 +255,45 @@ def test_records_after_an_unsubscribe_resubscribe_the_coin_but_the_in_flight_tai
     assert rows.coins["binance:BTC/USDT"]["state"] == "stopped"
     rows.flow(summary(4000, 9000, BTC_USDT={"trade": 3}))
     assert rows.coins["binance:BTC/USDT"]["state"] == "subscribed"
+
+
+def test_stream_names_of_events_resolve_to_coins_through_the_exchange_adapter() -> None:
+    adapter = BinanceAdapter(
+        [
+            Instrument(symbol="BTC/USDT", exchange_symbol="BTCUSDT", base="BTC", quote="USDT"),
+            Instrument(symbol="1000SATS/USDT", exchange_symbol="1000SATSUSDT", base="1000SATS", quote="USDT"),
+        ]
+    )
+    index = stream_index(adapter)
+    for data_type in ("trade", "ticker", "bbo", "kline_1m", "kline_1M"):
+        stream = adapter.stream_name(adapter.instruments["BTCUSDT"], DataType.parse(data_type))
+        assert index[stream] == "BTC/USDT"
+    assert (
+        index[adapter.stream_name(adapter.instruments["1000SATSUSDT"], DataType("trade"))] == "1000SATS/USDT"
+    )
+    rows = Rows()
+    streams = ["btcusdt@trade", "1000satsusdt@bookTicker", "nosuch@trade"]
+    event = CollectorEvent(
+        type="subscribed", exchange="binance", time=5, connection_id=CONNECTION, detail={"streams": streams}
+    )
+    rows.write(apply_event(event, 0, rows.tables, resolve_stream=index.get))
+    assert sorted(rows.coins) == ["binance:1000SATS/USDT", "binance:BTC/USDT"]
+    assert rows.connectors["binance-0"]["coins"] == ["1000SATS/USDT", "BTC/USDT"]
+    assert rows.connectors["binance-0"]["streamsSubscribed"] == 3
+
+
+def test_a_coin_stops_only_when_its_last_stream_is_unsubscribed() -> None:
+    rows = Rows()
+    rows.event(
+        "subscribed", 100, connection_id=CONNECTION, detail={"streams": ["btcusdt@trade", "btcusdt@bbo"]}
+    )
+    rows.event("subscribe-requested", 150, connection_id=CONNECTION, detail={"streams": ["btcusdt@ticker"]})
+    coin = rows.coins["binance:BTC/USDT"]
+    assert (coin["state"], coin["subscribeRequests"]) == ("subscribed", 1)  # adding a type keeps it flowing
+    rows.event("unsubscribed", 200, connection_id=CONNECTION, detail={"streams": ["btcusdt@trade"]})
+    coin = rows.coins["binance:BTC/USDT"]
+    assert (coin["state"], coin["streams"]) == ("subscribed", ["btcusdt@bbo"])
+    assert rows.connectors["binance-0"]["coins"] == ["BTC/USDT"]
+    rows.event("unsubscribed", 300, connection_id=CONNECTION, detail={"streams": ["btcusdt@bbo"]})
+    assert rows.coins["binance:BTC/USDT"]["state"] == "stopped"
+    assert rows.connectors["binance-0"]["coins"] == []

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import msgspec
 
-from streams.records import MarketRecord
+from streams.records import MarketRecord, Trade
+from streams.rest import RestRequest, RestTag
+from streams.validation import TradeIdPolicy
 
 DataKind = Literal["trade", "kline", "ticker", "bbo", "depth"]
 _DATA_TYPE = re.compile(r"^(trade|ticker|bbo|depth)$|^kline_([0-9]+[smhdwM])$")
@@ -115,6 +117,11 @@ class ExchangeAdapter(ABC):
     acknowledges_subscriptions: ClassVar[bool] = True  # False: data just starts to flow (Upbit)
     replaces_subscriptions: ClassVar[bool] = False  # True: each request replaces the whole set (Upbit)
     keepalive: ClassVar[tuple[float, bytes] | None] = None  # (seconds, text message) the client must send
+    # How trade ids behave (streams/validation.py): "increasing" (dedupe + gap detection), "unique"
+    # (dedupe in a bounded window: Upbit, Bithumb), "none".
+    trade_ids: ClassVar[TradeIdPolicy] = "unique"
+    # True when the adapter implements the REST history methods below (backfill and REST fallback).
+    rest_history: ClassVar[bool] = False
 
     def __init__(self, instruments: Iterable[Instrument]) -> None:
         self.instruments: dict[str, Instrument] = {i.exchange_symbol: i for i in instruments}
@@ -163,3 +170,40 @@ class ExchangeAdapter(ABC):
         except FrameError:
             return []
         return [item for item in items if not isinstance(item, MarketRecord)]
+
+    # -- REST history (backfill and fallback); exchanges that set `rest_history` override these ----
+
+    def trades_request(self, instrument: Instrument, from_id: int | None, limit: int) -> RestRequest:
+        """Trades by id from `from_id` on (the newest ones when None), ids matching the trade stream's."""
+        raise NotImplementedError(f"{self.name} has no REST trade history")
+
+    def klines_request(
+        self, instrument: Instrument, interval: str, start_time: int, limit: int
+    ) -> RestRequest:
+        raise NotImplementedError(f"{self.name} has no REST kline history")
+
+    def ticker_request(self, instrument: Instrument) -> RestRequest:
+        raise NotImplementedError(f"{self.name} has no REST ticker")
+
+    def parse_rest(self, tag: RestTag, body: bytes, received_at: int) -> list[MarketRecord]:
+        """Market records from the body answering the request tagged `tag`; raises FrameError."""
+        raise FrameError("unsupported-rest", f"{self.name} does not parse REST {tag.kind}")
+
+    @staticmethod
+    def rest_weight_used(headers: Mapping[str, str]) -> int | None:
+        """The request weight the exchange says this IP has used in its current window, if it says."""
+        return None
+
+    def trade_marker(self, payload: bytes) -> tuple[str, int] | None:
+        """(symbol, numeric trade id) when the frame is a trade: how the source tracks the last id seen.
+
+        Called for every frame, so adapters override it to skip non-trade frames cheaply.
+        """
+        try:
+            items = self.parse_frame(payload, 0)
+        except FrameError:
+            return None
+        for item in items:
+            if isinstance(item, MarketRecord) and isinstance(item.data, Trade):
+                return (item.symbol, int(item.data.trade_id)) if item.data.trade_id.isdigit() else None
+        return None

@@ -14,7 +14,7 @@ field names; anything that does not fit becomes a FrameError with a stable reaso
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import msgspec
@@ -35,6 +35,7 @@ from streams.exchanges.base import (
     SubscriptionList,
 )
 from streams.records import Bbo, Kline, MarketRecord, Ticker, Trade
+from streams.rest import RestRequest, RestTag
 
 EXCHANGE = "binance"
 SHUTDOWN_STREAM = "!serverShutdown"
@@ -150,11 +151,57 @@ class _ExchangeInfo(msgspec.Struct):
     symbols: list[_SymbolInfo]
 
 
+# REST bodies of the history endpoints used for backfill and REST fallback.
+class _RestTrade(msgspec.Struct, gc=False):
+    id: int
+    price: str
+    qty: str
+    time: int
+    is_buyer_maker: bool = field(name="isBuyerMaker")
+
+
+# openTime, open, high, low, close, volume, closeTime, quoteVolume, trades, takerBase, takerQuote, ignore
+_RestKline = tuple[int, str, str, str, str, str, int, str, int, str, str, str]
+
+
+class _RestTicker(msgspec.Struct, gc=False):
+    symbol: str
+    last: str = field(name="lastPrice")
+    open: str = field(name="openPrice")
+    high: str = field(name="highPrice")
+    low: str = field(name="lowPrice")
+    volume: str
+    quote_volume: str = field(name="quoteVolume")
+    change: str = field(name="priceChange")
+    change_percent: str = field(name="priceChangePercent")
+    bid_price: str = field(name="bidPrice")
+    bid_quantity: str = field(name="bidQty")
+    ask_price: str = field(name="askPrice")
+    ask_quantity: str = field(name="askQty")
+    close_time: int = field(name="closeTime")
+
+
+class _TradeIdOnly(msgspec.Struct, gc=False):
+    symbol: str = field(name="s")
+    trade_id: int = field(name="t")
+
+
+class _TradeMark(msgspec.Struct, gc=False):
+    stream: str
+    data: _TradeIdOnly
+
+
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 _shutdown_decoder = msgspec.json.Decoder(_ShutdownEvent)
 _result_decoder = msgspec.json.Decoder(list[str] | None)
 _exchange_info_decoder = msgspec.json.Decoder(_ExchangeInfo)
 _encoder = msgspec.json.Encoder()
+_rest_trades_decoder = msgspec.json.Decoder(list[_RestTrade])
+_rest_klines_decoder = msgspec.json.Decoder(list[_RestKline])
+_rest_ticker_decoder = msgspec.json.Decoder(_RestTicker)
+_trade_mark_decoder = msgspec.json.Decoder(_TradeMark)
+_TRADE_CHANNEL_MARK = b'@trade"'
+_WEIGHT_HEADER = "X-MBX-USED-WEIGHT-1M"
 
 
 def _trade(event: _TradeEvent, instrument: Instrument, received_at: int) -> MarketRecord:
@@ -276,6 +323,8 @@ class BinanceAdapter(ExchangeAdapter):
     kline_intervals = _KLINE_INTERVALS
     data_kinds = frozenset(_CHANNELS)
     instruments_path = "/api/v3/exchangeInfo"
+    trade_ids = "increasing"  # trade (and aggTrade) ids rise by one per trade and symbol
+    rest_history = True
 
     def __init__(self, instruments: Iterable[Instrument]) -> None:
         super().__init__(instruments)
@@ -352,6 +401,70 @@ class BinanceAdapter(ExchangeAdapter):
             return []
         return super().control_events(payload)
 
+    # -- REST history -------------------------------------------------------------------------------
+
+    def trades_request(self, instrument: Instrument, from_id: int | None, limit: int) -> RestRequest:
+        # historicalTrades, not aggTrades: its ids are the trade stream's `t`, so backfill and the
+        # WebSocket share one id sequence per symbol and dedupe by id is exact.
+        params = {"symbol": instrument.exchange_symbol, "limit": str(limit)}
+        if from_id is None:
+            return RestRequest("trades", "/api/v3/trades", params, 25, instrument.exchange_symbol)
+        params["fromId"] = str(from_id)
+        return RestRequest("trades", "/api/v3/historicalTrades", params, 25, instrument.exchange_symbol)
+
+    def klines_request(
+        self, instrument: Instrument, interval: str, start_time: int, limit: int
+    ) -> RestRequest:
+        params = {"symbol": instrument.exchange_symbol, "interval": interval, "startTime": str(start_time),
+                  "limit": str(limit)}  # fmt: skip
+        return RestRequest("klines", "/api/v3/klines", params, 2, instrument.exchange_symbol, interval)
+
+    def ticker_request(self, instrument: Instrument) -> RestRequest:
+        params = {"symbol": instrument.exchange_symbol}
+        return RestRequest("ticker", "/api/v3/ticker/24hr", params, 2, instrument.exchange_symbol)
+
+    def parse_rest(self, tag: RestTag, body: bytes, received_at: int) -> list[MarketRecord]:
+        instrument = self._instrument(tag.exchange_symbol)
+        if tag.kind == "trades":
+            return [
+                MarketRecord(EXCHANGE, instrument.symbol, "trade", t.time, received_at, Trade(
+                    price=t.price, quantity=t.qty, side="sell" if t.is_buyer_maker else "buy",
+                    trade_id=str(t.id), trade_time=t.time,
+                ))
+                for t in _decode(_rest_trades_decoder, body)
+            ]  # fmt: skip
+        if tag.kind == "klines":
+            assert tag.interval is not None
+            return [_rest_kline(row, tag.interval, instrument, received_at)
+                    for row in _decode(_rest_klines_decoder, body)]  # fmt: skip
+        ticker = _decode(_rest_ticker_decoder, body)
+        if ticker.symbol != tag.exchange_symbol:
+            raise FrameError("symbol-mismatch", f"{ticker.symbol} answering {tag.exchange_symbol}")
+        data = Ticker(
+            last=ticker.last, open=ticker.open, high=ticker.high, low=ticker.low, volume=ticker.volume,
+            quote_volume=ticker.quote_volume, change=ticker.change, change_percent=ticker.change_percent,
+            bid_price=ticker.bid_price, bid_quantity=ticker.bid_quantity, ask_price=ticker.ask_price,
+            ask_quantity=ticker.ask_quantity,
+        )  # fmt: skip
+        return [MarketRecord(EXCHANGE, instrument.symbol, "ticker", ticker.close_time, received_at, data)]
+
+    @staticmethod
+    def rest_weight_used(headers: Mapping[str, str]) -> int | None:
+        value = headers.get(_WEIGHT_HEADER)
+        return int(value) if value is not None and value.strip().isdigit() else None
+
+    def trade_marker(self, payload: bytes) -> tuple[str, int] | None:
+        if not payload.startswith(_SYMBOL_STREAM_PREFIX):
+            return super().trade_marker(payload)  # raw (uncombined) frames: rare, parse them fully
+        if payload.find(_TRADE_CHANNEL_MARK, len(_SYMBOL_STREAM_PREFIX), 64) < 0:
+            return None
+        try:
+            mark = _trade_mark_decoder.decode(payload)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            return None
+        instrument = self.instruments.get(mark.data.symbol)
+        return (instrument.symbol, mark.data.trade_id) if instrument is not None else None
+
     def _parse_raw_event(self, event_type: str, payload: bytes, received_at: int) -> ParsedItem:
         channel = _BY_EVENT.get(event_type)
         if channel is not None:
@@ -384,6 +497,16 @@ class BinanceAdapter(ExchangeAdapter):
         if instrument is None:
             raise FrameError("unknown-symbol", exchange_symbol)
         return instrument
+
+
+def _rest_kline(row: _RestKline, interval: str, instrument: Instrument, received_at: int) -> MarketRecord:
+    open_time, open_, high, low, close, volume, close_time, quote_volume, trades = row[:9]
+    data = Kline(
+        interval=interval, start_time=open_time, end_time=close_time, open=open_, high=high, low=low,
+        close=close, volume=volume, quote_volume=quote_volume, trades=trades,
+        closed=close_time < received_at,  # a bar still open when fetched is an update, like the stream's
+    )  # fmt: skip
+    return MarketRecord(EXCHANGE, instrument.symbol, "kline", min(close_time, received_at), received_at, data)
 
 
 def _decode(decoder: msgspec.json.Decoder[_T], payload: bytes | Raw) -> _T:

@@ -194,7 +194,11 @@ async function submitSubscription(event) {
     });
     const text = await response.text();
     let message = text;
-    try { const parsed = JSON.parse(text); message = parsed.error || parsed.message || parsed.status || text; } catch (_) { /* plain text */ }
+    try {
+      const parsed = JSON.parse(text);
+      if (!response.ok) message = parsed.error || text;
+      else message = parsed.group ? `accepted (connection group ${parsed.group})` : "accepted";
+    } catch (_) { /* not JSON: show the text as it is */ }
     result.textContent = `${action} ${body.exchange} ${body.symbol}: HTTP ${response.status} ${message}`;
     result.className = response.ok ? "ok" : "error";
   } catch (error) {

@@ -1,0 +1,370 @@
+"""One WebSocket session (a `Link`) and the raw-frame batcher it writes through.
+
+A link connects, sends paced SUBSCRIBE/UNSUBSCRIBE requests and reads frames until the connection
+fails, goes silent, the exchange announces a shutdown, or its owner closes it. Frames go out as raw
+batches keyed by connection GROUP, so everything a group receives (WebSocket, REST, both links of a
+rollover) stays in order on one raw partition. A link can start "held": its frames are kept back
+until backfill has written the trades it missed, which keeps each symbol's trades in id order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from typing import Any
+
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from agents import metrics
+from streams.exchanges.base import Ack, ErrorReply, ExchangeAdapter, ServerShutdown, SubscriptionList
+from streams.limits import SlidingWindow, message_window
+from streams.raw import RawBatch, RawFrame, encode_batch
+
+log = logging.getLogger(__name__)
+
+SendRaw = Callable[[str, bytes], Awaitable[None]]
+Emit = Callable[..., Awaitable[None]]  # (kind, detail, connection_id=None)
+
+FLUSH_INTERVAL = 0.02  # seconds a frame may wait in a batch: bounds the latency batching adds
+MAX_BATCH_FRAMES = 1000
+MAX_BATCH_BYTES = 512 * 1024
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+MAX_HELD_FRAMES = 500_000  # a held link releases its frames anyway beyond this (a gap event says so)
+SUBSCRIBE_CHUNK = 200  # streams per SUBSCRIBE message
+ACK_TIMEOUT = 10.0
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def wait_until_allowed(delay_now: Callable[[], float]) -> None:
+    """Sleep until a limiter says go; `delay_now` returns the seconds still to wait (0: go now)."""
+    while True:
+        delay = delay_now()
+        if delay <= 0:
+            return
+        await asyncio.sleep(delay)
+
+
+class FrameBatcher:
+    """Collects one connection's frames and hands them on as raw batches under `key`."""
+
+    def __init__(
+        self, exchange: str, connection_id: str, send_raw: SendRaw, key: str | None = None, source: str = "ws"
+    ) -> None:
+        self.exchange = exchange
+        self.connection_id = connection_id
+        self.key = key or connection_id
+        self.source = source
+        self._send_raw = send_raw
+        self._frames: list[RawFrame] = []
+        self._bytes = 0
+        self.sequence = 0
+
+    def add(self, payload: bytes, received_at: int) -> bool:
+        """Add a frame; True when the batch is full and should be flushed now."""
+        self._frames.append(RawFrame(self.sequence, received_at, payload))
+        self.sequence += 1
+        self._bytes += len(payload)
+        return len(self._frames) >= MAX_BATCH_FRAMES or self._bytes >= MAX_BATCH_BYTES
+
+    def discard(self) -> None:
+        self._frames, self._bytes = [], 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._frames)
+
+    async def flush(self) -> None:
+        if not self._frames:
+            return
+        metrics.frames_received(self.exchange, len(self._frames), self._bytes)
+        frames, self._frames, self._bytes = self._frames, [], 0
+        for start in range(0, len(frames), MAX_BATCH_FRAMES):
+            batch = RawBatch(
+                exchange=self.exchange,
+                connection_id=self.connection_id,
+                frames=frames[start : start + MAX_BATCH_FRAMES],
+                source=self.source,
+            )
+            await self._send_raw(self.key, encode_batch(batch))
+
+
+class LinkEnded(Exception):
+    """Why a link stopped: `reason` is a short slug, `shutdown` when the exchange asked us to leave."""
+
+    def __init__(self, reason: str, shutdown: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.shutdown = shutdown
+
+
+class Link:
+    """One WebSocket connection of a group's slot."""
+
+    def __init__(
+        self,
+        adapter: ExchangeAdapter,
+        url: str,
+        connection_id: str,
+        group_key: str,
+        send_raw: SendRaw,
+        emit: Emit,
+        *,
+        silence_timeout: float,
+        on_trade: Callable[[str, int], None],
+        held: bool,
+    ) -> None:
+        self.adapter = adapter
+        self.url = url
+        self.connection_id = connection_id
+        self.batcher = FrameBatcher(adapter.name, connection_id, send_raw, key=group_key)
+        self._emit = emit
+        self.silence_timeout = silence_timeout
+        self._on_trade = on_trade  # called for each trade frame passed downstream (not while held)
+        self.held = held
+        self.first_live: dict[str, int] = {}  # symbol → first trade id this link received
+        self._held_last: dict[str, int] = {}
+        self.subscribed: set[str] = set()
+        self._pending: dict[int, tuple[str, tuple[str, ...], asyncio.Future[bool]]] = {}
+        self._request_id = 0
+        self._pacer: SlidingWindow = message_window(adapter.limits.max_incoming_messages_per_second)
+        self._send_lock = asyncio.Lock()
+        self.ws: ClientConnection | None = None
+        self.opened_at = 0.0
+        self.last_frame_at = 0.0
+        self.ended: asyncio.Future[LinkEnded] = asyncio.get_running_loop().create_future()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.trade_seen = asyncio.Event()
+
+    async def open(self) -> None:
+        self.ws = await websockets.connect(
+            self.url,
+            ping_interval=None,  # the exchange pings us; our own pings would count against its limits
+            max_size=MAX_FRAME_BYTES,
+            max_queue=4096,
+            open_timeout=10,
+            close_timeout=2,
+            compression=None,
+        )
+        self.opened_at = self.last_frame_at = time.monotonic()
+        reader = asyncio.create_task(self._read(), name=f"read-{self.connection_id}")
+        self._tasks = [
+            reader,
+            asyncio.create_task(self._flush_periodically(), name=f"flush-{self.connection_id}"),
+            asyncio.create_task(self._watch_silence(reader), name=f"silence-{self.connection_id}"),
+        ]
+        if self.adapter.keepalive is not None:
+            self._tasks.append(
+                asyncio.create_task(
+                    self._keep_alive(*self.adapter.keepalive), name=f"keepalive-{self.connection_id}"
+                )
+            )
+
+    async def _keep_alive(self, interval: float, message: bytes) -> None:
+        """Exchanges that close idle connections and never ping (Upbit: 120 s) get a text keepalive."""
+        assert self.ws is not None
+        while True:
+            await asyncio.sleep(interval)
+            async with self._send_lock:
+                await self.ws.send(message.decode(), text=True)
+
+    # -- subscriptions ----------------------------------------------------------------------------
+
+    async def subscribe(self, streams: Collection[str]) -> bool:
+        if self.adapter.replaces_subscriptions:
+            return await self._replace(self.subscribed | set(streams))
+        return await self._request("SUBSCRIBE", sorted(set(streams) - self.subscribed))
+
+    async def unsubscribe(self, streams: Collection[str]) -> bool:
+        if self.adapter.replaces_subscriptions:
+            return await self._replace(self.subscribed - set(streams))
+        return await self._request("UNSUBSCRIBE", sorted(set(streams) & self.subscribed))
+
+    async def _replace(self, streams: set[str]) -> bool:
+        """Exchanges whose every request replaces the set (Upbit, Bithumb): one request, the whole set."""
+        if streams == self.subscribed:
+            return True
+        if not streams:
+            # An empty request is an error there; the link just stops counting the old streams.
+            self.subscribed.clear()
+            return True
+        future = await self._send_request("SUBSCRIBE", tuple(sorted(streams)))
+        try:
+            ok = await asyncio.wait_for(future, ACK_TIMEOUT)
+        except TimeoutError:
+            return False
+        if ok:
+            self.subscribed.intersection_update(streams)
+        return ok
+
+    async def _request(self, method: str, streams: Sequence[str]) -> bool:
+        """Send paced requests in chunks and wait for every acknowledgement; False if any failed."""
+        futures = []
+        for start in range(0, len(streams), SUBSCRIBE_CHUNK):
+            chunk = tuple(streams[start : start + SUBSCRIBE_CHUNK])
+            futures.append(await self._send_request(method, chunk))
+        if not futures:
+            return True
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*futures), ACK_TIMEOUT)
+        except TimeoutError:
+            return False
+        return all(results)
+
+    async def _send_request(self, method: str, chunk: tuple[str, ...]) -> asyncio.Future[bool]:
+        assert self.ws is not None
+        async with self._send_lock:
+            await wait_until_allowed(lambda: self._pacer.delay(time.monotonic()))
+            self._pacer.record(time.monotonic())
+            self._request_id += 1
+            future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            self._pending[self._request_id] = (method, chunk, future)
+            adapter = self.adapter
+            make = adapter.subscribe_message if method == "SUBSCRIBE" else adapter.unsubscribe_message
+            if method == "SUBSCRIBE":
+                await self._emit("subscribe-requested", {"streams": list(chunk)}, self.connection_id)
+            await self.ws.send(make(chunk, self._request_id), text=True)
+            if not self.adapter.acknowledges_subscriptions:
+                self._settle(self._request_id, ok=True)
+            return future
+
+    def _settle(self, request_id: int, ok: bool) -> tuple[str, tuple[str, ...]] | None:
+        pending = self._pending.pop(request_id, None)
+        if pending is None:
+            return None
+        method, chunk, future = pending
+        if ok:
+            if method == "SUBSCRIBE":
+                self.subscribed.update(chunk)
+            else:
+                self.subscribed.difference_update(chunk)
+        if not future.done():
+            future.set_result(ok)
+        return method, chunk
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        assert self.ws is not None
+        ws, adapter, batcher = self.ws, self.adapter, self.batcher
+        marker = adapter.trade_marker
+        try:
+            while True:
+                payload = await ws.recv(decode=False)
+                received_at = now_ms()
+                self.last_frame_at = time.monotonic()
+                if isinstance(payload, str):
+                    payload = payload.encode()
+                mark = marker(payload)
+                if mark is not None:
+                    self._note_trade(*mark)
+                if batcher.add(payload, received_at) and not self.held:
+                    await batcher.flush()
+                elif self.held and batcher.pending >= MAX_HELD_FRAMES:
+                    await self._emit("hold-overflow", {"frames": batcher.pending}, self.connection_id)
+                    await self.release()
+                for event in adapter.control_events(payload):
+                    if isinstance(event, ServerShutdown):
+                        raise LinkEnded("server-shutdown", shutdown=True)
+                    await self._on_control(event)
+        except LinkEnded as ended:
+            self._end(ended)
+        except asyncio.CancelledError:
+            self._end(LinkEnded("closed"))
+            raise
+        except (OSError, websockets.WebSocketException) as exc:
+            self._end(LinkEnded(f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # the I/O boundary: log it, the slot reconnects
+            log.exception("link %s failed unexpectedly", self.connection_id)
+            self._end(LinkEnded(f"{type(exc).__name__}: {exc}"))
+
+    def _note_trade(self, symbol: str, trade_id: int) -> None:
+        if symbol not in self.first_live:
+            self.first_live[symbol] = trade_id
+            self.trade_seen.set()
+        if self.held:
+            self._held_last[symbol] = trade_id
+        else:
+            self._on_trade(symbol, trade_id)
+
+    async def release(self) -> None:
+        """Stop holding: write the kept-back frames and count their trades as seen."""
+        if not self.held:
+            return
+        self.held = False
+        for symbol, trade_id in self._held_last.items():
+            self._on_trade(symbol, trade_id)
+        self._held_last.clear()
+        await self.batcher.flush()
+
+    async def _on_control(self, event: Ack | ErrorReply | SubscriptionList) -> None:
+        if isinstance(event, Ack) and isinstance(event.request_id, int):
+            settled = self._settle(event.request_id, ok=True)
+            if settled is not None:
+                kind = "subscribed" if settled[0] == "SUBSCRIBE" else "unsubscribed"
+                await self._emit(kind, {"streams": list(settled[1])}, self.connection_id)
+        elif isinstance(event, ErrorReply):
+            settled = None
+            if isinstance(event.request_id, int):
+                settled = self._settle(event.request_id, ok=False)
+            log.error("%s rejected a request: %s %s", self.connection_id, event.code, event.message)
+            streams = list(settled[1]) if settled else []
+            detail = {"code": event.code, "message": event.message, "streams": streams}
+            await self._emit("subscribe-failed", detail, self.connection_id)
+
+    async def _watch_silence(self, reader: asyncio.Task[None]) -> None:
+        # One timer per connection rather than a timeout around every recv: that would cost a task
+        # per frame (asyncio.wait_for) on the hot path.
+        while not reader.done():
+            silent_for = time.monotonic() - self.last_frame_at
+            if silent_for >= self.silence_timeout and self.subscribed:
+                self._end(LinkEnded("stale"))
+                reader.cancel()
+                return
+            await asyncio.sleep(max(0.05, self.silence_timeout - silent_for))
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            if not self.held:
+                await self.batcher.flush()
+
+    def _end(self, ended: LinkEnded) -> None:
+        if not self.ended.done():
+            self.ended.set_result(ended)
+        for _, _, future in self._pending.values():
+            if not future.done():
+                future.set_result(False)
+        self._pending.clear()
+
+    async def close(self) -> None:
+        """Close the socket, stop reading, and write what it received unless that is still held.
+
+        Held frames are dropped: their trades lie beyond a gap not yet backfilled, and writing them
+        first would put ids out of order. Last-seen ids never counted them, so the next backfill
+        fetches the same trades by REST.
+        """
+        current = asyncio.current_task()
+        others = [task for task in self._tasks if task is not current]
+        for task in others:
+            task.cancel()
+        if others:
+            # asyncio.wait, not `await task` under suppress(CancelledError): that would also swallow
+            # a cancellation of close() itself, and the slot being stopped would carry on.
+            await asyncio.wait(others)
+        self._end(LinkEnded("closed"))
+        if self.ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ws.close(), 3)
+        if self.held:
+            log.info(
+                "%s closed while held: %d frames left to backfill", self.connection_id, self.batcher.pending
+            )
+            self.batcher.discard()
+        await self.batcher.flush()

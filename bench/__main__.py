@@ -1,0 +1,82 @@
+"""`python -m bench` (what `make bench` runs): a rate ladder over 100 and 1,000 symbols with one
+worker, then two workers, printed and written to docs/benchmarks.md.
+
+Every step starts a fresh embedded broker, simulator and worker(s), so steps do not share state.
+The simulator, the broker and this reader run on the same machine and compete for its cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from bench.procfs import machine
+from bench.profile import summarize
+from bench.report import machine_line, summary, table, write_results
+from bench.step import StepResult, run_step
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--symbols", default="100,1000", help="symbol counts to run the ladder for")
+    parser.add_argument("--rates", default="5000,10000,20000,30000,40000", help="events/s ladder")
+    parser.add_argument(
+        "--two-workers-rate", type=int, default=10000, help="two workers, fewest symbols; 0 skips it"
+    )
+    parser.add_argument("--warmup", type=float, default=4.0)
+    parser.add_argument("--duration", type=float, default=12.0, help="seconds measured per step")
+    parser.add_argument("--profile", default="", help="directory for py-spy profiles of every step")
+    parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"), help="'-' prints only")
+    args = parser.parse_args(argv)
+
+    results: list[StepResult] = []
+    failures: list[str] = []
+
+    def step(symbols: int, rate: int, workers: int = 1) -> StepResult | None:
+        print(f"bench: {symbols} symbols, {rate:,} events/s, {workers} worker(s) …", flush=True)
+        profile = Path(args.profile) / f"worker-{symbols}-{rate}-{workers}.txt" if args.profile else None
+        if profile is not None:
+            profile.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            result = run_step(
+                symbols, rate, workers, warmup=args.warmup, duration=args.duration, profile_to=profile
+            )
+        except (TimeoutError, OSError, RuntimeError) as exc:  # e.g. a simulator too busy to answer
+            print(f"bench: step failed: {exc!r}", flush=True)
+            failures.append(f"{symbols} symbols, {rate:,} events/s, {workers} worker(s): {exc!r}")
+            return None
+        if profile is not None and profile.exists():
+            print(summarize(profile, top=30), flush=True)
+        results.append(result)
+        print(table([result]).splitlines()[-1], flush=True)
+        return result
+
+    for symbols in _ints(args.symbols):
+        for rate in _ints(args.rates):
+            result = step(symbols, rate)
+            if result is None or not result.passed:
+                break  # the ladder stops at the first rate the worker cannot carry without loss
+    if args.two_workers_rate:
+        step(min(_ints(args.symbols)), args.two_workers_rate, workers=2)
+
+    info = {**machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    text = machine_line(info) + "\n" + table(results) + "\n" + summary(results)
+    if failures:
+        text += "\nSteps that could not be measured:\n" + "".join(f"- {f}\n" for f in failures)
+    print("\n" + text)
+    if args.output != "-":
+        write_results(Path(args.output), text)
+        print(f"bench: results written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""One benchmark step: a fresh broker, simulator and worker(s) at one rate over N symbols."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agents.embedded_broker import EmbeddedBroker
+from bench import profile as profiler
+from bench.procfs import CpuMeter, memory_mb
+from bench.reader import MarketReader, Sample, create_topics
+from streams.topics import market_topic
+from tests.harness import Simulator, Worker, wait_for, write_config
+
+QUOTES = ("USDT", "BTC", "ETH", "BNB")
+LIVE_TOPICS = 10  # topics read while the worker runs, for the receipt→read back latency
+
+
+def bench_symbols(count: int) -> list[str]:
+    """`count` distinct BASE/QUOTE symbols the simulator and the config both accept."""
+    symbols = []
+    for index in range(count):
+        base = "B" + "".join(chr(65 + (index // 26**k) % 26) for k in range(3))
+        symbols.append(f"{base}/{QUOTES[(index // 26**3) % len(QUOTES)]}")
+    return symbols
+
+
+@dataclass
+class StepResult:
+    symbols: int
+    workers: int
+    target_rate: int
+    offered_rate: float  # trade frames the simulator sent per second in the window
+    delivered_rate: float  # market records stamped by the producer per second in the window
+    sent_total: int
+    delivered_unique: int
+    duplicates: int
+    lost: int
+    drained_in: float | None  # seconds after the market paused until every trade was read back
+    reconnects: int
+    latency_received_created: dict[str, float]
+    latency_received_read: dict[str, float]
+    latency_event_created: dict[str, float]
+    worker_cpu: float
+    worker_peak_rss: float
+    broker_cpu: float
+    broker_rss: float
+    simulator_cpu: float
+    load_average: float  # 1-minute load average at the end of the window: other work on the machine
+
+    @property
+    def worker_us_per_event(self) -> float:
+        """Worker CPU time per delivered event: comparable across runs even when cores are contended."""
+        return self.worker_cpu * 1e4 / self.delivered_rate if self.delivered_rate else 0.0
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.lost == 0
+            and self.drained_in is not None
+            and self.delivered_rate >= 0.97 * self.target_rate
+            and self.latency_received_created.get("p99", 1e9) < 1000
+        )
+
+
+def percentiles(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    last = len(ordered) - 1
+    return {
+        "p50": ordered[last // 2],
+        "p95": ordered[round(last * 0.95)],
+        "p99": ordered[round(last * 0.99)],
+        "max": ordered[last],
+    }
+
+
+def _window(sample: Sample, start_ms: int, end_ms: int) -> tuple[list[int], list[int], list[int], int]:
+    """Latencies of the records whose frame arrived within the window, and records stamped in it."""
+    to_created, to_read, event_to_created = [], [], []
+    stamped = 0
+    for event, received, created, read in zip(
+        sample.event, sample.received, sample.created, sample.read, strict=True
+    ):
+        if start_ms <= created < end_ms:
+            stamped += 1
+        if start_ms <= received < end_ms:
+            to_created.append(created - received)
+            to_read.append(read - received)
+            event_to_created.append(created - event)
+    return to_created, to_read, event_to_created, stamped
+
+
+def run_step(
+    symbols: int, rate: int, workers: int = 1, warmup: float = 4.0, duration: float = 12.0,
+    drain_timeout: float = 30.0, log_dir: Path | None = None, profile_to: Path | None = None,
+) -> StepResult:  # fmt: skip
+    names = bench_symbols(symbols)
+    topics = [market_topic("trade", "binance", name) for name in names]
+    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="collector-bench-"))
+    with EmbeddedBroker() as broker:
+        create_topics(broker.bootstrap, topics)
+        # While the worker runs, only a few topics are read: the embedded broker's cost per fetch
+        # grows with the partitions in it, and reading 1,000 every few ms competed with the worker's
+        # produce requests. Everything is read, and counted, once the market is paused.
+        live = MarketReader(broker.bootstrap, topics[:LIVE_TOPICS])
+        reader = MarketReader(broker.bootstrap, topics, start_paused=True)
+        simulator = Simulator(names, rate=rate / symbols, seed=11, extra=["--history-limit", "1000"])
+        started: list[Worker] = []
+        try:
+            config = write_config(
+                log_dir / f"bench-{symbols}-{rate}.yaml", simulator, names, ["trade"],
+                kafka={"brokers": [broker.bootstrap], "producer": {"lingerMs": 5, "compression": "lz4"}},
+                logging={"level": "info", "format": "json"},
+            )  # fmt: skip
+            started = [Worker(config, broker.bootstrap, log_dir, f"w{i}") for i in range(workers)]
+            for worker in started:
+                worker.wait_ready(90)
+            wait_for(lambda: _subscribed(simulator) >= symbols and live.poll(0.2) > 0, 120,
+                     "every symbol subscribed and the first market records")  # fmt: skip
+            live.poll(warmup)
+
+            meters = [CpuMeter(w.process.pid) for w in started]
+            broker_meter, sim_meter = CpuMeter(broker.pid or 0), CpuMeter(simulator.process.pid)
+            sent_before = simulator.get("/_sim/stats")["framesSent"].get("trade", 0)
+            spy = profiler.start(started[0].process.pid, duration, profile_to) if profile_to else None
+            start = time.time()
+            for meter in (*meters, broker_meter, sim_meter):
+                meter.start(start)
+            live.poll(duration)
+            end = time.time()
+            sent_after = simulator.get("/_sim/stats")["framesSent"].get("trade", 0)
+            cpu = sum(m.percent(end) for m in meters)
+            broker_cpu, sim_cpu = broker_meter.percent(end), sim_meter.percent(end)
+            load = os.getloadavg()[0]
+
+            if spy is not None:
+                spy.wait(timeout=30)
+            simulator.post("/_sim/pause")
+            stats = simulator.get("/_sim/stats")
+            sent_total = stats["framesSent"].get("trade", 0)
+            paused_at = time.monotonic()
+            drained_in: float | None = None
+            reader.resume()
+            while time.monotonic() - paused_at < drain_timeout:
+                reader.poll(0.2)
+                live.poll(0.01)
+                if len(reader.trade_ids) >= sent_total:
+                    drained_in = time.monotonic() - paused_at
+                    break
+            peak_rss = max(memory_mb(w.process.pid)[1] for w in started)
+            broker_rss = memory_mb(broker.pid or 0)[0]
+        finally:
+            for worker in started:
+                worker.stop()
+            simulator.stop()
+            reader.close()
+            live.close()
+
+    start_ms, end_ms = int(start * 1000), int(end * 1000)
+    to_created, _, event_to_created, stamped = _window(reader.sample, start_ms, end_ms)
+    _, to_read, _, _ = _window(live.sample, start_ms, end_ms)
+    unique = len(reader.trade_ids)
+    return StepResult(
+        symbols=symbols, workers=workers, target_rate=rate,
+        offered_rate=(sent_after - sent_before) / (end - start),
+        delivered_rate=stamped / (end - start),
+        sent_total=sent_total, delivered_unique=unique, duplicates=reader.records - unique,
+        lost=max(0, sent_total - unique), drained_in=drained_in,
+        reconnects=stats["connections"]["total"] - workers * max(1, _connections_per_worker(symbols)),
+        latency_received_created=percentiles(to_created),
+        latency_received_read=percentiles(to_read),
+        latency_event_created=percentiles(event_to_created),
+        worker_cpu=cpu, worker_peak_rss=peak_rss, broker_cpu=broker_cpu, broker_rss=broker_rss,
+        simulator_cpu=sim_cpu, load_average=load,
+    )  # fmt: skip
+
+
+def _subscribed(simulator: Simulator) -> int:
+    return sum(len(streams) for streams in simulator.get("/_sim/stats")["subscriptions"].values())
+
+
+def _connections_per_worker(symbols: int, streams_per_connection: int = 1000) -> int:
+    return -(-symbols // streams_per_connection)

@@ -1,0 +1,318 @@
+"""The Binance USD-M futures dialect: routed WebSocket entry points and the `/fapi/v1/` REST API.
+
+It is the spot dialect with the futures rules (exchange-protocols.md §2):
+
+- Routed entry points `/public/{ws,stream}` (bookTicker) and `/market/{ws,stream}` (aggTrade, kline,
+  ticker). A stream subscribed on the wrong route is acknowledged but never delivers, as the live
+  exchange does; the simulator counts it as a `wrongRoute` violation so tests notice.
+- No `@trade` stream and no `1s` klines; bookTicker carries `e`, `E` and `T`; the 24 h ticker has no
+  bid/ask.
+- 10 incoming messages per second, a server ping every 3 minutes and 10 minutes to answer it,
+  2400 REST weight per minute.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from simulator import binance_format as spot_fmt
+from simulator.binance import (
+    CLOSE_TIMEOUT,
+    BinanceConnection,
+    BinanceSpot,
+    Stream,
+    _encode,
+    _json_response,
+    _limit,
+    _SymbolStreams,
+    _ticker_weight,
+)
+from simulator.market import Instrument, Market, Quote, RollingStats, Tick, Trade, format_units
+
+log = logging.getLogger(__name__)
+
+WEIGHT_LIMIT_PER_MINUTE = 2400
+PING_INTERVAL = 180.0
+PONG_TIMEOUT = 600.0
+MAX_MESSAGES_PER_SECOND = 10
+PUBLIC = "public"
+MARKET = "market"
+_ROUTE_OF_KIND = {"bookTicker": PUBLIC, "aggTrade": MARKET, "kline": MARKET, "ticker": MARKET}
+
+
+class FuturesConnection(BinanceConnection):
+    route = MARKET
+
+
+class BinanceFutures(BinanceSpot):
+    """Serves one `Market` the way Binance USD-M futures does."""
+
+    name = "binance-futures"
+
+    def __init__(
+        self,
+        market: Market,
+        *,
+        ping_interval: float = PING_INTERVAL,
+        pong_timeout: float = PONG_TIMEOUT,
+        weight_limit: int = WEIGHT_LIMIT_PER_MINUTE,
+    ) -> None:
+        super().__init__(
+            market,
+            ping_interval=ping_interval,
+            pong_timeout=pong_timeout,
+            weight_limit=weight_limit,
+            max_messages_per_second=MAX_MESSAGES_PER_SECOND,
+        )
+        self._futures_connection_ids = itertools.count(1)
+        self.violations["wrongRoute"] = 0
+
+    # -- routes -----------------------------------------------------------------------------------
+
+    def add_routes(self, app: web.Application) -> None:
+        for route in (PUBLIC, MARKET):
+            app.router.add_get(f"/{route}/ws", self._handle_ws)
+            app.router.add_get(f"/{route}/ws/{{streams:.+}}", self._handle_ws)
+            app.router.add_get(f"/{route}/stream", self._handle_ws)
+        endpoints = {
+            "ping": (lambda _: 1, lambda _: {}),
+            "time": (lambda _: 1, lambda _: {"serverTime": self._now_ms()}),
+            "exchangeInfo": (lambda _: 1, self._futures_exchange_info),
+            "trades": (lambda _: 5, self._futures_trades),
+            "aggTrades": (lambda _: 20, self._futures_agg_trades),
+            "klines": (lambda _: 5, self._klines_rest),
+            "ticker/24hr": (_ticker_weight, self._ticker_24hr),
+            "depth": (lambda _: 10, self._depth),
+        }
+        for path, (weigh, answer) in endpoints.items():
+            app.router.add_get(f"/fapi/v1/{path}", self._rest_handler(weigh, answer))
+
+    # -- WebSocket ----------------------------------------------------------------------------------
+
+    async def _handle_ws(self, request: web.Request) -> web.StreamResponse:
+        if self._stopping:
+            raise web.HTTPServiceUnavailable()
+        route, _, mode = request.path.strip("/").partition("/")
+        combined = mode == "stream"
+        listed = request.query.get("streams", "") if combined else request.match_info.get("streams", "")
+        names = [name for name in listed.split("/") if name]
+        streams = [self._parse_stream(name) for name in names]
+        if any(stream is None for stream in streams):
+            return _json_response({"code": 2, "msg": "Invalid request: invalid stream"}, 400)
+        if len(set(names)) > self.max_streams:
+            self.violations["streamLimit"] += 1
+            return _json_response({"code": 2, "msg": "Invalid request: too many streams"}, 400)
+        ws = web.WebSocketResponse(autoping=False, compress=False, timeout=CLOSE_TIMEOUT)
+        await ws.prepare(request)
+        connection = FuturesConnection(
+            f"{self.name}-{next(self._futures_connection_ids)}",
+            ws,
+            request,
+            self.frames_sent,
+            now=time.monotonic(),
+            max_messages_per_second=self.max_messages_per_second,
+        )
+        connection.combined = combined
+        connection.route = route
+        self._connections[connection.id] = connection
+        self._all_closed.clear()
+        self.connections_total += 1
+        for stream in streams:
+            assert stream is not None
+            self._subscribe(connection, stream)
+        try:
+            await self._read(connection, ws)
+        finally:
+            del self._connections[connection.id]
+            for name in self._hub.drop(connection):
+                self._forget(name)
+            if connection.slow_consumer:
+                self.slow_consumers += 1
+            await connection.finished(CLOSE_TIMEOUT)
+            if not self._connections:
+                self._all_closed.set()
+        return ws
+
+    def _parse_stream(self, name: str) -> Stream | None:
+        _, _, kind = name.partition("@")
+        if kind in ("trade", "kline_1s"):  # spot-only streams
+            return None
+        return super()._parse_stream(name)
+
+    def _subscribe(self, connection: BinanceConnection, stream: Stream) -> None:
+        route = getattr(connection, "route", MARKET)
+        if _ROUTE_OF_KIND[stream.kind] != route:
+            self.violations["wrongRoute"] += 1
+            log.info("%s subscribed %s on /%s: it will never deliver", connection.id, stream.name, route)
+            return
+        super()._subscribe(connection, stream)
+
+    # -- publishing ---------------------------------------------------------------------------------
+
+    def publish(self, tick: Tick, monotonic_now: float) -> None:
+        subscribers = self._hub.subscribers
+        if subscribers:
+            for trade in tick.trades:
+                names = self._symbols[trade.symbol]
+                listeners = subscribers.get(names.agg_trade)
+                if listeners:
+                    payload = agg_trade_event(names.exchange_symbol, names.instrument, trade, tick.time)
+                    self._fan_out(names.agg_trade, "aggTrade", listeners, _encode(payload))
+            for quote in tick.quotes:
+                names = self._symbols[quote.symbol]
+                listeners = subscribers.get(names.book_ticker)
+                if listeners:
+                    payload = book_ticker_event(names.exchange_symbol, names.instrument, quote, tick.time)
+                    self._fan_out(names.book_ticker, "bookTicker", listeners, _encode(payload))
+        if not self.market.paused and (self._klines or self._tickers):
+            self._publish_periodic(tick.time)
+        if monotonic_now >= self._next_housekeeping:
+            self._housekeeping(monotonic_now)
+
+    def _send_ticker(self, stream: Stream, now_ms: int) -> None:
+        listeners = self._hub.subscribers.get(stream.name)
+        if not listeners:
+            return
+        names = self._symbols[stream.symbol]
+        stats = self.market.rolling_stats(stream.symbol, now_ms)
+        payload = ticker_event(names.exchange_symbol, names.instrument, stats, now_ms)
+        self._fan_out(stream.name, "ticker", listeners, _encode(payload))
+
+    # -- ground truth (/_sim/trades?exchange=binance-futures) ----------------------------------------
+
+    def find_instrument(self, wanted: str) -> Instrument | None:
+        names = self._by_exchange_symbol.get(wanted)
+        if names is not None:
+            return names.instrument
+        return self.market.instruments.get(wanted)
+
+    def truth_row(self, instrument: Instrument, trade: Trade) -> dict[str, Any]:
+        return rest_agg_trade(trade)
+
+    # -- REST -------------------------------------------------------------------------------------
+
+    def _futures_exchange_info(self, params: Mapping[str, str]) -> dict[str, Any]:
+        return {
+            "timezone": "UTC",
+            "serverTime": self._now_ms(),
+            "rateLimits": [{"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1,
+                            "limit": self.weights.limit}],
+            "assets": [],
+            "symbols": [symbol_info(names) for names in self._symbols.values()],
+        }  # fmt: skip
+
+    def _futures_trades(self, params: Mapping[str, str]) -> list[dict[str, Any]]:
+        names = self._symbol(params)
+        limit = _limit(params, default=500, maximum=1000)
+        history = self.market.history(names.instrument.symbol)
+        return [rest_trade(names.instrument, t) for t in history.slice(history.end - limit, history.end)]
+
+    def _futures_agg_trades(self, params: Mapping[str, str]) -> list[dict[str, Any]]:
+        # The spot dialect picks the aggregates (fromId, startTime, endTime, limit); futures shapes them.
+        names = self._symbol(params)
+        history = self.market.history(names.instrument.symbol)
+        trades = (history.at(history.index_of_id(row["a"])) for row in self._agg_trades(params))
+        return [rest_agg_trade(trade) for trade in trades]
+
+
+def _price(instrument: Instrument, ticks: int) -> str:
+    return format_units(ticks, instrument.price_decimals)
+
+
+def _quantity(instrument: Instrument, lots: int) -> str:
+    return format_units(lots, instrument.quantity_decimals)
+
+
+def agg_trade_event(symbol: str, instrument: Instrument, trade: Trade, event_time: int) -> dict[str, Any]:
+    # Futures prices carry the contract's precision, not spot's 8 padded decimals.
+    return {
+        "e": "aggTrade",
+        "E": event_time,
+        "s": symbol,
+        "a": trade.id,
+        "p": trade.price,
+        "q": trade.quantity,
+        "nq": trade.quantity,
+        "f": trade.id,
+        "l": trade.id,
+        "T": trade.time,
+        "m": trade.taker_side == "sell",
+    }
+
+
+def book_ticker_event(symbol: str, instrument: Instrument, quote: Quote, event_time: int) -> dict[str, Any]:
+    return {
+        "e": "bookTicker",
+        "u": quote.update_id,
+        "s": symbol,
+        "b": _price(instrument, quote.bid_ticks),
+        "B": _quantity(instrument, quote.bid_lots),
+        "a": _price(instrument, quote.ask_ticks),
+        "A": _quantity(instrument, quote.ask_lots),
+        "T": event_time,
+        "E": event_time,
+    }
+
+
+def ticker_event(symbol: str, instrument: Instrument, stats: RollingStats, event_time: int) -> dict[str, Any]:
+    spot = spot_fmt.ticker_event(symbol, instrument, stats, _NO_QUOTE, event_time)
+    for key in ("x", "b", "B", "a", "A"):  # futures tickers have no previous close and no bid/ask
+        del spot[key]
+    return spot
+
+
+_NO_QUOTE = Quote("", 0, 0, 0, 0, 0)
+
+
+def rest_agg_trade(trade: Trade) -> dict[str, Any]:
+    return {
+        "a": trade.id,
+        "p": trade.price,
+        "q": trade.quantity,
+        "nq": trade.quantity,
+        "f": trade.id,
+        "l": trade.id,
+        "T": trade.time,
+        "m": trade.taker_side == "sell",
+    }
+
+
+def rest_trade(instrument: Instrument, trade: Trade) -> dict[str, Any]:
+    return {
+        "id": trade.id,
+        "price": trade.price,
+        "qty": trade.quantity,
+        "quoteQty": instrument.notional(trade.price_ticks * trade.quantity_lots),
+        "time": trade.time,
+        "isBuyerMaker": trade.taker_side == "sell",
+    }
+
+
+def symbol_info(names: _SymbolStreams) -> dict[str, Any]:
+    instrument = names.instrument
+    return {
+        "symbol": names.exchange_symbol,
+        "pair": names.exchange_symbol,
+        "contractType": "PERPETUAL",
+        "deliveryDate": 4133404800000,
+        "onboardDate": 1569398400000,
+        "status": "TRADING",
+        "baseAsset": instrument.base,
+        "quoteAsset": instrument.quote,
+        "marginAsset": instrument.quote,
+        "pricePrecision": instrument.price_decimals,
+        "quantityPrecision": instrument.quantity_decimals,
+        "underlyingType": "COIN",
+        "filters": [
+            {"filterType": "PRICE_FILTER", "tickSize": format_units(1, instrument.price_decimals)},
+            {"filterType": "LOT_SIZE", "stepSize": format_units(1, instrument.quantity_decimals)},
+        ],
+        "orderTypes": ["LIMIT", "MARKET"],
+        "timeInForce": ["GTC", "IOC", "FOK", "GTX"],
+    }

@@ -1,0 +1,682 @@
+"""The Upbit dialect, and Bithumb's (its gen-2 API is Upbit's protocol with other types and limits).
+
+WebSocket `<prefix>/websocket/v1` (exchange-protocols.md §3.1, §4.1):
+- A request is a JSON array `[{ticket}, {type, codes, is_only_snapshot?, is_only_realtime?}...,
+  {format}]`; it **replaces** the connection's whole subscription set (the simulator's answer to the
+  documentation's silence) and is never acknowledged. Types: trade, ticker, orderbook (codes may carry
+  a `.N` level count), candle.1s … candle.240m (not candle.10m). Format DEFAULT or SIMPLE.
+- Errors are `{"error": {"name": "NO_TICKET" | "NO_TYPE" | "NO_CODES" | "WRONG_FORMAT" |
+  "INVALID_PARAM", "message": ...}}`; more than 5 requests in a second closes the connection (1008).
+- Every server frame is a **binary** frame of UTF-8 JSON; numbers are JSON numbers.
+- A connection with no frame in either direction for 120 s is closed. The text `PING` is answered
+  with `{"status":"UP"}`, which then repeats every 10 s. WebSocket pings are answered with pongs.
+- Connects: Upbit 5/s per client, then HTTP 429. Bithumb 10/s, then 429 with an empty body; a client
+  that keeps going after `block_after` rejections is blocked for 10 minutes.
+
+REST `<prefix>/v1/`: `market/all`, `trades/ticks` (market, count ≤ 500, cursor = sequential_id: the
+page of trades before it; newest first), `ticker` (markets=A,B), 10 requests/s per group on Upbit.
+
+Bithumb's differences: `sequential_id` is a string, the orderbook `timestamp` a microsecond string,
+no candles, 150 REST requests/s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from aiohttp import WSMsgType, web
+
+from simulator.connections import PONG, Connection, StreamHub
+from simulator.market import Instrument, Market, Quote, Tick, Trade, bar_open_time, format_units
+
+log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT = 2.0
+POLICY_VIOLATION = 1008
+GOING_AWAY = 1001
+IDLE_TIMEOUT = 120.0
+STATUS_INTERVAL = 10.0
+CANDLE_PUSH_MS = 1000
+DEFAULT_BOOK_LEVELS = 15
+_CANDLE_INTERVALS = {
+    "1s": "1s",
+    "1m": "1m",
+    "3m": "3m",
+    "5m": "5m",
+    "15m": "15m",
+    "30m": "30m",
+    "60m": "1h",
+    "240m": "4h",
+}  # fmt: skip  Upbit unit → market interval
+_TYPES = ("trade", "ticker", "orderbook")
+_SIMPLE = {
+    "type": "ty", "code": "cd", "trade_price": "tp", "trade_volume": "tv", "ask_bid": "ab",
+    "prev_closing_price": "pcp", "change": "c", "change_price": "cp", "trade_date": "td",
+    "trade_time": "ttm", "trade_timestamp": "ttms", "timestamp": "tms", "sequential_id": "sid",
+    "stream_type": "st", "total_ask_size": "tas", "total_bid_size": "tbs", "orderbook_units": "obu",
+    "ask_price": "ap", "bid_price": "bp", "ask_size": "as", "bid_size": "bs", "level": "lv",
+}  # fmt: skip
+_encode = msgspec.json.encode
+
+
+def binary_frame(payload: bytes) -> bytes:
+    """A complete server-to-client binary frame: unmasked, unfragmented (RFC 6455 5.2)."""
+    length = len(payload)
+    if length < 126:
+        return bytes((0x82, length)) + payload
+    if length < 65536:
+        return b"\x82\x7e" + length.to_bytes(2, "big") + payload
+    return b"\x82\x7f" + length.to_bytes(8, "big") + payload
+
+
+def _number(text: str) -> msgspec.Raw:
+    """A decimal string written as a JSON number literal, digit for digit."""
+    return msgspec.Raw(text.encode())
+
+
+@dataclass(frozen=True)
+class Flavor:
+    """What Upbit and Bithumb do differently."""
+
+    name: str
+    prefix: str
+    string_sequential_id: bool
+    microsecond_book_time: bool
+    candles: bool
+    connects_per_second: int
+    rest_per_second: int
+    empty_429: bool
+    block_after: int | None  # 429 rejections after which a client is blocked, None: never blocked
+    block_seconds: float = 600.0
+
+
+UPBIT = Flavor("upbit", "/upbit", False, False, True, 5, 10, False, None)
+BITHUMB = Flavor("bithumb", "/bithumb", True, True, False, 10, 150, True, 10)
+
+
+class UpbitConnection(Connection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.simple = False
+        self.last_activity = self.opened_at
+        self.status_up = False
+        self.next_status_at = 0.0
+        self.book_levels: dict[str, int] = {}  # orderbook code → levels asked for
+        self.requests: deque[float] = deque(maxlen=100)
+
+    def push(self, kind: str, payload: bytes, now: float) -> None:
+        self.last_activity = now
+        self.send(kind, binary_frame(payload))
+
+
+class UpbitStyle:
+    """Serves one `Market` the way Upbit (or, with BITHUMB, Bithumb) does."""
+
+    def __init__(self, market: Market, flavor: Flavor, *, idle_timeout: float = IDLE_TIMEOUT) -> None:
+        self.market = market
+        self.flavor = flavor
+        self.name = flavor.name
+        self.idle_timeout = idle_timeout
+        self._codes = {f"{i.quote}-{i.base}": i for i in market.instruments.values()}
+        self._hub: StreamHub[UpbitConnection] = StreamHub()
+        self._connections: dict[str, UpbitConnection] = {}
+        self._ids = itertools.count(1)
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
+        self._stopping = False
+        self._connects: dict[str, deque[float]] = {}
+        self._rejections: dict[str, int] = {}
+        self._blocked_until: dict[str, float] = {}
+        self._rest_calls: dict[tuple[str, str], deque[float]] = {}
+        # candle stream → (open time, trade count, time) of the bar it last pushed
+        self._candle_pushed: dict[str, tuple[int, int, int]] = {}
+        self._next_housekeeping = 0.0
+        self.frames_sent: dict[str, int] = {}
+        self.connections_total = 0
+        self.violations = {"messageRate": 0, "connectRate": 0}
+        self.idle_closes = 0
+        self.rest_requests = 0
+        self.rest_rejected = 0
+
+    # -- routes -----------------------------------------------------------------------------------
+
+    def add_routes(self, app: web.Application) -> None:
+        prefix = self.flavor.prefix
+        app.router.add_get(f"{prefix}/websocket/v1", self._handle_ws)
+        app.router.add_get(f"{prefix}/v1/market/all", self._rest("market", self._markets))
+        app.router.add_get(f"{prefix}/v1/trades/ticks", self._rest("trade", self._ticks))
+        app.router.add_get(f"{prefix}/v1/ticker", self._rest("ticker", self._tickers))
+        if self.flavor.candles:
+            app.router.add_get(f"{prefix}/v1/candles/seconds", self._rest("candle", self._candles("1s")))
+            for minutes in ("1", "3", "5", "15", "30", "60", "240"):
+                app.router.add_get(f"{prefix}/v1/candles/minutes/{minutes}",
+                                   self._rest("candle", self._candles(f"{minutes}m")))  # fmt: skip
+
+    # -- WebSocket ----------------------------------------------------------------------------------
+
+    async def _handle_ws(self, request: web.Request) -> web.StreamResponse:
+        if self._stopping:
+            raise web.HTTPServiceUnavailable()
+        refused = self._refuse_connect(request.remote or "unknown", time.monotonic())
+        if refused is not None:
+            return refused
+        ws = web.WebSocketResponse(autoping=False, compress=False, timeout=CLOSE_TIMEOUT)
+        await ws.prepare(request)
+        connection = UpbitConnection(
+            f"{self.name}-{next(self._ids)}", ws, request, self.frames_sent, now=time.monotonic(),
+            max_messages_per_second=5,
+        )  # fmt: skip
+        self._connections[connection.id] = connection
+        self._all_closed.clear()
+        self.connections_total += 1
+        try:
+            async for message in ws:
+                now = time.monotonic()
+                connection.last_activity = now
+                if message.type is WSMsgType.TEXT or message.type is WSMsgType.BINARY:
+                    data = (
+                        message.data
+                        if isinstance(message.data, str)
+                        else message.data.decode("utf-8", "replace")
+                    )
+                    self._on_text(connection, data, now)
+                elif message.type is WSMsgType.PING:
+                    connection.send(PONG, message.data)
+                elif message.type is not WSMsgType.PONG:
+                    break
+                if connection.closing:
+                    break
+        finally:
+            del self._connections[connection.id]
+            self._hub.drop(connection)
+            await connection.finished(CLOSE_TIMEOUT)
+            if not self._connections:
+                self._all_closed.set()
+        return ws
+
+    def _refuse_connect(self, client: str, now: float) -> web.Response | None:
+        flavor = self.flavor
+        if self._blocked_until.get(client, 0.0) > now:
+            return self._too_many()
+        recent = self._connects.setdefault(client, deque())
+        while recent and recent[0] <= now - 1.0:
+            recent.popleft()
+        if len(recent) < flavor.connects_per_second:
+            recent.append(now)
+            return None
+        self.violations["connectRate"] += 1
+        rejections = self._rejections[client] = self._rejections.get(client, 0) + 1
+        if flavor.block_after is not None and rejections >= flavor.block_after:
+            self._blocked_until[client] = now + flavor.block_seconds
+            log.info("%s: blocking %s for %.0f s", self.name, client, flavor.block_seconds)
+        return self._too_many()
+
+    def _too_many(self) -> web.Response:
+        if self.flavor.empty_429:
+            return web.Response(status=429)
+        body = {"error": {"name": "too_many_requests", "message": "Too many requests"}}
+        return web.Response(status=429, body=_encode(body), content_type="application/json")
+
+    def _on_text(self, connection: UpbitConnection, text: str, now: float) -> None:
+        if text == "PING":
+            connection.status_up = True
+            connection.next_status_at = now + STATUS_INTERVAL
+            connection.push("status", b'{"status":"UP"}', now)
+            return
+        recent = connection.requests
+        while recent and recent[0] <= now - 60.0:
+            recent.popleft()
+        per_second = sum(1 for at in recent if at > now - 1.0)
+        if per_second >= 5 or len(recent) >= 100:
+            self.violations["messageRate"] += 1
+            connection.close(POLICY_VIOLATION, discard_queued=True)
+            return
+        recent.append(now)
+        try:
+            streams, snapshots, simple = self._read_request(text)
+        except _RequestError as error:
+            connection.push("error", _encode({"error": {"name": error.name, "message": error.message}}), now)
+            return
+        for stream in list(connection.streams):
+            self._hub.unsubscribe(connection, stream)
+        connection.book_levels = {}
+        connection.simple = simple
+        for stream, levels in streams.items():
+            self._hub.subscribe(connection, stream)
+            if levels is not None:
+                connection.book_levels[stream] = levels
+        for stream in snapshots:
+            self._send_snapshot(connection, stream, now)
+
+    def _read_request(self, text: str) -> tuple[dict[str, int | None], list[str], bool]:
+        try:
+            request = json.loads(text)
+        except ValueError:
+            raise _RequestError("WRONG_FORMAT", "the request is not JSON") from None
+        if not isinstance(request, list) or not all(isinstance(item, dict) for item in request):
+            raise _RequestError("WRONG_FORMAT", "the request must be an array of objects")
+        if not any(isinstance(item.get("ticket"), str) and item["ticket"] for item in request):
+            raise _RequestError("NO_TICKET", "a ticket is required")
+        simple = False
+        for item in request:
+            if "format" in item:
+                if item["format"] not in ("DEFAULT", "SIMPLE"):
+                    raise _RequestError("INVALID_PARAM", f"format {item['format']!r}")
+                simple = item["format"] == "SIMPLE"
+        typed = [item for item in request if "type" in item]
+        if not typed:
+            raise _RequestError("NO_TYPE", "a type is required")
+        streams: dict[str, int | None] = {}
+        snapshots: list[str] = []
+        for item in typed:
+            kind = item["type"]
+            known = kind in _TYPES or (self.flavor.candles and kind.startswith("candle.")
+                                       and kind[7:] in _CANDLE_INTERVALS)  # fmt: skip
+            if not isinstance(kind, str) or not known:
+                raise _RequestError("INVALID_PARAM", f"type {kind!r}")
+            codes = item.get("codes")
+            if not isinstance(codes, list) or not codes:
+                raise _RequestError("NO_CODES", "codes are required")
+            realtime_only = bool(item.get("is_only_realtime") or item.get("isOnlyRealtime"))
+            for code in codes:
+                if not isinstance(code, str):
+                    raise _RequestError("INVALID_PARAM", f"code {code!r}")
+                code, _, count = code.partition(".")
+                if code not in self._codes:
+                    raise _RequestError("INVALID_PARAM", f"code {code!r}")
+                levels = None
+                if kind == "orderbook":
+                    levels = (
+                        int(count)
+                        if count in ("1", "5", "15", "30")
+                        else 30
+                        if count
+                        else DEFAULT_BOOK_LEVELS
+                    )
+                stream = f"{kind}:{code}"
+                streams[stream] = levels
+                if not realtime_only:
+                    snapshots.append(stream)
+        return streams, snapshots, simple
+
+    # -- frames -------------------------------------------------------------------------------------
+
+    def _frame(self, connection: UpbitConnection, body: dict[str, Any]) -> bytes:
+        if connection.simple:
+            body = {_SIMPLE.get(key, key): value for key, value in body.items()}
+            if "obu" in body:
+                body["obu"] = [{_SIMPLE.get(k, k): v for k, v in unit.items()} for unit in body["obu"]]
+        return _encode(body)
+
+    def _sequential_id(self, trade: Trade) -> int | str:
+        # Upbit's shape: the trade time in ms followed by a 4-digit counter. Unique, and only roughly
+        # ordered, like the real one.
+        value = trade.time * 10_000 + trade.id % 10_000
+        return str(value) if self.flavor.string_sequential_id else value
+
+    def _trade_body(
+        self, instrument: Instrument, trade: Trade, now_ms: int, stream_type: str
+    ) -> dict[str, Any]:
+        moment = datetime.fromtimestamp(trade.time / 1000, UTC)
+        return {
+            "type": "trade", "code": f"{instrument.quote}-{instrument.base}", "timestamp": now_ms,
+            "trade_date": moment.strftime("%Y-%m-%d"), "trade_time": moment.strftime("%H:%M:%S"),
+            "trade_timestamp": trade.time, "trade_price": _number(trade.price),
+            "trade_volume": _number(trade.quantity), "ask_bid": "BID" if trade.taker_side == "buy" else "ASK",
+            "sequential_id": self._sequential_id(trade), "stream_type": stream_type,
+        }  # fmt: skip
+
+    def _book_body(self, instrument: Instrument, quote: Quote, levels: int, now_ms: int, stream_type: str
+                   ) -> dict[str, Any]:  # fmt: skip
+        units = []
+        for level in range(levels):
+            units.append({
+                "ask_price": _number(instrument.price(quote.ask_ticks + level)),
+                "bid_price": _number(instrument.price(max(1, quote.bid_ticks - level))),
+                "ask_size": _number(instrument.quantity(quote.ask_lots + level)),
+                "bid_size": _number(instrument.quantity(quote.bid_lots + level)),
+            })  # fmt: skip
+        timestamp: int | str = now_ms
+        if self.flavor.microsecond_book_time:
+            timestamp = str(now_ms * 1000 + quote.update_id % 1000)
+        return {
+            "type": "orderbook", "code": f"{instrument.quote}-{instrument.base}",
+            "total_ask_size": _number(instrument.quantity(sum(quote.ask_lots + n for n in range(levels)))),
+            "total_bid_size": _number(instrument.quantity(sum(quote.bid_lots + n for n in range(levels)))),
+            "orderbook_units": units, "timestamp": timestamp,
+            "level": 1 if self.flavor.name == "bithumb" else 0,
+            "stream_type": stream_type,
+        }  # fmt: skip
+
+    def _ticker_body(self, instrument: Instrument, now_ms: int, stream_type: str) -> dict[str, Any]:
+        day_start = now_ms - now_ms % 86_400_000
+        stats = self.market.rolling_stats(instrument.symbol, now_ms, now_ms - day_start)
+        change = stats.last - stats.previous_close
+        rate = "0" if stats.previous_close == 0 else format_ratio_plain(change, stats.previous_close)
+        return {
+            "type": "ticker", "code": f"{instrument.quote}-{instrument.base}",
+            "opening_price": _number(instrument.price(stats.open)),
+            "high_price": _number(instrument.price(stats.high)),
+            "low_price": _number(instrument.price(stats.low)),
+            "trade_price": _number(instrument.price(stats.last)),
+            "prev_closing_price": _number(instrument.price(stats.previous_close)),
+            "change": "RISE" if change > 0 else "FALL" if change < 0 else "EVEN",
+            "change_price": _number(instrument.price(abs(change))),
+            "signed_change_price": _number(instrument.price(change)),
+            "change_rate": _number(rate.lstrip("-")), "signed_change_rate": _number(rate),
+            "trade_volume": _number(instrument.quantity(stats.last_quantity)),
+            "acc_trade_volume": _number(instrument.quantity(stats.volume)),
+            "acc_trade_price": _number(instrument.notional(stats.quote_volume)),
+            "acc_trade_volume_24h": _number(instrument.quantity(stats.volume)),
+            "acc_trade_price_24h": _number(instrument.notional(stats.quote_volume)),
+            "market_state": "ACTIVE", "is_trading_suspended": False, "timestamp": now_ms,
+            "stream_type": stream_type,
+        }  # fmt: skip
+
+    def _candle_body(
+        self, instrument: Instrument, unit: str, now_ms: int, stream_type: str, open_time: int | None = None
+    ) -> dict[str, Any]:
+        interval = _CANDLE_INTERVALS[unit]
+        if open_time is None:
+            open_time = bar_open_time(interval, now_ms)
+        bar = self.market.kline(instrument.symbol, interval, open_time)
+        start = datetime.fromtimestamp(bar.open_time / 1000, UTC)
+        return {
+            "type": f"candle.{unit}", "code": f"{instrument.quote}-{instrument.base}",
+            "candle_date_time_utc": start.strftime("%Y-%m-%dT%H:%M:%S"),
+            "candle_date_time_kst": datetime.fromtimestamp(bar.open_time / 1000 + 9 * 3600, UTC)
+            .strftime("%Y-%m-%dT%H:%M:%S"),
+            "opening_price": _number(instrument.price(bar.open)),
+            "high_price": _number(instrument.price(bar.high)),
+            "low_price": _number(instrument.price(bar.low)),
+            "trade_price": _number(instrument.price(bar.close)),
+            "candle_acc_trade_volume": _number(instrument.quantity(bar.volume)),
+            "candle_acc_trade_price": _number(instrument.notional(bar.quote_volume)),
+            "timestamp": now_ms, "stream_type": stream_type,
+        }  # fmt: skip
+
+    def _send_snapshot(self, connection: UpbitConnection, stream: str, now: float) -> None:
+        kind, _, code = stream.partition(":")
+        instrument = self._codes[code]
+        now_ms = self._now_ms()
+        if kind == "trade":
+            last = self.market.history(instrument.symbol).last()
+            if last is None:
+                return
+            body = self._trade_body(instrument, last, now_ms, "SNAPSHOT")
+        elif kind == "orderbook":
+            levels = connection.book_levels.get(stream, DEFAULT_BOOK_LEVELS)
+            body = self._book_body(
+                instrument, self.market.quote(instrument.symbol), levels, now_ms, "SNAPSHOT"
+            )
+        elif kind == "ticker":
+            body = self._ticker_body(instrument, now_ms, "SNAPSHOT")
+        else:
+            interval = _CANDLE_INTERVALS[kind[7:]]
+            if not self.market.kline(instrument.symbol, interval, bar_open_time(interval, now_ms)).count:
+                return  # candles exist only once a trade happened in them
+            body = self._candle_body(instrument, kind[7:], now_ms, "SNAPSHOT")
+        connection.push(kind, self._frame(connection, body), now)
+
+    def _fan_out(self, stream: str, kind: str, body: dict[str, Any], now: float) -> None:
+        listeners = self._hub.subscribers.get(stream)
+        if not listeners:
+            return
+        encoded: dict[bool, bytes] = {}
+        for connection in listeners:
+            payload = encoded.get(connection.simple)
+            if payload is None:
+                payload = encoded[connection.simple] = self._frame(connection, body)
+            connection.push(kind, payload, now)
+
+    def publish(self, tick: Tick, monotonic_now: float) -> None:
+        subscribers = self._hub.subscribers
+        if subscribers:
+            now_ms = tick.time
+            traded: dict[str, Instrument] = {}
+            for trade in tick.trades:
+                instrument = self.market.instruments[trade.symbol]
+                code = f"{instrument.quote}-{instrument.base}"
+                traded[code] = instrument
+                if f"trade:{code}" in subscribers:
+                    body = self._trade_body(instrument, trade, now_ms, "REALTIME")
+                    self._fan_out(f"trade:{code}", "trade", body, monotonic_now)
+            for quote in tick.quotes:
+                instrument = self.market.instruments[quote.symbol]
+                stream = f"orderbook:{instrument.quote}-{instrument.base}"
+                for connection in list(subscribers.get(stream, ())):
+                    body = self._book_body(instrument, quote, connection.book_levels.get(stream, 1), now_ms,
+                                           "REALTIME")  # fmt: skip
+                    connection.push("orderbook", self._frame(connection, body), monotonic_now)
+            for code, instrument in traded.items():
+                if f"ticker:{code}" in subscribers:
+                    body = self._ticker_body(instrument, now_ms, "REALTIME")
+                    self._fan_out(f"ticker:{code}", "ticker", body, monotonic_now)
+            if self.flavor.candles:
+                self._push_candles(now_ms, monotonic_now)
+        if monotonic_now >= self._next_housekeeping:
+            self._housekeeping(monotonic_now)
+
+    def _push_candles(self, now_ms: int, now: float) -> None:
+        # Only bars a trade changed, at most once a second per stream; a bar that ends with changes not
+        # yet pushed gets its final state pushed as the next one starts, so no bar's end is lost.
+        for stream in [s for s in self._hub.subscribers if s.startswith("candle.")]:
+            kind, _, code = stream.partition(":")
+            unit = kind[7:]
+            instrument = self._codes[code]
+            interval = _CANDLE_INTERVALS[unit]
+            open_time = bar_open_time(interval, now_ms)
+            pushed = self._candle_pushed.get(stream)
+            if pushed is not None and pushed[0] != open_time:
+                if self.market.kline(instrument.symbol, interval, pushed[0]).count != pushed[1]:
+                    body = self._candle_body(instrument, unit, now_ms, "REALTIME", pushed[0])
+                    self._fan_out(stream, "candle", body, now)
+                pushed = None
+                del self._candle_pushed[stream]
+            count = self.market.kline(instrument.symbol, interval, open_time).count
+            if count and (pushed is None or (count != pushed[1] and now_ms - pushed[2] >= CANDLE_PUSH_MS)):
+                self._candle_pushed[stream] = (open_time, count, now_ms)
+                self._fan_out(stream, "candle", self._candle_body(instrument, unit, now_ms, "REALTIME"), now)
+
+    def _housekeeping(self, now: float) -> None:
+        self._next_housekeeping = now + min(1.0, self.idle_timeout / 4)
+        for connection in list(self._connections.values()):
+            if connection.closing:
+                continue
+            if now - connection.last_activity > self.idle_timeout:
+                self.idle_closes += 1
+                connection.close(GOING_AWAY, discard_queued=True)
+            elif connection.status_up and now >= connection.next_status_at:
+                connection.next_status_at = now + STATUS_INTERVAL
+                connection.push("status", b'{"status":"UP"}', now)
+
+    # -- REST -------------------------------------------------------------------------------------
+
+    def _rest(self, group: str, answer: Any) -> Any:
+        async def handle(request: web.Request) -> web.Response:
+            self.rest_requests += 1
+            client = request.remote or "unknown"
+            now = time.monotonic()
+            calls = self._rest_calls.setdefault((client, group), deque())
+            while calls and calls[0] <= now - 1.0:
+                calls.popleft()
+            if len(calls) >= self.flavor.rest_per_second:
+                self.rest_rejected += 1
+                return self._too_many()
+            calls.append(now)
+            headers = {
+                "Remaining-Req": f"group={group}; min=1800; sec={self.flavor.rest_per_second - len(calls)}"
+            }
+            try:
+                body = answer(request.query)
+            except _RequestError as error:
+                body = {"error": {"name": 400, "message": f"{error.name}: {error.message}"}}
+                return web.Response(status=400, body=_encode(body), content_type="application/json",
+                                    headers=headers)  # fmt: skip
+            return web.Response(body=_encode(body), content_type="application/json", headers=headers)
+
+        return handle
+
+    def _markets(self, params: Mapping[str, str]) -> list[dict[str, Any]]:
+        return [{"market": code, "korean_name": instrument.base, "english_name": instrument.base}
+                for code, instrument in self._codes.items()]  # fmt: skip
+
+    def _ticks(self, params: Mapping[str, str]) -> list[dict[str, Any]]:
+        instrument = self._codes.get(params.get("market", ""))
+        if instrument is None:
+            raise _RequestError("INVALID_PARAM", "market")
+        count = params.get("count", "1")
+        if not count.isdigit() or not 1 <= int(count) <= 500:
+            raise _RequestError("INVALID_PARAM", "count")
+        history = self.market.history(instrument.symbol)
+        stop = history.end
+        cursor = params.get("cursor")
+        if cursor:
+            found = self.index_of_sequential_id(instrument, cursor)
+            if found is None:
+                return []
+            stop = found
+        trades = history.slice(stop - int(count), stop)
+        return [self.truth_row(instrument, trade) for trade in reversed(trades)]
+
+    def index_of_sequential_id(self, instrument: Instrument, sequential_id: str) -> int | None:
+        if not sequential_id.isdigit():
+            return None
+        value = int(sequential_id)
+        history = self.market.history(instrument.symbol)
+        index = history.first_index_at_or_after(value // 10_000)
+        while index < history.end:
+            trade = history.at(index)
+            if trade.time > value // 10_000:
+                return None
+            if trade.id % 10_000 == value % 10_000:
+                return index
+            index += 1
+        return None
+
+    def _candles(self, unit: str) -> Any:
+        """Newest first, at most `count` (≤ 200) bars, and only bars that had trades, like Upbit's."""
+
+        def answer(params: Mapping[str, str]) -> list[dict[str, Any]]:
+            instrument = self._codes.get(params.get("market", ""))
+            if instrument is None:
+                raise _RequestError("INVALID_PARAM", "market")
+            count = params.get("count", "1")
+            if not count.isdigit() or not 1 <= int(count) <= 200:
+                raise _RequestError("INVALID_PARAM", "count")
+            now_ms = self._now_ms()
+            bars = self.market.klines(
+                instrument.symbol, _CANDLE_INTERVALS[unit], None, None, int(count), now_ms
+            )
+            rows = []
+            for bar in reversed([bar for bar in bars if bar.count]):
+                start = datetime.fromtimestamp(bar.open_time / 1000, UTC)
+                rows.append({
+                    "market": f"{instrument.quote}-{instrument.base}",
+                    "candle_date_time_utc": start.strftime("%Y-%m-%dT%H:%M:%S"),
+                    "candle_date_time_kst": datetime.fromtimestamp(bar.open_time / 1000 + 9 * 3600, UTC)
+                    .strftime("%Y-%m-%dT%H:%M:%S"),
+                    "opening_price": _number(instrument.price(bar.open)),
+                    "high_price": _number(instrument.price(bar.high)),
+                    "low_price": _number(instrument.price(bar.low)),
+                    "trade_price": _number(instrument.price(bar.close)),
+                    "timestamp": min(bar.close_time, now_ms),
+                    "candle_acc_trade_price": _number(instrument.notional(bar.quote_volume)),
+                    "candle_acc_trade_volume": _number(instrument.quantity(bar.volume)),
+                    "unit": int(unit[:-1]),
+                })  # fmt: skip
+            return rows
+
+        return answer
+
+    def _tickers(self, params: Mapping[str, str]) -> list[dict[str, Any]]:
+        codes = [code for code in params.get("markets", "").split(",") if code]
+        if not codes or any(code not in self._codes for code in codes):
+            raise _RequestError("INVALID_PARAM", "markets")
+        now_ms = self._now_ms()
+        rows = []
+        for code in codes:
+            body = self._ticker_body(self._codes[code], now_ms, "REALTIME")
+            body["market"] = body.pop("code")
+            del body["type"], body["stream_type"]
+            rows.append(body)
+        return rows
+
+    # -- ground truth and lifecycle -----------------------------------------------------------------
+
+    def find_instrument(self, wanted: str) -> Instrument | None:
+        return self._codes.get(wanted) or self.market.instruments.get(wanted)
+
+    def truth_row(self, instrument: Instrument, trade: Trade) -> dict[str, Any]:
+        moment = datetime.fromtimestamp(trade.time / 1000, UTC)
+        return {
+            "market": f"{instrument.quote}-{instrument.base}", "trade_date_utc": moment.strftime("%Y-%m-%d"),
+            "trade_time_utc": moment.strftime("%H:%M:%S"), "timestamp": trade.time,
+            "trade_price": _number(trade.price), "trade_volume": _number(trade.quantity),
+            "ask_bid": "BID" if trade.taker_side == "buy" else "ASK",
+            "sequential_id": self._sequential_id(trade),
+        }  # fmt: skip
+
+    async def close_all(self) -> None:
+        self._stopping = True
+        for connection in list(self._connections.values()):
+            connection.close(GOING_AWAY)
+        try:
+            await asyncio.wait_for(self._all_closed.wait(), CLOSE_TIMEOUT)
+        except TimeoutError:
+            self.disconnect_all()
+            await asyncio.wait_for(self._all_closed.wait(), CLOSE_TIMEOUT)
+
+    def disconnect_all(self) -> int:
+        connections = list(self._connections.values())
+        for connection in connections:
+            connection.abort()
+        return len(connections)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "connections": {"open": len(self._connections), "total": self.connections_total},
+            "subscriptions": {cid: list(c.streams) for cid, c in self._connections.items()},
+            "framesSent": dict(self.frames_sent),
+            "violations": sum(self.violations.values()),
+            "violationsByReason": dict(self.violations),
+            "idleCloses": self.idle_closes,
+            "rest": {"requests": self.rest_requests, "rejected": self.rest_rejected},
+        }
+
+    def _now_ms(self) -> int:
+        return int(self.market.clock() * 1000)
+
+
+class _RequestError(Exception):
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+        self.message = message
+
+
+def format_ratio_plain(numerator: int, denominator: int) -> str:
+    """numerator / denominator with 8 decimals, sign kept (Upbit's change rates)."""
+    negative = (numerator < 0) != (denominator < 0) and numerator != 0
+    scaled = (abs(numerator) * 10**8 * 2 // abs(denominator) + 1) // 2
+    return format_units(-scaled if negative else scaled, 8)
+
+
+class Upbit(UpbitStyle):
+    def __init__(self, market: Market, **kwargs: Any) -> None:
+        super().__init__(market, UPBIT, **kwargs)
+
+
+class Bithumb(UpbitStyle):
+    def __init__(self, market: Market, **kwargs: Any) -> None:
+        super().__init__(market, BITHUMB, **kwargs)

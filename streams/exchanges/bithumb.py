@@ -1,0 +1,36 @@
+"""Bithumb: its current (gen-2) public API, Upbit's protocol with Bithumb's types and limits.
+
+`wss://ws-api.bithumb.com/websocket/v1` takes Upbit's array requests and sends Upbit-shaped frames
+(exchange-protocols.md §4.1), so the parsing is UpbitAdapter's. The differences it absorbs:
+`sequential_id` is a string, the orderbook `timestamp` a microsecond string (converted to ms; the µs
+digits stay the bbo `updateId`), the orderbook `level` defaults to 1, and `sequential_id` is not
+time-based, so there is no REST backfill (see `rest_history`). The public WebSocket offers
+trade, ticker and orderbook only: no candles (kline). Connects are limited to 10/s per IP, after which
+Bithumb answers 429 (with an empty body) and then blocks the IP for 10 minutes. Its ticker's trading
+day starts at 00:00 KST.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from streams.exchanges.base import DataKind, ExchangeLimits
+from streams.exchanges.upbit import UpbitAdapter
+
+
+class BithumbAdapter(UpbitAdapter):
+    name = "bithumb"
+    limits = ExchangeLimits(
+        max_streams_per_connection=1024,
+        max_incoming_messages_per_second=5,
+        max_connection_attempts=10,
+        connection_attempt_window_seconds=1,
+        max_connection_lifetime_seconds=None,
+        rest_weight_per_minute=9000,  # 150 requests/s per category
+    )
+    kline_intervals: ClassVar[frozenset[str]] = frozenset()
+    data_kinds: ClassVar[frozenset[DataKind]] = frozenset({"trade", "ticker", "bbo"})
+    instruments_path = "/v1/market/all?isDetails=false"
+    # Bithumb's sequential_id is not time-based (`862683813820523888`), so it cannot mark how far the
+    # stream got: no backfill until it pages trades/ticks by time.
+    rest_history = False

@@ -1,0 +1,121 @@
+"""Pure rate limiting for connection management: backoff, attempt windows, message pacing, REST weight.
+
+Nothing here reads a clock or sleeps: callers pass `now` (monotonic seconds) and wait the delays these
+return, so every decision is unit-testable. Each limiter keeps a safety share of the exchange's
+published limit, because the exchange counts things we cannot see (our pongs, other processes).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable
+
+SAFETY_SHARE = 0.5  # of a published limit we allow ourselves
+
+
+class Backoff:
+    """Exponential backoff with jitter (first, doubling to cap), reset once a connection was stable."""
+
+    def __init__(
+        self,
+        first: float = 1.0,
+        cap: float = 30.0,
+        stable_after: float = 60.0,
+        uniform: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self.first, self.cap, self.stable_after = first, cap, stable_after
+        self.current = first
+        self._uniform = uniform
+
+    def next_delay(self) -> float:
+        delay = self._uniform(self.current / 2, self.current)
+        self.current = min(self.current * 2, self.cap)
+        return delay
+
+    def connection_lasted(self, seconds: float) -> None:
+        if seconds >= self.stable_after:
+            self.current = self.first
+
+
+class SlidingWindow:
+    """At most `limit` events in any `window` seconds."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        self.window = window
+        self._times: deque[float] = deque()
+
+    def _expire(self, now: float) -> None:
+        while self._times and self._times[0] <= now - self.window:
+            self._times.popleft()
+
+    def delay(self, now: float) -> float:
+        """Seconds to wait before one more event is allowed (0 when it is allowed now)."""
+        self._expire(now)
+        if len(self._times) < self.limit:
+            return 0.0
+        return self._times[len(self._times) - self.limit] + self.window - now
+
+    def record(self, now: float) -> None:
+        self._times.append(now)
+
+    def used(self, now: float) -> int:
+        self._expire(now)
+        return len(self._times)
+
+
+def connect_window(max_attempts: int, window_seconds: float, share: float = SAFETY_SHARE) -> SlidingWindow:
+    """The per-IP connection-attempt limiter one worker shares across all its connections to an exchange."""
+    return SlidingWindow(max(1, int(max_attempts * share)), window_seconds)
+
+
+def message_window(max_messages_per_second: float) -> SlidingWindow:
+    """Outgoing control messages of one connection: the exchange's rate less room for pongs and slack."""
+    return SlidingWindow(max(1, int(max_messages_per_second) - 2), 1.0)
+
+
+class WeightBudget:
+    """REST request weight per rolling minute, shared by all of a worker's requests to one exchange.
+
+    It counts what it spends itself and also believes the exchange's own figure (a header such as
+    `X-MBX-USED-WEIGHT-1M`), whichever is higher; after a 429/418 nothing is sent until Retry-After.
+    """
+
+    def __init__(self, limit_per_minute: int, share: float = SAFETY_SHARE, window: float = 60.0) -> None:
+        self.budget = max(1, int(limit_per_minute * share))
+        self.window = window
+        self._spent: deque[tuple[float, int]] = deque()
+        self._reported = 0
+        self._reported_at = float("-inf")
+        self.blocked_until = float("-inf")
+
+    def _own(self, now: float) -> int:
+        while self._spent and self._spent[0][0] <= now - self.window:
+            self._spent.popleft()
+        return sum(weight for _, weight in self._spent)
+
+    def used(self, now: float) -> int:
+        reported = self._reported if now - self._reported_at < self.window else 0
+        return max(self._own(now), reported)
+
+    def delay(self, now: float, weight: int) -> float:
+        """Seconds to wait before a request of this weight fits the budget."""
+        if now < self.blocked_until:
+            return self.blocked_until - now
+        if self.used(now) + weight <= self.budget:
+            return 0.0
+        if self._spent:
+            return max(0.05, self._spent[0][0] + self.window - now)
+        return max(0.05, self._reported_at + self.window - now)
+
+    def spend(self, now: float, weight: int) -> None:
+        self._spent.append((now, weight))
+
+    def reported(self, now: float, used: int) -> None:
+        self._reported, self._reported_at = used, now
+
+    def block(self, now: float, retry_after: float) -> None:
+        self.blocked_until = max(self.blocked_until, now + max(1.0, retry_after))

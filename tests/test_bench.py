@@ -1,0 +1,74 @@
+"""The benchmark driver: its pure helpers, and one tiny step through the real pipeline.
+
+The smoke step checks accounting (every trade the simulator sent is read back, none twice), never
+timings: performance is judged by `make bench` alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from bench.profile import summarize
+from bench.report import BEGIN, END, table, write_results
+from bench.step import StepResult, bench_symbols, percentiles, run_step
+from streams.config import _SYMBOL
+
+
+def test_bench_symbols_are_distinct_and_valid_config_symbols() -> None:
+    symbols = bench_symbols(1000)
+    assert len(set(symbols)) == 1000
+    assert all(_SYMBOL.match(symbol) for symbol in symbols)
+
+
+def test_percentiles_pick_nearest_ranks() -> None:
+    values = list(range(1, 101))
+    assert percentiles(values) == {"p50": 50, "p95": 95, "p99": 99, "max": 100}
+    assert percentiles([]) == {}
+
+
+def test_results_replace_only_the_generated_section(tmp_path: Path) -> None:
+    document = tmp_path / "benchmarks.md"
+    document.write_text(f"# Benchmarks\n\nprose before\n\n{BEGIN}\nold table\n{END}\n\nprose after\n")
+    write_results(document, "new table\n")
+    text = document.read_text()
+    assert "old table" not in text and "new table" in text
+    assert text.startswith("# Benchmarks\n\nprose before") and text.endswith("prose after\n")
+
+
+def test_profile_summary_counts_inclusive_and_exclusive_samples(tmp_path: Path) -> None:
+    raw = tmp_path / "profile.txt"
+    raw.write_text(
+        "main (app.py:1);parse (agents/normalize.py:10) 3\nmain (app.py:1);produce (agents/writer.py:20) 1\n"
+    )
+    summary = summarize(raw)
+    assert "| `main (app.py)` | 100.0 | 0.0 |" in summary
+    assert "| `parse (agents/normalize.py)` | 75.0 | 75.0 |" in summary
+
+
+@pytest.mark.e2e
+def test_a_tiny_step_reads_back_every_trade_the_simulator_sent(tmp_path: Path) -> None:
+    result = run_step(symbols=3, rate=150, warmup=1.0, duration=2.0, log_dir=tmp_path)
+    assert result.sent_total > 0
+    assert result.lost == 0 and result.duplicates == 0
+    assert result.delivered_unique == result.sent_total
+    assert result.worker_peak_rss > 0 and result.broker_rss > 0
+    row = table([result]).splitlines()[-1]
+    assert row.startswith("| 3 | 1 | 150 |")
+
+
+def test_a_step_passes_only_without_loss_and_at_the_target_rate() -> None:
+    good = StepResult(
+        symbols=100, workers=1, target_rate=10_000, offered_rate=10_000.0, delivered_rate=10_000.0,
+        sent_total=1, delivered_unique=1, duplicates=0, lost=0, drained_in=0.5, reconnects=0,
+        latency_received_created={"p50": 5, "p95": 9, "p99": 12, "max": 20}, latency_received_read={},
+        latency_event_created={}, worker_cpu=50.0, worker_peak_rss=90.0, broker_cpu=40.0,
+        broker_rss=80.0, simulator_cpu=20.0, load_average=1.0,
+    )  # fmt: skip
+    assert good.passed
+    assert not replace(good, lost=1).passed
+    assert not replace(good, delivered_rate=8_000.0).passed
+    assert not replace(good, drained_in=None).passed
+    assert good.worker_us_per_event == 50.0
