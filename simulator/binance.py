@@ -564,8 +564,9 @@ class BinanceSpot:
                 body = {
                     "code": -1003,
                     "msg": (
-                        f"Too much request weight used; current limit is {self.weights.limit} request weight "
-                        "per 1 MINUTE. Please use WebSocket Streams for live updates to avoid polling the API."
+                        f"Too much request weight used; current limit is {self.weights.limit} request "
+                        "weight per 1 MINUTE. Please use WebSocket Streams for live updates to avoid polling "
+                        "the API."
                     ),
                 }
                 retry_after = self.weights.retry_after(client, now)
