@@ -2,7 +2,9 @@
 
 REST responses are written to `raw.<exchange>` under the group's key, like WebSocket frames, with
 `source = "rest:<tag>"`; the normalize agent parses them with the same adapter. Trades are fetched by
-id from the last id seen, so backfill and the live stream share one id sequence per symbol.
+id from the last id seen, so backfill and the live stream share one id sequence per symbol; exchanges
+whose history only pages backwards from the newest trade (`PagesTradesBackwards`) are read newest page
+first, back to the last trade seen.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import time
 from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from agents.connection import SendRaw, now_ms
 from agents.rest import RestClient
@@ -27,6 +30,20 @@ POLL_INTERVAL = 1.0  # seconds between fallback rounds (the weight budget may st
 TICKER_POLL = 5.0
 KLINE_POLL = 10.0
 RETRY_PAUSE = 1.0
+MAX_BACKWARD_PAGES = 20  # per symbol and call: bounds what one backfill holds before writing it
+
+
+@runtime_checkable
+class PagesTradesBackwards(Protocol):
+    """Trade history that answers newest first and pages back from a trade (Upbit's `cursor`).
+
+    Positions (`trade_position`, the same numbers as the adapter's `trade_marker`) order trades in
+    time; ids need not be ordered, only unique: the normalize agent drops repeats by id.
+    """
+
+    def older_trades_request(self, instrument: Instrument, cursor: str, limit: int) -> RestRequest: ...
+
+    def trade_position(self, trade: Trade) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,8 @@ class RestFiller:
         Without a deadline a failed request ends the call (the fallback poller comes back); with one,
         it retries until the deadline.
         """
+        if isinstance(self.adapter, PagesTradesBackwards):
+            return await self._trades_backwards(self.adapter, instrument, first_live, deadline)
         result = TradeFetch()
         symbol = instrument.symbol
         while True:
@@ -126,6 +145,57 @@ class RestFiller:
             if backfill_complete(next_id, first_live, len(ids), TRADES_PAGE):
                 result.complete = True
                 return result
+
+    async def _trades_backwards(
+        self,
+        pager: PagesTradesBackwards,
+        instrument: Instrument,
+        first_live: int | None,
+        deadline: float | None,
+    ) -> TradeFetch:
+        """The newest page, then older ones until a page starts before the last trade seen.
+
+        Pages are written oldest first, so the backfill reaches the topic in time order. The page that
+        reaches back also repeats trades already published: the normalize agent drops them by id (its
+        window holds more than a page). A trade of the same position as the last one seen may be new,
+        so paging stops only at an older one.
+        """
+        result = TradeFetch()
+        symbol = instrument.symbol
+        last = self.last_seen.get(symbol)
+        if last is None:
+            result.complete = True  # nothing seen before: nothing to continue from
+            return result
+        pages: list[tuple[RestRequest, bytes, int]] = []
+        positions: list[int] = []
+        request = self.adapter.trades_request(instrument, None, TRADES_PAGE)
+        while len(pages) < MAX_BACKWARD_PAGES:
+            result.requests += 1
+            body = await self.rest.fetch(request)
+            if body is None:
+                if deadline is None or time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(RETRY_PAUSE)
+                continue
+            received_at = now_ms()
+            pages.append((request, body, received_at))
+            try:
+                records = self.adapter.parse_rest(request.described, body, received_at)
+            except FrameError as exc:  # written anyway: the normalize agent dead-letters it
+                log.error("%s: unreadable REST trades for %s: %s", self.group_key, symbol, exc)
+                break
+            trades = [r.data for r in records if isinstance(r.data, Trade)]  # oldest first
+            positions += [pager.trade_position(trade) for trade in trades]
+            if not trades or pager.trade_position(trades[0]) < last:
+                result.complete = True  # reached back past the last trade seen, or history ends
+                break
+            request = pager.older_trades_request(instrument, trades[0].trade_id, TRADES_PAGE)
+        for request, body, received_at in reversed(pages):
+            await self._write(request, body, received_at)
+        if positions:
+            self.last_seen[symbol] = max(last, *positions)
+        result.fetched = sum(1 for p in positions if p > last and (first_live is None or p < first_live))
+        return result
 
     async def klines(self, instrument: Instrument, interval: str, since_ms: int) -> None:
         start = kline_backfill_start(since_ms, interval)

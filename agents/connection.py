@@ -32,7 +32,9 @@ Emit = Callable[..., Awaitable[None]]  # (kind, detail, connection_id=None)
 FLUSH_INTERVAL = 0.02  # seconds a frame may wait in a batch: bounds the latency batching adds
 MAX_BATCH_FRAMES = 1000
 MAX_BATCH_BYTES = 512 * 1024
-MAX_FRAME_BYTES = 16 * 1024 * 1024
+# A frame travels in a raw record of its own when it is large; it must fit the producer's 8 MiB
+# request limit (streams/app.py), else the frames batched with it would be lost with it.
+MAX_FRAME_BYTES = 6 * 1024 * 1024
 MAX_HELD_FRAMES = 500_000  # a held link releases its frames anyway beyond this (a gap event says so)
 SUBSCRIBE_CHUNK = 200  # streams per SUBSCRIBE message
 ACK_TIMEOUT = 10.0
@@ -85,14 +87,27 @@ class FrameBatcher:
             return
         metrics.frames_received(self.exchange, len(self._frames), self._bytes)
         frames, self._frames, self._bytes = self._frames, [], 0
-        for start in range(0, len(frames), MAX_BATCH_FRAMES):
+        for chunk in _chunks(frames):
             batch = RawBatch(
-                exchange=self.exchange,
-                connection_id=self.connection_id,
-                frames=frames[start : start + MAX_BATCH_FRAMES],
-                source=self.source,
+                exchange=self.exchange, connection_id=self.connection_id, frames=chunk, source=self.source
             )
             await self._send_raw(self.key, encode_batch(batch))
+
+
+def _chunks(frames: list[RawFrame]) -> list[list[RawFrame]]:
+    """Split frames into batches within MAX_BATCH_FRAMES and MAX_BATCH_BYTES (a big frame goes alone)."""
+    chunks: list[list[RawFrame]] = []
+    current: list[RawFrame] = []
+    size = 0
+    for frame in frames:
+        if current and (len(current) >= MAX_BATCH_FRAMES or size + len(frame.payload) > MAX_BATCH_BYTES):
+            chunks.append(current)
+            current, size = [], 0
+        current.append(frame)
+        size += len(frame.payload)
+    if current:
+        chunks.append(current)
+    return chunks
 
 
 class LinkEnded(Exception):

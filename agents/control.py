@@ -7,6 +7,11 @@
 - At start every worker seeds the config's symbols x data types as commands (rule in
   tables/subscription_rules.py).
 - Rebalance signals drive ownership (agents/ownership.py): the worker owning partition n runs group n.
+- A recovery order from the manager (RecoveryCommand, on the group's partition) makes this worker,
+  which runs the group, recycle the connector's connections at once; a `recovered` event follows
+  when they are connected again, `recover-failed` when they are not within RECOVERY_WAIT seconds,
+  when this worker does not run the group, or when the group has no such connector. An order older
+  than RECOVERY_ORDER_MAX_AGE_MS (a replay after a restart) or seen before is skipped.
 
 agents/pipeline.py calls `use()` with the worker's adapters and event emitter, and attaches each
 exchange source to `ownership`.
@@ -17,15 +22,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import msgspec
 from mode import BaseSignalT
 
-from agents.ownership import GroupOwnership
+from agents.ownership import GroupOwnership, exchange_of
+from agents.source import ExchangeSource
 from streams.app import app, config
-from streams.commands import SubscriptionCommand, decode_command
+from streams.commands import (
+    RecoveryCommand,
+    SubscriptionCommand,
+    decode_control_command,
+    recovery_order_expired,
+)
 from streams.events import CollectorEvent
 from streams.exchanges.base import ExchangeAdapter
 from tables.subscription_rules import (
@@ -51,6 +63,10 @@ from tables.subscriptions import (
 log = logging.getLogger(__name__)
 
 ADAPTER_RETRY_SECONDS = 5.0
+RECOVERY_ORDER_MAX_AGE_MS = 30_000
+RECOVERY_WAIT = 60.0  # seconds recycled connectors have to connect before the order counts as failed
+RECOVERY_POLL = 0.2
+RECENT_ORDERS = 1024  # command ids remembered to skip a replayed recovery order
 
 AdapterGetter = Callable[[str], Awaitable[ExchangeAdapter]]
 EmitEvent = Callable[[CollectorEvent], Awaitable[None]]
@@ -69,7 +85,27 @@ async def adapter(exchange: str) -> ExchangeAdapter:
     return await _adapters(exchange)
 
 
-ownership = GroupOwnership(rows=current_rows, owned_partitions=owned_partitions, adapter=adapter)
+class RecyclingOwnership(GroupOwnership):
+    """Group ownership that also carries out recovery orders on the groups this worker runs."""
+
+    def _source(self, group: str) -> ExchangeSource | None:
+        source = self._runners.get(exchange_of(group))
+        return source if group in self.running and isinstance(source, ExchangeSource) else None
+
+    async def recycle(self, group: str, connector: str, reason: str) -> list[str] | None:
+        """The connectors restarted; None when this worker does not run the group."""
+        source = self._source(group)
+        return None if source is None else await source.recycle(group, connector, reason)
+
+    def connector_states(self, group: str, connectors: Collection[str]) -> dict[str, str]:
+        source = self._source(group)
+        status = None if source is None else source.groups().get(group)
+        if status is None:
+            return {}
+        return {c.name: c.state for c in status.connections if c.name in connectors}
+
+
+ownership = RecyclingOwnership(rows=current_rows, owned_partitions=owned_partitions, adapter=adapter)
 use_group_report(ownership.report)
 
 
@@ -123,11 +159,14 @@ async def validate(command: SubscriptionCommand) -> SubscriptionCommand:
 
 async def handle(payload: bytes, partition: int) -> None:
     try:
-        received = decode_command(payload)
+        received = decode_control_command(payload)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         await reject(
             "unknown", f"malformed command: {exc}", {"payload": payload[:200].decode(errors="replace")}
         )
+        return
+    if isinstance(received, RecoveryCommand):
+        await handle_recovery(received, partition)
         return
     try:
         command = await validate(received)
@@ -167,6 +206,63 @@ async def handle(payload: bytes, partition: int) -> None:
         {**_describe(command), "group": group, "subscribed": outcome.row["dataTypes"]},
         symbol=command.symbol if outcome.changed else None,
     )
+
+
+_recent_orders: deque[str] = deque(maxlen=RECENT_ORDERS)
+_recoveries: set[asyncio.Task[None]] = set()
+
+
+def _describe_order(command: RecoveryCommand) -> dict[str, Any]:
+    return {
+        "connector": command.connector,
+        "group": command.group,
+        "attempt": command.attempt,
+        "reason": command.reason,
+        "commandId": command.command_id,
+    }
+
+
+async def handle_recovery(command: RecoveryCommand, partition: int) -> None:
+    """Start carrying out a recovery order; the command path does not wait for the reconnect."""
+    if command.command_id in _recent_orders:
+        log.info("control: recovery order %s was carried out already; skipped", command.command_id)
+        return
+    if recovery_order_expired(command, _now_ms(), RECOVERY_ORDER_MAX_AGE_MS):
+        log.info("control: recovery order %s is too old; skipped", command.command_id)
+        return
+    _recent_orders.append(command.command_id)
+    if command.group.rpartition(":")[2] != str(partition):
+        error = f"sent to partition {partition}, not the group's"
+        await emit("recover-failed", command.exchange, {**_describe_order(command), "error": error})
+        return
+    task = asyncio.ensure_future(carry_out_recovery(command))
+    _recoveries.add(task)
+    task.add_done_callback(_recoveries.discard)
+
+
+async def carry_out_recovery(command: RecoveryCommand) -> None:
+    detail = _describe_order(command)
+    try:
+        recycled = await ownership.recycle(command.group, command.connector, command.reason)
+    except Exception as exc:  # the source boundary: the order failed, the manager orders again
+        log.exception("control: recycling %s failed", command.connector)
+        await emit("recover-failed", command.exchange, {**detail, "error": repr(exc)})
+        return
+    if not recycled:
+        error = "not run by this worker" if recycled is None else "the group has no such connector"
+        await emit("recover-failed", command.exchange, {**detail, "error": error})
+        return
+    started = time.monotonic()
+    states: dict[str, str] = {}
+    while time.monotonic() - started < RECOVERY_WAIT:
+        states = ownership.connector_states(command.group, recycled)
+        if states and all(state == "connected" for state in states.values()):
+            took = round(time.monotonic() - started, 3)
+            await emit("recovered", command.exchange, {**detail, "connectors": recycled, "seconds": took})
+            return
+        await asyncio.sleep(RECOVERY_POLL)
+    error = f"not connected within {RECOVERY_WAIT:.0f} s"
+    await emit("recover-failed", command.exchange, {**detail, "error": error, "states": states})
 
 
 @app.agent(commands_topic, name="control.commands")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -24,8 +24,17 @@ READ_TIMEOUT_MS = 5000
 QUIET_MS = 200
 
 
-async def last_trade_ids(bootstrap: Iterable[str], exchange: str, symbols: Iterable[str]) -> dict[str, int]:
-    """symbol → highest trade id in `market.trade.<exchange>.<symbol>`; symbols without trades are absent."""
+async def last_trade_ids(
+    bootstrap: Iterable[str],
+    exchange: str,
+    symbols: Iterable[str],
+    position: Callable[[Trade], int] | None = None,
+) -> dict[str, int]:
+    """symbol → highest trade position in `market.trade.<exchange>.<symbol>` (absent: no trades).
+
+    The position is the trade id where ids increase; adapters whose ids are only unique (Bithumb)
+    pass `position`, their own measure of where a trade stands in the symbol's history.
+    """
     wanted = {market_topic("trade", exchange, symbol): symbol for symbol in symbols}
     if not wanted:
         return {}
@@ -59,7 +68,7 @@ async def last_trade_ids(bootstrap: Iterable[str], exchange: str, symbols: Itera
                 answered.add(tp)
                 symbol = wanted[tp.topic]
                 for message in messages:
-                    trade_id = _trade_id(message.value)
+                    trade_id = _trade_position(message.value, position)
                     if trade_id is not None and trade_id > found.get(symbol, -1):
                         found[symbol] = trade_id
             if answered >= pending:
@@ -73,7 +82,7 @@ async def last_trade_ids(bootstrap: Iterable[str], exchange: str, symbols: Itera
     return found
 
 
-def _trade_id(value: bytes | None) -> int | None:
+def _trade_position(value: bytes | None, position: Callable[[Trade], int] | None) -> int | None:
     if value is None:
         return None
     try:
@@ -81,6 +90,8 @@ def _trade_id(value: bytes | None) -> int | None:
     except (msgspec.DecodeError, msgspec.ValidationError, KeyError):
         log.warning("the last record of a market topic is unreadable; backfill starts from live data")
         return None
-    if isinstance(record.data, Trade) and record.data.trade_id.isdigit():
-        return int(record.data.trade_id)
-    return None
+    if not isinstance(record.data, Trade):
+        return None
+    if position is not None:
+        return position(record.data)
+    return int(record.data.trade_id) if record.data.trade_id.isdigit() else None

@@ -48,9 +48,11 @@ class Normalizer:
         self.dead_lettered = 0
         self.validator = Validator(adapter.name, adapter.trade_ids, clock_skew_seconds)
         self.duplicates = 0  # repeated trade ids: dropped and counted, not dead-lettered
-        # Trades the market topics already held when this agent started (or partitions moved).
+        # Trades the market topics already held when this agent started (or partitions moved). A
+        # floor only means something where the exchange's trade ids increase (Binance): Upbit's and
+        # Bithumb's are unique but unordered, so a floor would drop new trades.
         self.published = PublishedFloor()
-        self._read_last_trade_ids = read_last_trade_ids
+        self._read_last_trade_ids = read_last_trade_ids if adapter.trade_ids == "increasing" else None
 
     def normalize_frames(self, raw_values: Iterable[bytes]) -> None:
         exchange = self.exchange
@@ -106,7 +108,11 @@ class Normalizer:
             send(EVENTS, exchange.encode(), encode_event(event))
 
     def _published_before(self, symbol: str, trade: Trade) -> bool:
-        return trade.trade_id.isdigit() and self.published.already_published(symbol, int(trade.trade_id))
+        return (
+            self.published.seeded
+            and trade.trade_id.isdigit()
+            and self.published.already_published(symbol, int(trade.trade_id))
+        )
 
     def _reject(
         self, reason: str, detail: str, connection_id: str, sequence: int, received_at: int, payload: bytes

@@ -276,6 +276,31 @@ class ExchangeSource(Service):
                 for slot in running.slots:
                     await slot.stop()
 
+    async def recycle(self, group: str, connector: str | None, reason: str) -> list[str]:
+        """Close and reopen the group's connections now (only `connector`'s when named): a recovery order.
+
+        Each slot restarts through its normal connect path, so it waits for the exchange's attempt
+        limiter and backfills what it missed before the new connection's frames go through; a slot
+        sleeping out a backoff or stuck in a handshake starts over at once. Returns the connectors
+        restarted: none when this worker does not run the group or the group has no such connector.
+        """
+        async with self._changes:
+            running = self._groups.get(group)
+            if running is None:
+                return []
+            slots = [slot for slot in running.slots if connector in (None, slot.name)]
+            for slot in slots:
+                link = slot.link
+                if link is not None:
+                    # The slot counts a link closed only when the link ends by itself.
+                    metrics.connection_closed(self.exchange)
+                    detail = {"connector": slot.name, "group": group, "reason": f"recovery ordered: {reason}"}
+                    await self.emit("disconnected", {**detail, "retryIn": 0}, link.connection_id)
+                log.warning("%s: recycling on a recovery order (%s)", slot.name, reason)
+                await slot.stop()
+                slot.start()
+            return [slot.name for slot in slots]
+
     def groups(self) -> dict[str, GroupStatus]:
         return {
             key: GroupStatus(

@@ -4,8 +4,10 @@
 - `state.flow` applies the normalize agents' per-coin flow summaries (`collector.flow`).
 - `state.alerts` keeps the open and recent alerts (`collector.alerts`).
 - Every worker reports its normalize agents' flow every FLOW_INTERVAL seconds.
-- The manager runs on the leader: it orders recovery of stuck connectors (a `recover-requested`
-  event, which the connection named by it acts on) and raises alerts (log, metric, topic, webhook).
+- The manager runs on the leader: it orders recovery of stuck connectors and raises alerts (log,
+  metric, topic, webhook). An order is a `recover-requested` event for operators plus a
+  RecoveryCommand on the group's partition of `collector.commands`, which the control agent of the
+  worker running the group carries out (agents/control.py).
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from agents import metrics
 from streams.app import app, config
+from streams.commands import RecoveryCommand, encode_command
 from streams.events import CollectorEvent, decode_event, encode_event
 from streams.exchanges.base import ExchangeAdapter
+from streams.topics import COMMANDS
 from tables import store
 from tables import views as _views  # noqa: F401 - registers the web views with the app
-from tables.manager import Decisions, ManagerSettings, apply_alert, evaluate
+from tables.manager import Decisions, ManagerSettings, apply_alert, evaluate, recovery_command
 from tables.records import Alert, decode_alert, decode_flow, encode
 from tables.state import COIN_STATES, CONNECTOR_STATES, Changes, apply_event, apply_flow, stream_index
+from tables.subscription_rules import group_partition
+from tables.subscriptions import commands_topic
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +199,11 @@ class Manager:
                     detail=detail,
                 )
             )
+            command = recovery_command(order, now)
+            if command is None:
+                log.error("manager: %s names no connection group; no order sent", order.connector)
+            else:
+                await send_recovery(command)
         for connector in decisions.failed_connectors:
             reason = connector.get("lastError") or f"still {connector['state']}"
             await emit(
@@ -241,6 +252,22 @@ async def post_webhook(url: str, alert: Alert) -> None:
                 log.warning("alert webhook %s answered HTTP %d", url, response.status)
     except (TimeoutError, aiohttp.ClientError) as exc:
         log.warning("alert webhook %s failed: %r", url, exc)
+
+
+async def send_recovery(command: RecoveryCommand) -> None:
+    """Produce the order to its group's partition, where the worker running the group reads it."""
+    try:
+        await commands_topic.maybe_declare()
+        await app.producer.send_and_wait(
+            COMMANDS,
+            command.group.encode(),
+            encode_command(command),
+            partition=group_partition(command.group),
+            timestamp=None,
+            headers=None,
+        )
+    except Exception:  # the broker boundary: the next manager round orders again
+        log.exception("manager: could not send the recovery order for %s", command.connector)
 
 
 async def emit(event: CollectorEvent) -> None:

@@ -88,6 +88,10 @@ class TopicWriter:
             queue = failed
 
 
+# Errors no retry can fix (the record itself is unacceptable to the broker).
+UNDELIVERABLE = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG})
+
+
 def confluent_settings(
     bootstrap_servers: list[str], linger_ms: int, compression: str, **overrides: Any
 ) -> dict[str, Any]:
@@ -128,12 +132,24 @@ class ConfluentDelivery:
         self._producer = Producer({**settings, "error_cb": self._on_client_error})
         self._failed: list[Record] = []
         self._error: BaseException | None = None
+        self.undeliverable = 0
 
     def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
-        if error is not None:  # runs in the waiting thread, inside librdkafka's flush
-            topic, key, value = message.topic(), message.key(), message.value()
-            self._failed.append((topic or "", key or b"", value or b""))
-            self._error = KafkaException(error)
+        if error is None:  # runs in the waiting thread, inside librdkafka's flush
+            return
+        topic, key, value = message.topic() or "", message.key() or b"", message.value() or b""
+        if self._undeliverable(error, topic, value):
+            return
+        self._failed.append((topic, key, value))
+        self._error = KafkaException(error)
+
+    def _undeliverable(self, error: KafkaError, topic: str, value: bytes) -> bool:
+        if error.code() not in UNDELIVERABLE:
+            return False
+        # Retrying cannot help and would stall every later record of the agent for good.
+        self.undeliverable += 1
+        log.error("record for %s can never be delivered (%s, %d bytes); dropped", topic, error, len(value))
+        return True
 
     def _on_client_error(self, error: KafkaError) -> None:
         log.warning("kafka producer: %s", error)
@@ -155,8 +171,9 @@ class ConfluentDelivery:
                     self._error = exc
                     break
             except KafkaException as exc:
-                not_produced.append((topic, key, value))
-                self._error = exc
+                if not self._undeliverable(exc.args[0], topic, value):
+                    not_produced.append((topic, key, value))
+                    self._error = exc
         await self._wait_empty(loop)
         return self._failed + not_produced, self._error
 

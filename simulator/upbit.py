@@ -16,8 +16,9 @@ WebSocket `<prefix>/websocket/v1` (exchange-protocols.md §3.1, §4.1):
 REST `<prefix>/v1/`: `market/all`, `trades/ticks` (market, count ≤ 500, cursor = sequential_id: the
 page of trades before it; newest first), `ticker` (markets=A,B), 10 requests/s per group on Upbit.
 
-Bithumb's differences: `sequential_id` is a string, the orderbook `timestamp` a microsecond string,
-no candles, 150 REST requests/s.
+Bithumb's differences: `sequential_id` is a string of 18 digits that is unique but neither
+time-based nor ordered (the cursor still names a trade, and the page before it is the same as Upbit's),
+the orderbook `timestamp` a microsecond string, no candles, 150 REST requests/s.
 """
 
 from __future__ import annotations
@@ -319,10 +320,11 @@ class UpbitStyle:
         return _encode(body)
 
     def _sequential_id(self, trade: Trade) -> int | str:
+        if self.flavor.string_sequential_id:
+            return str(bithumb_sequential_id(trade.id))
         # Upbit's shape: the trade time in ms followed by a 4-digit counter. Unique, and only roughly
         # ordered, like the real one.
-        value = trade.time * 10_000 + trade.id % 10_000
-        return str(value) if self.flavor.string_sequential_id else value
+        return trade.time * 10_000 + trade.id % 10_000
 
     def _trade_body(
         self, instrument: Instrument, trade: Trade, now_ms: int, stream_type: str
@@ -550,10 +552,16 @@ class UpbitStyle:
         return [self.truth_row(instrument, trade) for trade in reversed(trades)]
 
     def index_of_sequential_id(self, instrument: Instrument, sequential_id: str) -> int | None:
-        if not sequential_id.isdigit():
+        if not sequential_id.isdigit() or not sequential_id.isascii():
             return None
         value = int(sequential_id)
         history = self.market.history(instrument.symbol)
+        if self.flavor.string_sequential_id:
+            trade_id = bithumb_trade_id(value)
+            if trade_id is None:
+                return None
+            index = history.index_of_id(trade_id)
+            return index if history.begin <= index < history.end else None
         index = history.first_index_at_or_after(value // 10_000)
         while index < history.end:
             trade = history.at(index)
@@ -656,6 +664,24 @@ class UpbitStyle:
 
     def _now_ms(self) -> int:
         return int(self.market.clock() * 1000)
+
+
+# Bithumb's sequential_ids are 18-digit numbers unrelated to time or order (`862683813820523888`): the
+# trade id scrambled by a multiplication modulo _ID_SPAN, a bijection the cursor lookup inverts.
+_ID_BASE = 10**17
+_ID_SPAN = 9 * 10**17
+_ID_FACTOR = 614_889_782_588_491_411  # coprime with _ID_SPAN (2^17 · 3^2 · 5^17): invertible
+_ID_INVERSE = pow(_ID_FACTOR, -1, _ID_SPAN)
+
+
+def bithumb_sequential_id(trade_id: int) -> int:
+    return _ID_BASE + trade_id * _ID_FACTOR % _ID_SPAN
+
+
+def bithumb_trade_id(sequential_id: int) -> int | None:
+    if not _ID_BASE <= sequential_id < _ID_BASE + _ID_SPAN:
+        return None
+    return (sequential_id - _ID_BASE) * _ID_INVERSE % _ID_SPAN
 
 
 class _RequestError(Exception):

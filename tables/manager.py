@@ -3,6 +3,11 @@
 - A connector that has been connecting, recovering or failed for longer than `stuck_after` gets a
   recovery order, again every `stuck_after`, and after `recovery_attempts` orders without becoming
   healthy an alert (`recovery-failed`) that resolves once it is healthy again.
+- A connector that says it is connected while every subscribed coin it carries has been silent for
+  longer than `stuck_after` and `stale_after` (a stalled connection) gets one recovery order per
+  silence: if recycling it brought nothing, the exchange is quiet and the coin-stale alerts tell.
+- A recovery order is carried out by the worker running the connector's group: it goes to the
+  group's partition of `collector.commands` as a RecoveryCommand (agents/control.py acts on it).
 - A subscribed coin with no record for longer than `stale_after` raises `coin-stale`, resolved when
   its records flow again.
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from streams.commands import RecoveryCommand
 from tables.records import Alert
 from tables.state import Row
 
@@ -32,6 +38,7 @@ class RecoveryOrder:
     connection_id: str | None
     attempt: int
     reason: str
+    group: str | None = None  # the connection group (`binance:3`), None when the name tells none
 
 
 @dataclass
@@ -57,6 +64,42 @@ def is_stale(coin: Row, now: int, stale_after_ms: int) -> bool:
     return age > stale_after_ms
 
 
+def connector_group(exchange: str, connector: str) -> str | None:
+    """The group a connector belongs to: `binance-3` and `binance-3.1` are connections of `binance:3`."""
+    prefix = f"{exchange}-"
+    if not connector.startswith(prefix):
+        return None
+    number = connector[len(prefix) :].split(".", 1)[0]
+    return f"{exchange}:{number}" if number.isdigit() else None
+
+
+def recovery_command(order: RecoveryOrder, now: int) -> RecoveryCommand | None:
+    """The command that makes the group's worker carry out the order; None when it has no group."""
+    if order.group is None:
+        return None
+    return RecoveryCommand(
+        action="recover",
+        exchange=order.exchange,
+        group=order.group,
+        connector=order.connector,
+        attempt=order.attempt,
+        reason=order.reason,
+        command_id=f"recover:{order.connector}:{order.attempt}:{now}",
+        requested_at=now,
+    )
+
+
+def last_heard_ms(connector: Row, coins: Mapping[str, Row]) -> int | None:
+    """When the connector's subscribed coins last got a record (or were subscribed); None without any."""
+    heard = [
+        coin.get("lastReceivedAt") or coin.get("since") or 0
+        for symbol in connector.get("coins") or []
+        if (coin := coins.get(f"{connector['exchange']}:{symbol}")) is not None
+        and coin.get("state") == "subscribed"
+    ]
+    return max(heard) if heard else None
+
+
 def evaluate(
     coins: Iterable[Row],
     connectors: Iterable[Row],
@@ -71,9 +114,11 @@ def evaluate(
     manager last ordered its recovery (the table may not show that order yet).
     """
     decisions = Decisions()
+    coin_rows = list(coins)
+    by_key = {f"{coin['exchange']}:{coin['symbol']}": coin for coin in coin_rows}
     for connector in connectors:
-        _judge_connector(connector, open_alerts, recently_ordered, now, settings, decisions)
-    for coin in coins:
+        _judge_connector(connector, by_key, open_alerts, recently_ordered, now, settings, decisions)
+    for coin in coin_rows:
         key = f"coin-stale:{coin['exchange']}:{coin['symbol']}"
         stale = is_stale(coin, now, settings.stale_after_ms)
         if stale and key not in open_alerts:
@@ -94,6 +139,7 @@ def evaluate(
 
 def _judge_connector(
     connector: Row,
+    coins: Mapping[str, Row],
     open_alerts: Container[str],
     recently_ordered: Mapping[str, int],
     now: int,
@@ -102,16 +148,17 @@ def _judge_connector(
 ) -> None:
     name, exchange = connector["connector"], connector["exchange"]
     key = f"recovery-failed:{name}"
+    last_order = max(connector.get("lastRecoveryRequestAt") or 0, recently_ordered.get(name, 0))
     if connector["state"] == "connected":
         if key in open_alerts:
             decisions.alerts.append(
                 _alert(key, "recovery-failed", "resolved", exchange, now, f"{name} is connected again",
                        {"connector": name})
             )  # fmt: skip
+        _judge_silence(connector, coins, last_order, now, settings, decisions)
         return
     if connector["state"] not in STUCK_STATES or now - connector["since"] <= settings.stuck_after_ms:
         return
-    last_order = max(connector.get("lastRecoveryRequestAt") or 0, recently_ordered.get(name, 0))
     if now - last_order <= settings.stuck_after_ms:
         return
     attempts = connector.get("recoveryAttempts", 0)
@@ -127,7 +174,30 @@ def _judge_connector(
         return
     decisions.recoveries.append(
         RecoveryOrder(exchange, name, connector.get("connectionId"), attempts + 1,
-                      f"{connector['state']} for {(now - connector['since']) / 1000:.0f} s")
+                      f"{connector['state']} for {(now - connector['since']) / 1000:.0f} s",
+                      connector_group(exchange, name))
+    )  # fmt: skip
+
+
+def _judge_silence(
+    connector: Row,
+    coins: Mapping[str, Row],
+    last_order: int,
+    now: int,
+    settings: ManagerSettings,
+    decisions: Decisions,
+) -> None:
+    """A connected connector whose coins all went silent is stalled: order one recycle per silence."""
+    heard = last_heard_ms(connector, coins)
+    if heard is None or now - connector["since"] <= settings.stuck_after_ms:
+        return
+    silent_for = now - heard
+    if silent_for <= max(settings.stuck_after_ms, settings.stale_after_ms) or last_order >= heard:
+        return
+    name, exchange = connector["connector"], connector["exchange"]
+    decisions.recoveries.append(
+        RecoveryOrder(exchange, name, connector.get("connectionId"), connector.get("recoveryAttempts", 0) + 1,
+                      f"connected but silent for {silent_for / 1000:.0f} s", connector_group(exchange, name))
     )  # fmt: skip
 
 

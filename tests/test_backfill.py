@@ -83,6 +83,27 @@ async def test_rest_trades_and_live_frames_publish_each_trade_once_above_what_th
     assert published.dead_letter_reasons() == []
 
 
+class UnorderedIdsBinance(BinanceAdapter):
+    """Binance frames, but ids declared unique-only, as Upbit's and Bithumb's are."""
+
+    trade_ids = "unique"
+
+
+async def test_no_published_id_floor_applies_where_trade_ids_are_not_ordered() -> None:
+    published = Published()
+    asked: list[object] = []
+
+    async def last_ids(symbols: object) -> dict[str, int]:
+        asked.append(symbols)
+        return {"BTC/USDT": 10**9}  # an unordered id far above the new trades' ids
+
+    normalizer = Normalizer(UnorderedIdsBinance([BTC]), TopicWriter(published.produce, published.declare),
+                            read_last_trade_ids=last_ids)  # fmt: skip
+    await normalizer.handle([batch("ws", *(ws_trade(i) for i in (7, 3, 9)))])
+    assert published.trade_ids() == [7, 3, 9]
+    assert asked == []
+
+
 @pytest.mark.parametrize(("source", "reason"), [
     ("rest:depth/BTCUSDT", "unknown-source"),
     ("rest:trades/XYZUSDT", "unknown-symbol"),

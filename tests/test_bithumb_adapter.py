@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
+from agents.backfill import PagesTradesBackwards
 from streams.exchanges import adapter_class
 from streams.exchanges.base import DataType, FrameError, Instrument
 from streams.exchanges.bithumb import BithumbAdapter
 from streams.exchanges.upbit import UpbitAdapter
-from streams.records import MarketRecord, decode_record, encode_record
+from streams.records import MarketRecord, Trade, decode_record, encode_record
 from streams.rest import RestTag
 
 RECEIVED_AT = 1_783_658_381_500
@@ -85,6 +86,24 @@ def test_rest_ticks_with_string_ids(adapter: BithumbAdapter) -> None:
             b'"sequential_id":"862683813820523888"}]')  # fmt: skip
     [record] = adapter.parse_rest(RestTag("trades", "KRW-BTC", None), body, RECEIVED_AT)
     assert record.data.trade_id == "862683813820523888" and record.data.side == "buy"  # type: ignore[union-attr]
+
+
+def test_a_trade_stands_at_its_trade_time_not_its_unordered_id(adapter: BithumbAdapter) -> None:
+    assert adapter.trade_marker(DOC_TRADE) == ("BTC/KRW", 1783658381138 * 10_000)
+    [record] = adapter.parse_frame(DOC_TRADE, RECEIVED_AT)
+    assert isinstance(record, MarketRecord) and isinstance(record.data, Trade)
+    assert adapter.trade_position(record.data) == 1783658381138 * 10_000
+    assert adapter.trade_marker(DOC_TRADE.replace(b'"862683813820523888"', b'"86x"')) is None
+    assert adapter.trade_marker(DOC_ORDERBOOK) is None
+
+
+def test_rest_history_pages_back_from_the_newest_trades(adapter: BithumbAdapter) -> None:
+    btc = adapter.by_symbol["BTC/KRW"]
+    assert BithumbAdapter.rest_history and isinstance(adapter, PagesTradesBackwards)
+    newest = adapter.trades_request(btc, 1783658381138 * 10_000, 1000)
+    assert (newest.path, newest.params) == ("/v1/trades/ticks", {"market": "KRW-BTC", "count": "500"})
+    older = adapter.older_trades_request(btc, "862683813820523888", 1000)
+    assert older.params == {"market": "KRW-BTC", "count": "500", "cursor": "862683813820523888"}
 
 
 def test_what_bithumb_offers(adapter: BithumbAdapter) -> None:

@@ -6,7 +6,17 @@ import asyncio
 from collections.abc import Collection, Iterable
 from typing import Any
 
+import msgspec
+import pytest
+
 from agents.ownership import GroupOwnership, group_streams, groups_in_rows, plan_changes
+from streams.commands import (
+    RecoveryCommand,
+    SubscriptionCommand,
+    decode_control_command,
+    encode_command,
+    recovery_order_expired,
+)
 from streams.exchanges.base import ExchangeAdapter, Instrument
 from streams.exchanges.binance import BinanceAdapter
 from tables.subscription_rules import Row
@@ -183,3 +193,32 @@ async def _settle(condition: Any, rounds: int = 100) -> None:
             return
         await asyncio.sleep(0)
     raise AssertionError("condition not reached")
+
+
+def recovery(requested_at: int = 1_000) -> RecoveryCommand:
+    return RecoveryCommand(
+        action="recover", exchange="binance", group="binance:3", connector="binance-3", attempt=1,
+        reason="silent for 61 s", command_id="recover:binance-3:1:1000", requested_at=requested_at,
+    )  # fmt: skip
+
+
+def test_the_commands_topic_carries_subscriptions_and_recovery_orders_told_apart_by_action() -> None:
+    order = recovery()
+    assert decode_control_command(encode_command(order)) == order
+    subscribe = SubscriptionCommand("subscribe", "binance", "BTC/USDT", ["trade"], "c1", 5)
+    assert decode_control_command(encode_command(subscribe)) == subscribe
+    # A subscription command as produced before recovery orders existed still decodes the same.
+    old = b'{"action":"unsubscribe","exchange":"binance","symbol":"BTC/USDT","dataTypes":["trade"],'
+    old += b'"commandId":"c2","requestedAt":7}'
+    assert decode_control_command(old) == SubscriptionCommand(
+        "unsubscribe", "binance", "BTC/USDT", ["trade"], "c2", 7
+    )
+    for bad in (b'{"action":"recover","exchange":"binance"}', b'{"action":"reboot"}', b"[1]", b"{"):
+        with pytest.raises((msgspec.DecodeError, msgspec.ValidationError)):
+            decode_control_command(bad)
+
+
+def test_a_recovery_order_read_again_long_after_it_was_sent_is_expired() -> None:
+    order = recovery(requested_at=1_000)
+    assert not recovery_order_expired(order, now=31_000, max_age_ms=30_000)
+    assert recovery_order_expired(order, now=31_001, max_age_ms=30_000)

@@ -129,3 +129,20 @@ async def test_the_writer_returns_only_after_every_record_is_acknowledged_and_re
     writer.send("t1", b"k", b"again")
     await asyncio.wait_for(writer.flush(), timeout=5)
     assert sorted(declared) == ["t1", "t2"]  # declared once
+
+
+async def test_a_large_frame_travels_in_a_raw_record_of_its_own() -> None:
+    from agents.connection import MAX_BATCH_BYTES
+
+    sent: list[bytes] = []
+
+    async def send_raw(key: str, value: bytes) -> None:
+        sent.append(value)
+
+    batcher = FrameBatcher("binance", "conn-1", send_raw)
+    batcher.add(b"{}", 1)
+    batcher.add(b"x" * (MAX_BATCH_BYTES * 3), 2)
+    batcher.add(b"{}", 3)
+    await batcher.flush()
+    batches = [decode_batch(value) for value in sent]
+    assert [[f.sequence for f in b.frames] for b in batches] == [[0], [1], [2]]

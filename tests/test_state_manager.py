@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from tables.manager import ManagerSettings, apply_alert, evaluate, is_stale
+from streams.commands import decode_control_command, encode_command
+from tables.manager import (
+    ManagerSettings,
+    RecoveryOrder,
+    apply_alert,
+    connector_group,
+    evaluate,
+    is_stale,
+    recovery_command,
+)
 from tables.state import new_coin, new_connector
 
 SETTINGS = ManagerSettings(stale_after_ms=10_000, stuck_after_ms=30_000, recovery_attempts=2)
@@ -29,6 +38,7 @@ def test_a_connector_stuck_longer_than_the_limit_gets_a_recovery_order() -> None
         "binance", "binance-0", "binance-0-1-1", 1,
     )  # fmt: skip
     assert order.reason == "recovering for 30 s"
+    assert order.group == "binance:0"
     assert not decisions.alerts
 
 
@@ -112,3 +122,65 @@ def test_the_recent_alerts_row_is_bounded() -> None:
     assert len(recent["latest"]) == 50
     assert len(recent["ids"]) <= 200
     assert recent["latest"][0]["time"] == 20_199
+
+
+def test_a_connector_name_tells_its_connection_group() -> None:
+    assert connector_group("binance", "binance-3") == "binance:3"
+    assert connector_group("binance", "binance-3.1") == "binance:3"  # a second connection of the group
+    assert connector_group("binance_futures", "binance_futures-12") == "binance_futures:12"
+    assert connector_group("binance", "upbit-3") is None
+    assert connector_group("binance", "binance-rest") is None
+
+
+def test_a_recovery_order_becomes_a_command_for_the_groups_partition() -> None:
+    order = RecoveryOrder("binance", "binance-3.1", "binance-3.1-9-2", 2, "recovering for 61 s", "binance:3")
+    command = recovery_command(order, now=123_000)
+    assert command is not None
+    assert (command.action, command.exchange, command.group, command.connector) == (
+        "recover", "binance", "binance:3", "binance-3.1",
+    )  # fmt: skip
+    assert (command.attempt, command.reason, command.requested_at) == (2, "recovering for 61 s", 123_000)
+    assert command.command_id == "recover:binance-3.1:2:123000"
+    assert decode_control_command(encode_command(command)) == command
+    nameless = RecoveryOrder("binance", "odd", None, 1, "failed for 70 s")
+    assert recovery_command(nameless, now=1) is None
+
+
+def silent_case(last_received: int, connected_since: int = 0, **fields: object) -> tuple[list, list]:
+    carried = coin("subscribed", last_received)
+    row = connector("connected", since=connected_since, coins=["BTC/USDT"], **fields)
+    return [carried], [row]
+
+
+def test_a_connected_connector_whose_coins_all_went_silent_gets_one_recovery_order() -> None:
+    # Silent for longer than both limits (stuck 30 s, stale 10 s): a stalled connection.
+    coins, connectors = silent_case(last_received=40_000)
+    assert not evaluate(coins, connectors, set(), {}, now=70_000, settings=SETTINGS).recoveries
+    [order] = evaluate(coins, connectors, set(), {}, now=70_001, settings=SETTINGS).recoveries
+    assert (order.connector, order.group, order.attempt) == ("binance-0", "binance:0", 1)
+    assert order.reason == "connected but silent for 30 s"
+    # Once ordered during this silence (by the table or by the manager's memory), never again...
+    coins, connectors = silent_case(last_received=40_000, lastRecoveryRequestAt=70_001)
+    assert not evaluate(coins, connectors, set(), {}, now=500_000, settings=SETTINGS).recoveries
+    coins, connectors = silent_case(last_received=40_000)
+    assert not evaluate(
+        coins, connectors, set(), {"binance-0": 70_001}, now=500_000, settings=SETTINGS
+    ).recoveries
+    # ...until records flowed after the order and then stopped again.
+    coins, connectors = silent_case(last_received=80_000, lastRecoveryRequestAt=70_001)
+    assert evaluate(coins, connectors, set(), {}, now=110_001, settings=SETTINGS).recoveries
+
+
+def test_a_fresh_connection_or_a_flowing_coin_is_not_a_stall() -> None:
+    # Connected only just now: the new connection gets its chance first.
+    coins, connectors = silent_case(last_received=0, connected_since=90_000)
+    assert not evaluate(coins, connectors, set(), {}, now=100_000, settings=SETTINGS).recoveries
+    # One of its coins still flows.
+    flowing = coin("subscribed", 99_000)
+    flowing["symbol"] = "ETH/USDT"
+    coins, connectors = silent_case(last_received=0)
+    connectors[0]["coins"] = ["BTC/USDT", "ETH/USDT"]
+    assert not evaluate([*coins, flowing], connectors, set(), {}, now=100_000, settings=SETTINGS).recoveries
+    # A stopped coin does not count as silent.
+    stopped = coin("stopped", 0)
+    assert not evaluate([stopped], connectors[:1], set(), {}, now=100_000, settings=SETTINGS).recoveries

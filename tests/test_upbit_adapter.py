@@ -13,12 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agents.backfill import PagesTradesBackwards
 from streams.exchanges import adapter_class
 from streams.exchanges.base import DataType, ErrorReply, FrameError, Instrument, SubscriptionList
 from streams.exchanges.upbit import UpbitAdapter, millis, plain
 from streams.plan import plan_connections
-from streams.records import MarketRecord, decode_record, encode_record
+from streams.records import MarketRecord, Trade, decode_record, encode_record
 from streams.rest import RestTag
+from streams.validation import UNIQUE_WINDOW
 
 FIXTURE = Path(__file__).parent / "fixtures" / "upbit.ws"
 RECEIVED_AT = 1_700_000_000_123
@@ -250,7 +252,7 @@ def test_rest_ticks_oldest_first_with_exact_numbers(adapter: UpbitAdapter) -> No
     # trades/ticks cannot page forward: backfill asks for the newest page whatever the last id seen.
     request = adapter.trades_request(btc, 17510687993360000, 1000)
     assert (request.path, request.params) == ("/v1/trades/ticks", {"market": "KRW-BTC", "count": "500"})
-    older = adapter.older_trades_request(btc, 17510687993360000, 100)
+    older = adapter.older_trades_request(btc, "17510687993360000", 100)
     assert older.params == {"market": "KRW-BTC", "count": "100", "cursor": "17510687993360000"}
     body = b"""[{"market":"KRW-BTC","trade_date_utc":"2025-06-27","trade_time_utc":"23:59:59",
       "timestamp":1751068799336,"trade_price":145000000.0,"trade_volume":1e-05,"prev_closing_price":1.0,
@@ -330,6 +332,20 @@ def test_trade_marker_is_the_time_based_sequential_id(adapter: UpbitAdapter) -> 
     # The recorded SIMPLE frames are not what the collector asks for; they carry no marker.
     assert all(adapter.trade_marker(frame) is None for _, frame in RECORDED[:20])
     assert UpbitAdapter.rest_history
+
+
+def test_trade_position_of_a_parsed_trade_is_its_marker(adapter: UpbitAdapter) -> None:
+    frame = DOC_TRADE.replace(b": ", b":").replace(b"\n", b"")
+    [record] = adapter.parse_frame(frame, RECEIVED_AT)
+    assert isinstance(record, MarketRecord) and isinstance(record.data, Trade)
+    assert adapter.trade_marker(frame) == ("BTC/KRW", adapter.trade_position(record.data))
+    assert isinstance(adapter, PagesTradesBackwards)  # the backfill pages trades/ticks back by cursor
+
+
+def test_the_dedupe_window_holds_more_than_a_rest_page(adapter: UpbitAdapter) -> None:
+    # The page that reaches back past the last trade seen repeats up to a page of published trades.
+    page = int(adapter.trades_request(adapter.by_symbol["BTC/KRW"], None, 10_000).params["count"])
+    assert adapter.trade_ids == "unique" and page < UNIQUE_WINDOW
 
 
 def test_rest_candles_oldest_first_closed_when_over(adapter: UpbitAdapter) -> None:

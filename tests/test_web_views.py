@@ -323,9 +323,13 @@ def test_stuck_connectors_get_recovery_orders_then_an_alert_that_resolves(cluste
 
     try:
         ordered = wait_for(lambda: [e for e in orders() if e.type == "recover-requested"], 10, "the orders")
+        # The worker running each ordered connector carried its order out (tests/test_e2e_recovery.py).
+        carried = wait_for(lambda: [e for e in orders() if e.type == "recovered"], 10, "orders carried out")
     finally:
         reader.close()
     assert all(e.connection_id and e.detail["connector"] and e.detail["attempt"] >= 1 for e in ordered)
+    assert {e.detail["connector"] for e in carried} <= {e.detail["connector"] for e in ordered}
+    assert all(e.detail["commandId"].startswith("recover:") and e.detail["connectors"] for e in carried)
     assert {e.detail["attempt"] for e in ordered} >= {1, 2}
     assert wait_for(lambda: cluster.simulator.get("/_sim/stats").get("violations") == 0, 5, "no violations")
 

@@ -100,3 +100,19 @@ async def test_flush_keeps_retrying_while_the_broker_is_down_and_finishes_when_i
         assert sorted(found["market.trade.test.retry"]) == sorted(v for _, _, v in records)
     finally:
         revived.stop()
+
+
+async def test_a_record_the_broker_can_never_accept_is_dropped_instead_of_stalling_the_writer() -> None:
+    # librdkafka refuses a record over message.max.bytes locally; no broker is needed to see it.
+    delivery = ConfluentDelivery(
+        confluent_settings(["127.0.0.1:1"], 0, "none", **{"message.max.bytes": 10_000, "log_level": 0})
+    )
+
+    async def declare(topic: str) -> None:
+        return None
+
+    writer = TopicWriter(None, declare, retry_delay=0.01, delivery=delivery)
+    writer.send("market.trade.binance.btc-usdt", b"k", b"x" * 20_000)
+    await asyncio.wait_for(writer.flush(), timeout=10)
+    assert delivery.undeliverable == 1
+    assert writer.retries == 0

@@ -3,8 +3,10 @@
 `wss://ws-api.bithumb.com/websocket/v1` takes Upbit's array requests and sends Upbit-shaped frames
 (exchange-protocols.md §4.1), so the parsing is UpbitAdapter's. The differences it absorbs:
 `sequential_id` is a string, the orderbook `timestamp` a microsecond string (converted to ms; the µs
-digits stay the bbo `updateId`), the orderbook `level` defaults to 1, and `sequential_id` is not
-time-based, so there is no REST backfill (see `rest_history`). The public WebSocket offers
+digits stay the bbo `updateId`), the orderbook `level` defaults to 1, and `sequential_id` is unique
+but neither time-based nor ordered (`862683813820523888`), so a trade's position is its trade time
+(`trade_position`): the backfill pages `trades/ticks` back until a page reaches a trade older than the
+last one seen, and the normalize agent drops repeats by id. The public WebSocket offers
 trade, ticker and orderbook only: no candles (kline). Connects are limited to 10/s per IP, after which
 Bithumb answers 429 (with an empty body) and then blocks the IP for 10 minutes. Its ticker's trading
 day starts at 00:00 KST.
@@ -16,6 +18,10 @@ from typing import ClassVar
 
 from streams.exchanges.base import DataKind, ExchangeLimits
 from streams.exchanges.upbit import UpbitAdapter
+
+# Positions are the trade time in ms scaled like Upbit's sequential_id (ms followed by 4 digits), so
+# both read the same; trades of one millisecond share a position.
+_POSITIONS_PER_MS = 10_000
 
 
 class BithumbAdapter(UpbitAdapter):
@@ -31,6 +37,7 @@ class BithumbAdapter(UpbitAdapter):
     kline_intervals: ClassVar[frozenset[str]] = frozenset()
     data_kinds: ClassVar[frozenset[DataKind]] = frozenset({"trade", "ticker", "bbo"})
     instruments_path = "/v1/market/all?isDetails=false"
-    # Bithumb's sequential_id is not time-based (`862683813820523888`), so it cannot mark how far the
-    # stream got: no backfill until it pages trades/ticks by time.
-    rest_history = False
+
+    @staticmethod
+    def _position(sequential_id: str, trade_time: int) -> int:
+        return trade_time * _POSITIONS_PER_MS  # the id says nothing about order

@@ -27,10 +27,11 @@ Mapping to the collector's records:
   state is published once more with `closed: true`, just before the new bar. `trades` is 0.
 
 REST backfill and fallback: `trades/ticks` answers newest first and pages only backwards (by
-`cursor`), so the backfill asks for the newest 500 trades and the normalize agent drops the ones it
-already published. Upbit's `sequential_id` is the trade time in ms followed by a counter, which is
-what lets it mark how far the stream got (`trade_marker`); a gap of more than 500 trades per symbol is
-not filled yet (that needs `older_trades_request` paging in the backfill).
+`cursor`, a trade's `sequential_id`), so the backfill asks for the newest 500 trades, then the pages
+before them (`older_trades_request`) until a page reaches back past the last trade seen; the
+normalize agent drops the trades it already published by id. How far the stream got is a trade's
+position (`trade_marker`, `trade_position`): Upbit's `sequential_id` is the trade time in ms followed
+by a 4-digit counter, so it is its own position.
 
 Failure reasons: `invalid-json`, `schema-mismatch`, `unknown-event` (a `type` this adapter does not
 know), `unsupported-data-type` (a candle interval it does not map), `unknown-symbol`, `empty-book`
@@ -189,6 +190,7 @@ class _TradeMark(msgspec.Struct, gc=False):
     type: str
     code: str
     sequential_id: int | str
+    trade_timestamp: int | str
 
 
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
@@ -353,9 +355,21 @@ class UpbitAdapter(ExchangeAdapter):
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return None
         instrument = self.instruments.get(mark.code)
-        if instrument is None or not str(mark.sequential_id).isdigit():
+        if instrument is None:
             return None
-        return instrument.symbol, int(mark.sequential_id)
+        try:
+            position = self._position(_id_text(mark.sequential_id), millis(mark.trade_timestamp))
+        except FrameError:
+            return None  # the normalize agent dead-letters the frame
+        return instrument.symbol, position
+
+    def trade_position(self, trade: Trade) -> int:
+        """Where a trade stands in its symbol's history: the numbers `trade_marker` gives the source."""
+        return self._position(trade.trade_id, trade.trade_time)
+
+    @staticmethod
+    def _position(sequential_id: str, trade_time: int) -> int:
+        return int(sequential_id)  # time-based: ms followed by a 4-digit counter
 
     # -- records ------------------------------------------------------------------------------------
 
@@ -438,15 +452,15 @@ class UpbitAdapter(ExchangeAdapter):
     # -- REST history (backfill and fallback) ---------------------------------------------------------
 
     def trades_request(self, instrument: Instrument, from_id: int | None, limit: int) -> RestRequest:
-        """The newest 500 trades, whatever `from_id`: trades/ticks only pages backwards (by cursor).
+        """The newest (at most 500) trades, whatever `from_id`: trades/ticks only pages backwards.
 
-        Trades of the page that were already delivered are dropped downstream by id, so a gap of up to
-        500 trades per symbol is filled; `older_trades_request` is the backwards page for more.
+        Trades of the page that were already delivered are dropped downstream by id; the backfill asks
+        for `older_trades_request` pages until it reaches the last trade seen.
         """
         params = {"market": instrument.exchange_symbol, "count": str(min(limit, 500))}
         return RestRequest("trades", self.ticks_path, params, _REQUEST_WEIGHT, instrument.exchange_symbol)
 
-    def older_trades_request(self, instrument: Instrument, cursor: int | str, limit: int) -> RestRequest:
+    def older_trades_request(self, instrument: Instrument, cursor: str, limit: int) -> RestRequest:
         """The page of trades before the one whose sequential_id is `cursor`, newest first."""
         params = {"market": instrument.exchange_symbol, "count": str(min(limit, 500)), "cursor": str(cursor)}
         return RestRequest("trades", self.ticks_path, params, _REQUEST_WEIGHT, instrument.exchange_symbol)
