@@ -15,7 +15,7 @@ field names; anything that does not fit becomes a FrameError with a stable reaso
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import msgspec
 from msgspec import UNSET, Raw, UnsetType, field
@@ -37,7 +37,6 @@ from streams.exchanges.base import (
 from streams.records import Bbo, Kline, MarketRecord, Ticker, Trade
 from streams.rest import RestRequest, RestTag
 
-EXCHANGE = "binance"
 SHUTDOWN_STREAM = "!serverShutdown"
 # Binance writes the stream name first in every combined frame, and names only its market-wide
 # streams (serverShutdown among them) with a leading "!".
@@ -101,6 +100,11 @@ class _TickerEvent(_SymbolEvent, gc=False):
     quote_volume: str = field(name="q")
     change: str = field(name="p")
     change_percent: str = field(name="P")
+
+
+class _QuotedTickerEvent(_TickerEvent, gc=False):
+    """Spot's 24 h ticker, which also carries the best bid and ask."""
+
     bid_price: str = field(name="b")
     bid_quantity: str = field(name="B")
     ask_price: str = field(name="a")
@@ -174,11 +178,14 @@ class _RestTicker(msgspec.Struct, gc=False):
     quote_volume: str = field(name="quoteVolume")
     change: str = field(name="priceChange")
     change_percent: str = field(name="priceChangePercent")
+    close_time: int = field(name="closeTime")
+
+
+class _RestQuotedTicker(_RestTicker, gc=False):
     bid_price: str = field(name="bidPrice")
     bid_quantity: str = field(name="bidQty")
     ask_price: str = field(name="askPrice")
     ask_quantity: str = field(name="askQty")
-    close_time: int = field(name="closeTime")
 
 
 class _TradeIdOnly(msgspec.Struct, gc=False):
@@ -198,13 +205,15 @@ _exchange_info_decoder = msgspec.json.Decoder(_ExchangeInfo)
 _encoder = msgspec.json.Encoder()
 _rest_trades_decoder = msgspec.json.Decoder(list[_RestTrade])
 _rest_klines_decoder = msgspec.json.Decoder(list[_RestKline])
-_rest_ticker_decoder = msgspec.json.Decoder(_RestTicker)
+# Spot tickers carry the quote; the declared type is the base every Binance market shares.
+_rest_ticker_decoder: msgspec.json.Decoder[_RestTicker] = msgspec.json.Decoder(_RestQuotedTicker)
 _trade_mark_decoder = msgspec.json.Decoder(_TradeMark)
 _TRADE_CHANNEL_MARK = b'@trade"'
 _WEIGHT_HEADER = "X-MBX-USED-WEIGHT-1M"
 
 
-def _trade(event: _TradeEvent, instrument: Instrument, received_at: int) -> MarketRecord:
+# Record builders take the exchange name so that Binance's other markets can share them.
+def _trade(exchange: str, event: _TradeEvent, instrument: Instrument, received_at: int) -> MarketRecord:
     data = Trade(
         price=event.price,
         quantity=event.quantity,
@@ -212,10 +221,12 @@ def _trade(event: _TradeEvent, instrument: Instrument, received_at: int) -> Mark
         trade_id=str(event.trade_id),
         trade_time=event.trade_time,
     )
-    return MarketRecord(EXCHANGE, instrument.symbol, "trade", event.event_time, received_at, data)
+    return MarketRecord(exchange, instrument.symbol, "trade", event.event_time, received_at, data)
 
 
-def _agg_trade(event: _AggTradeEvent, instrument: Instrument, received_at: int) -> MarketRecord:
+def _agg_trade(
+    exchange: str, event: _AggTradeEvent, instrument: Instrument, received_at: int
+) -> MarketRecord:
     data = Trade(
         price=event.price,
         quantity=event.quantity,
@@ -223,10 +234,10 @@ def _agg_trade(event: _AggTradeEvent, instrument: Instrument, received_at: int) 
         trade_id=str(event.aggregate_id),
         trade_time=event.trade_time,
     )
-    return MarketRecord(EXCHANGE, instrument.symbol, "trade", event.event_time, received_at, data)
+    return MarketRecord(exchange, instrument.symbol, "trade", event.event_time, received_at, data)
 
 
-def _kline(event: _KlineEvent, instrument: Instrument, received_at: int) -> MarketRecord:
+def _kline(exchange: str, event: _KlineEvent, instrument: Instrument, received_at: int) -> MarketRecord:
     bar = event.bar
     data = Kline(
         interval=bar.interval,
@@ -241,28 +252,37 @@ def _kline(event: _KlineEvent, instrument: Instrument, received_at: int) -> Mark
         trades=bar.trades,
         closed=bar.closed,
     )
-    return MarketRecord(EXCHANGE, instrument.symbol, "kline", event.event_time, received_at, data)
+    return MarketRecord(exchange, instrument.symbol, "kline", event.event_time, received_at, data)
 
 
-def _ticker(event: _TickerEvent, instrument: Instrument, received_at: int) -> MarketRecord:
-    data = Ticker(
-        last=event.last,
-        open=event.open,
-        high=event.high,
-        low=event.low,
-        volume=event.volume,
-        quote_volume=event.quote_volume,
-        change=event.change,
-        change_percent=event.change_percent,
-        bid_price=event.bid_price,
-        bid_quantity=event.bid_quantity,
-        ask_price=event.ask_price,
-        ask_quantity=event.ask_quantity,
+def _ticker(exchange: str, event: _TickerEvent, instrument: Instrument, received_at: int) -> MarketRecord:
+    return MarketRecord(
+        exchange, instrument.symbol, "ticker", event.event_time, received_at, _ticker_data(event)
     )
-    return MarketRecord(EXCHANGE, instrument.symbol, "ticker", event.event_time, received_at, data)
 
 
-def _bbo(event: _BookTickerEvent, instrument: Instrument, received_at: int) -> MarketRecord:
+def _ticker_data(ticker: _TickerEvent | _RestTicker) -> Ticker:
+    quote = (
+        {"bid_price": ticker.bid_price, "bid_quantity": ticker.bid_quantity,
+         "ask_price": ticker.ask_price, "ask_quantity": ticker.ask_quantity}
+        if isinstance(ticker, (_QuotedTickerEvent, _RestQuotedTicker))
+        else {}
+    )  # fmt: skip
+    return Ticker(
+        last=ticker.last, open=ticker.open, high=ticker.high, low=ticker.low, volume=ticker.volume,
+        quote_volume=ticker.quote_volume, change=ticker.change, change_percent=ticker.change_percent,
+        **quote,
+    )  # fmt: skip
+
+
+def _bbo(exchange: str, event: _BookTickerEvent, instrument: Instrument, received_at: int) -> MarketRecord:
+    # Spot bookTicker carries no event time: the receive time is the best available.
+    return _bbo_at(exchange, event, instrument, received_at, received_at)
+
+
+def _bbo_at(
+    exchange: str, event: _BookTickerEvent, instrument: Instrument, event_time: int, received_at: int
+) -> MarketRecord:
     data = Bbo(
         bid_price=event.bid_price,
         bid_quantity=event.bid_quantity,
@@ -270,8 +290,7 @@ def _bbo(event: _BookTickerEvent, instrument: Instrument, received_at: int) -> M
         ask_quantity=event.ask_quantity,
         update_id=str(event.update_id),
     )
-    # Spot bookTicker carries no event time: the receive time is the best available.
-    return MarketRecord(EXCHANGE, instrument.symbol, "bbo", received_at, received_at, data)
+    return MarketRecord(exchange, instrument.symbol, "bbo", event_time, received_at, data)
 
 
 class _Channel(NamedTuple):
@@ -279,7 +298,7 @@ class _Channel(NamedTuple):
 
     event: str | None
     decoder: msgspec.json.Decoder[Any]
-    build: Callable[[Any, Instrument, int], MarketRecord]
+    build: Callable[[str, Any, Instrument, int], MarketRecord]
 
 
 _TRADE = _Channel("trade", msgspec.json.Decoder(_TradeEvent), _trade)
@@ -287,7 +306,7 @@ _TRADE = _Channel("trade", msgspec.json.Decoder(_TradeEvent), _trade)
 # backfill use them), with the aggregate id as the trade id.
 _AGG_TRADE = _Channel("aggTrade", msgspec.json.Decoder(_AggTradeEvent), _agg_trade)
 _KLINE = _Channel("kline", msgspec.json.Decoder(_KlineEvent), _kline)
-_TICKER = _Channel("24hrTicker", msgspec.json.Decoder(_TickerEvent), _ticker)
+_TICKER = _Channel("24hrTicker", msgspec.json.Decoder(_QuotedTickerEvent), _ticker)
 _BBO = _Channel(None, msgspec.json.Decoder(_BookTickerEvent), _bbo)
 
 # The channel table: data kind → Binance channel name and how to read its payloads.
@@ -300,14 +319,26 @@ _CHANNELS: dict[DataKind, tuple[str, _Channel]] = {
 _KLINE_INTERVALS = frozenset(
     {"1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w", "1M"}
 )
-# Every channel name a combined frame can carry; each kline interval is a channel of its own.
-_BY_CHANNEL_NAME: dict[str, _Channel] = {
-    name.format(interval=interval): channel
-    for name, channel in _CHANNELS.values()
-    for interval in (_KLINE_INTERVALS if "{interval}" in name else ("",))
-}
+
+
+def _by_channel_name(
+    channels: Mapping[DataKind, tuple[str, _Channel]], intervals: Iterable[str]
+) -> dict[str, _Channel]:
+    """Every channel name a combined frame can carry; each kline interval is a channel of its own."""
+    return {
+        name.format(interval=interval): channel
+        for name, channel in channels.values()
+        for interval in (intervals if "{interval}" in name else ("",))
+    }
+
+
+def _by_event(channels: Iterable[_Channel]) -> dict[str, _Channel]:
+    return {c.event: c for c in channels if c.event is not None}
+
+
+_BY_CHANNEL_NAME = _by_channel_name(_CHANNELS, _KLINE_INTERVALS)
 _BY_CHANNEL_NAME["aggTrade"] = _AGG_TRADE
-_BY_EVENT: dict[str, _Channel] = {c.event: c for c in _BY_CHANNEL_NAME.values() if c.event is not None}
+_BY_EVENT = _by_event(_BY_CHANNEL_NAME.values())
 
 
 class BinanceAdapter(ExchangeAdapter):
@@ -325,6 +356,17 @@ class BinanceAdapter(ExchangeAdapter):
     instruments_path = "/api/v3/exchangeInfo"
     trade_ids = "increasing"  # trade (and aggTrade) ids rise by one per trade and symbol
     rest_history = True
+    # What a subclass for another Binance market replaces: its channel table, the payloads it reads,
+    # and the few REST body shapes that differ.
+    _channels: ClassVar[Mapping[DataKind, tuple[str, _Channel]]] = _CHANNELS
+    _channel_by_name: ClassVar[Mapping[str, _Channel]] = _BY_CHANNEL_NAME
+    _channel_by_event: ClassVar[Mapping[str, _Channel]] = _BY_EVENT
+    # The raw payload without `e`, told apart by its `u`; None where every raw payload names its event.
+    _unnamed_event_channel: ClassVar[_Channel | None] = _BBO
+    _trade_channel_mark: ClassVar[bytes] = _TRADE_CHANNEL_MARK
+    _trade_mark_decoder: ClassVar[msgspec.json.Decoder[_TradeMark]] = _trade_mark_decoder
+    _rest_trades_decoder: ClassVar[msgspec.json.Decoder[list[_RestTrade]]] = _rest_trades_decoder
+    _rest_ticker_decoder: ClassVar[msgspec.json.Decoder[_RestTicker]] = _rest_ticker_decoder
 
     def __init__(self, instruments: Iterable[Instrument]) -> None:
         super().__init__(instruments)
@@ -334,17 +376,7 @@ class BinanceAdapter(ExchangeAdapter):
 
     @staticmethod
     def parse_instruments(body: bytes) -> list[Instrument]:
-        info = _decode(_exchange_info_decoder, body)
-        return [
-            Instrument(
-                symbol=f"{s.base_asset}/{s.quote_asset}",
-                exchange_symbol=s.symbol,
-                base=s.base_asset,
-                quote=s.quote_asset,
-                status=s.status,
-            )
-            for s in info.symbols
-        ]
+        return [_listed_instrument(s) for s in _decode(_exchange_info_decoder, body).symbols]
 
     def route(self, data_type: DataType) -> str:
         # Every data type shares the combined-stream endpoint: streams are added by SUBSCRIBE, never
@@ -354,7 +386,7 @@ class BinanceAdapter(ExchangeAdapter):
     def stream_name(self, instrument: Instrument, data_type: DataType) -> str:
         if not self.supports(data_type):
             raise ValueError(f"{self.name} does not support data type {data_type}")
-        channel_name = _CHANNELS[data_type.kind][0].format(interval=data_type.interval)
+        channel_name = self._channels[data_type.kind][0].format(interval=data_type.interval)
         return f"{instrument.exchange_symbol.lower()}@{channel_name}"
 
     def subscribe_message(self, streams: Sequence[str], request_id: int) -> bytes:
@@ -375,7 +407,7 @@ class BinanceAdapter(ExchangeAdapter):
             event = _decode(channel.decoder, envelope.data)
             if event.symbol != exchange_symbol:
                 raise FrameError("symbol-mismatch", f"{event.symbol} on stream {stream}")
-            return [channel.build(event, self._instrument(exchange_symbol), received_at)]
+            return [channel.build(self.name, event, self._instrument(exchange_symbol), received_at)]
         if envelope.event is not UNSET:
             return [self._parse_raw_event(envelope.event, payload, received_at)]
         if envelope.error is not UNSET:
@@ -390,8 +422,10 @@ class BinanceAdapter(ExchangeAdapter):
             if streams is None:
                 return [Ack(envelope.id)]
             return [SubscriptionList(envelope.id, streams)]
+        if self._unnamed_event_channel is None:
+            raise FrameError("unknown-event", "no stream, event type or reply fields")
         if envelope.update_id is not UNSET:
-            return [self._build(_BBO, payload, received_at)]
+            return [self._build(self._unnamed_event_channel, payload, received_at)]
         raise FrameError("unknown-event", "no stream, event type, reply or bookTicker fields")
 
     def control_events(self, payload: bytes) -> list[ControlEvent]:
@@ -427,26 +461,21 @@ class BinanceAdapter(ExchangeAdapter):
         instrument = self._instrument(tag.exchange_symbol)
         if tag.kind == "trades":
             return [
-                MarketRecord(EXCHANGE, instrument.symbol, "trade", t.time, received_at, Trade(
+                MarketRecord(self.name, instrument.symbol, "trade", t.time, received_at, Trade(
                     price=t.price, quantity=t.qty, side="sell" if t.is_buyer_maker else "buy",
                     trade_id=str(t.id), trade_time=t.time,
                 ))
-                for t in _decode(_rest_trades_decoder, body)
+                for t in _decode(self._rest_trades_decoder, body)
             ]  # fmt: skip
         if tag.kind == "klines":
             assert tag.interval is not None
-            return [_rest_kline(row, tag.interval, instrument, received_at)
+            return [_rest_kline(self.name, row, tag.interval, instrument, received_at)
                     for row in _decode(_rest_klines_decoder, body)]  # fmt: skip
-        ticker = _decode(_rest_ticker_decoder, body)
+        ticker = _decode(self._rest_ticker_decoder, body)
         if ticker.symbol != tag.exchange_symbol:
             raise FrameError("symbol-mismatch", f"{ticker.symbol} answering {tag.exchange_symbol}")
-        data = Ticker(
-            last=ticker.last, open=ticker.open, high=ticker.high, low=ticker.low, volume=ticker.volume,
-            quote_volume=ticker.quote_volume, change=ticker.change, change_percent=ticker.change_percent,
-            bid_price=ticker.bid_price, bid_quantity=ticker.bid_quantity, ask_price=ticker.ask_price,
-            ask_quantity=ticker.ask_quantity,
-        )  # fmt: skip
-        return [MarketRecord(EXCHANGE, instrument.symbol, "ticker", ticker.close_time, received_at, data)]
+        data = _ticker_data(ticker)
+        return [MarketRecord(self.name, instrument.symbol, "ticker", ticker.close_time, received_at, data)]
 
     @staticmethod
     def rest_weight_used(headers: Mapping[str, str]) -> int | None:
@@ -456,17 +485,17 @@ class BinanceAdapter(ExchangeAdapter):
     def trade_marker(self, payload: bytes) -> tuple[str, int] | None:
         if not payload.startswith(_SYMBOL_STREAM_PREFIX):
             return super().trade_marker(payload)  # raw (uncombined) frames: rare, parse them fully
-        if payload.find(_TRADE_CHANNEL_MARK, len(_SYMBOL_STREAM_PREFIX), 64) < 0:
+        if payload.find(self._trade_channel_mark, len(_SYMBOL_STREAM_PREFIX), 64) < 0:
             return None
         try:
-            mark = _trade_mark_decoder.decode(payload)
+            mark = self._trade_mark_decoder.decode(payload)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return None
         instrument = self.instruments.get(mark.data.symbol)
         return (instrument.symbol, mark.data.trade_id) if instrument is not None else None
 
     def _parse_raw_event(self, event_type: str, payload: bytes, received_at: int) -> ParsedItem:
-        channel = _BY_EVENT.get(event_type)
+        channel = self._channel_by_event.get(event_type)
         if channel is not None:
             return self._build(channel, payload, received_at)
         if event_type == "serverShutdown":
@@ -477,13 +506,13 @@ class BinanceAdapter(ExchangeAdapter):
 
     def _build(self, channel: _Channel, payload: bytes | Raw, received_at: int) -> MarketRecord:
         event = _decode(channel.decoder, payload)
-        return channel.build(event, self._instrument(event.symbol), received_at)
+        return channel.build(self.name, event, self._instrument(event.symbol), received_at)
 
     def _resolve_stream(self, stream: str) -> tuple[_Channel, str]:
         resolved = self._streams.get(stream)
         if resolved is None:
             symbol, _, channel_name = stream.partition("@")
-            channel = _BY_CHANNEL_NAME.get(channel_name)
+            channel = self._channel_by_name.get(channel_name)
             if channel is None:
                 reason = "unsupported-data-type" if channel_name.startswith("depth") else "unknown-stream"
                 raise FrameError(reason, stream)
@@ -499,14 +528,26 @@ class BinanceAdapter(ExchangeAdapter):
         return instrument
 
 
-def _rest_kline(row: _RestKline, interval: str, instrument: Instrument, received_at: int) -> MarketRecord:
+def _listed_instrument(info: _SymbolInfo) -> Instrument:
+    return Instrument(
+        symbol=f"{info.base_asset}/{info.quote_asset}",
+        exchange_symbol=info.symbol,
+        base=info.base_asset,
+        quote=info.quote_asset,
+        status=info.status,
+    )
+
+
+def _rest_kline(
+    exchange: str, row: _RestKline, interval: str, instrument: Instrument, received_at: int
+) -> MarketRecord:
     open_time, open_, high, low, close, volume, close_time, quote_volume, trades = row[:9]
     data = Kline(
         interval=interval, start_time=open_time, end_time=close_time, open=open_, high=high, low=low,
         close=close, volume=volume, quote_volume=quote_volume, trades=trades,
         closed=close_time < received_at,  # a bar still open when fetched is an update, like the stream's
     )  # fmt: skip
-    return MarketRecord(EXCHANGE, instrument.symbol, "kline", min(close_time, received_at), received_at, data)
+    return MarketRecord(exchange, instrument.symbol, "kline", min(close_time, received_at), received_at, data)
 
 
 def _decode(decoder: msgspec.json.Decoder[_T], payload: bytes | Raw) -> _T:
