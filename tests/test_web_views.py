@@ -287,14 +287,16 @@ def test_logs_are_json_lines_and_quiet_on_the_hot_path(cluster: Cluster) -> None
 def test_stuck_connectors_get_recovery_orders_then_an_alert_that_resolves(cluster: Cluster) -> None:
     a, b = cluster.workers
     reader = TopicReader(cluster.broker.bootstrap)
-    cluster.simulator.post("/_sim/faults/refuse", {"seconds": 8})
+    # Refused for longer than the manager needs (2 orders, each after 2 s stuck, each recycle resetting
+    # the state's age): the fault is cleared as soon as the alert is seen.
+    cluster.simulator.post("/_sim/faults/refuse", {"seconds": 40})
     cluster.simulator.post("/_sim/faults/drop")
     try:
 
         def recovery_failed() -> list[dict[str, Any]]:
             return [x for x in get(a, "/alerts")["open"] if x["kind"] == "recovery-failed"]
 
-        failed = wait_for(recovery_failed, 20, "a recovery-failed alert")
+        failed = wait_for(recovery_failed, 35, "a recovery-failed alert")
         connectors = {c["connector"]: c for c in get(b, "/connectors")["connectors"]}
         for alert in failed:
             connector = connectors[alert["detail"]["connector"]]
