@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -87,9 +88,10 @@ class Simulator:
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
-    def get(self, path: str) -> Any:
+    def get(self, path: str, exact_numbers: bool = False) -> Any:
+        """GET a simulator path; `exact_numbers` reads JSON floats as Decimal (Upbit/Bithumb prices)."""
         with urllib.request.urlopen(self.http + path, timeout=10) as response:
-            return json.loads(response.read())
+            return json.loads(response.read(), parse_float=Decimal if exact_numbers else float)
 
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body or {}).encode()
@@ -109,13 +111,21 @@ class Simulator:
 
 
 def write_config(
-    path: Path, simulator: Simulator, symbols: list[str], data_types: list[str], **extra: Any
+    path: Path,
+    simulator: Simulator,
+    symbols: list[str],
+    data_types: list[str],
+    *,
+    exchange: str = "binance",
+    route: str = "",
+    **extra: Any,
 ) -> Path:
+    """A worker config for one simulated exchange; `route` is its dialect's path prefix (`/upbit`)."""
     document = {
         "exchanges": {
-            "binance": {
-                "wsEndpoint": simulator.ws,
-                "restEndpoint": simulator.http,
+            exchange: {
+                "wsEndpoint": simulator.ws + route,
+                "restEndpoint": simulator.http + route,
                 "symbols": symbols,
                 "dataTypes": data_types,
                 "connections": {"max": 5, "streamsPerConnection": 1000},

@@ -9,18 +9,15 @@ were dropped (the worker backfills them from `/fapi/v1/aggTrades`).
 from __future__ import annotations
 
 import json
-import urllib.request
 from collections import Counter
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from agents.embedded_broker import EmbeddedBroker
 from streams.records import Bbo, Kline, Ticker, decode_record
-from tests.harness import Simulator, TopicReader, Worker, wait_for
+from tests.harness import Simulator, TopicReader, Worker, wait_for, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -30,22 +27,8 @@ DATA_TYPES = ["trade", "kline_1m", "ticker", "bbo"]
 TRADES_PER_SYMBOL = 120
 
 
-def sim_get(simulator: Simulator, path: str) -> Any:
-    with urllib.request.urlopen(simulator.http + path, timeout=10) as response:
-        return json.loads(response.read(), parse_float=Decimal)
-
-
-def write_exchange_config(path: Path, exchange: str, settings: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump({
-        "exchanges": {exchange: {"connections": {"max": 5, "streamsPerConnection": 1000}, **settings}},
-        "kafka": {"brokers": "embedded", "producer": {"lingerMs": 5, "compression": "lz4"}},
-        "logging": {"level": "info", "format": "json"},
-    }))  # fmt: skip
-    return path
-
-
 def stats(simulator: Simulator) -> dict[str, Any]:
-    return sim_get(simulator, f"/_sim/stats?exchange={EXCHANGE}")
+    return simulator.get(f"/_sim/stats?exchange={EXCHANGE}", exact_numbers=True)
 
 
 def subscribed_streams(simulator: Simulator) -> int:
@@ -64,9 +47,7 @@ def test_every_trade_arrives_exactly_once_across_a_connection_drop(
     simulator = Simulator(SYMBOLS, rate=30)
     simulator.post(f"/_sim/pause?exchange={EXCHANGE}")
     before = stats(simulator)["tradesGenerated"]
-    settings = {"wsEndpoint": simulator.ws, "restEndpoint": simulator.http, "symbols": SYMBOLS,
-                "dataTypes": DATA_TYPES}  # fmt: skip
-    config = write_exchange_config(tmp_path / "futures.yaml", EXCHANGE, settings)
+    config = write_config(tmp_path / "futures.yaml", simulator, SYMBOLS, DATA_TYPES, exchange=EXCHANGE)
     worker = Worker(config, broker.bootstrap, tmp_path)
     reader = TopicReader(broker.bootstrap)
     try:
@@ -89,7 +70,9 @@ def test_every_trade_arrives_exactly_once_across_a_connection_drop(
         wait_for(lambda: subscribed_streams(simulator) == len(SYMBOLS) * len(DATA_TYPES), 30, "resubscribed")
         simulator.post("/_sim/pause")
         truth = {
-            symbol: sim_get(simulator, f"/_sim/trades?exchange={EXCHANGE}&symbol={symbol}")[before[symbol]:]
+            symbol: simulator.get(f"/_sim/trades?exchange={EXCHANGE}&symbol={symbol}", exact_numbers=True)[
+                before[symbol] :
+            ]
             for symbol in SYMBOLS
         }  # fmt: skip
         expected_total = sum(len(trades) for trades in truth.values())

@@ -21,7 +21,6 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
-import yaml
 
 from agents.backfill import RestFiller
 from agents.embedded_broker import EmbeddedBroker
@@ -33,8 +32,8 @@ from simulator.server import SimulatorConfig
 from streams.exchanges.bithumb import BithumbAdapter
 from streams.raw import RawBatch, RawFrame, encode_batch
 from streams.records import Trade, decode_record
-from tests.harness import Simulator, TopicReader, Worker, wait_for
-from tests.test_e2e_upbit import run_exactly_once, sim_get
+from tests.harness import Simulator, TopicReader, Worker, wait_for, write_config
+from tests.test_e2e_upbit import run_exactly_once
 
 pytestmark = pytest.mark.e2e
 
@@ -63,7 +62,7 @@ def test_bithumb_loses_no_trade_across_a_drop(
     simulator.post(f"/_sim/pause?exchange={exchange}")
 
     def stats() -> dict[str, Any]:
-        return sim_get(simulator, f"/_sim/stats?exchange={exchange}")
+        return simulator.get(f"/_sim/stats?exchange={exchange}", exact_numbers=True)
 
     def connection_ids() -> set[str]:
         return {cid for cid, streams in stats()["subscriptions"].items() if streams}
@@ -72,13 +71,9 @@ def test_bithumb_loses_no_trade_across_a_drop(
         return int(stats()["tradesGenerated"][symbol])
 
     before = generated()
-    config = tmp_path / "bithumb.yaml"
-    settings = {"wsEndpoint": f"{simulator.ws}/bithumb", "restEndpoint": f"{simulator.http}/bithumb",
-                "symbols": [symbol], "dataTypes": ["trade"]}  # fmt: skip
-    config.write_text(yaml.safe_dump({
-        "exchanges": {exchange: settings},
-        "kafka": {"brokers": "embedded"}, "logging": {"level": "info", "format": "json"},
-    }))  # fmt: skip
+    config = write_config(
+        tmp_path / "bithumb.yaml", simulator, [symbol], ["trade"], exchange=exchange, route="/bithumb"
+    )
     worker = Worker(config, broker.bootstrap, tmp_path)
     reader = TopicReader(broker.bootstrap)
     topic = "market.trade.bithumb.bnb-krw"
@@ -93,7 +88,7 @@ def test_bithumb_loses_no_trade_across_a_drop(
         resubscribed_at = generated()
         wait_for(lambda: generated() - resubscribed_at >= 200, 30, "trades after the drop")
         simulator.post("/_sim/pause")
-        made = sim_get(simulator, f"/_sim/trades?exchange={exchange}&symbol={symbol}")
+        made = simulator.get(f"/_sim/trades?exchange={exchange}&symbol={symbol}", exact_numbers=True)
         truth = made[before:]
         made_ids = [int(t["sequential_id"]) for t in made]
         assert made_ids != sorted(made_ids), "the simulator's Bithumb ids should not be ordered"

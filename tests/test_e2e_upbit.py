@@ -9,18 +9,15 @@ decimal strings). `run_exactly_once` is shared with the Bithumb test.
 from __future__ import annotations
 
 import json
-import urllib.request
 from collections import Counter
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from agents.embedded_broker import EmbeddedBroker
 from streams.records import Bbo, Kline, Ticker, decode_record
-from tests.harness import Simulator, TopicReader, Worker, wait_for
+from tests.harness import Simulator, TopicReader, Worker, wait_for, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -34,11 +31,6 @@ def broker():
         yield running
 
 
-def sim_get(simulator: Simulator, path: str) -> Any:
-    with urllib.request.urlopen(simulator.http + path, timeout=10) as response:
-        return json.loads(response.read(), parse_float=Decimal)
-
-
 def run_exactly_once(
     exchange: str, data_types: list[str], broker: EmbeddedBroker, tmp_path: Path
 ) -> dict[str, Any]:
@@ -47,20 +39,15 @@ def run_exactly_once(
     simulator.post(f"/_sim/pause?exchange={exchange}")
 
     def stats() -> dict[str, Any]:
-        return sim_get(simulator, f"/_sim/stats?exchange={exchange}")
+        return simulator.get(f"/_sim/stats?exchange={exchange}", exact_numbers=True)
 
     def subscribed() -> int:
         return sum(len(streams) for streams in stats()["subscriptions"].values())
 
     before = stats()["tradesGenerated"]
-    config = tmp_path / f"{exchange}.yaml"
-    config.write_text(yaml.safe_dump({
-        "exchanges": {exchange: {
-            "wsEndpoint": f"{simulator.ws}/{exchange}", "restEndpoint": f"{simulator.http}/{exchange}",
-            "symbols": SYMBOLS, "dataTypes": data_types,
-        }},
-        "kafka": {"brokers": "embedded"}, "logging": {"level": "info", "format": "json"},
-    }))  # fmt: skip
+    config = write_config(
+        tmp_path / f"{exchange}.yaml", simulator, SYMBOLS, data_types, exchange=exchange, route=f"/{exchange}"
+    )
     worker = Worker(config, broker.bootstrap, tmp_path)
     reader = TopicReader(broker.bootstrap)
     try:
@@ -73,7 +60,9 @@ def run_exactly_once(
         )  # fmt: skip
         simulator.post("/_sim/pause")
         truth = {
-            symbol: sim_get(simulator, f"/_sim/trades?exchange={exchange}&symbol={symbol}")[before[symbol]:]
+            symbol: simulator.get(f"/_sim/trades?exchange={exchange}&symbol={symbol}", exact_numbers=True)[
+                before[symbol] :
+            ]
             for symbol in SYMBOLS
         }  # fmt: skip
         expected_total = sum(len(trades) for trades in truth.values())
@@ -137,7 +126,7 @@ def test_upbit_loses_no_trade_across_a_drop(broker: EmbeddedBroker, tmp_path: Pa
     simulator.post(f"/_sim/pause?exchange={exchange}")
 
     def stats() -> dict[str, Any]:
-        return sim_get(simulator, f"/_sim/stats?exchange={exchange}")
+        return simulator.get(f"/_sim/stats?exchange={exchange}", exact_numbers=True)
 
     def connection_ids() -> set[str]:
         return {cid for cid, streams in stats()["subscriptions"].items() if streams}
@@ -146,13 +135,9 @@ def test_upbit_loses_no_trade_across_a_drop(broker: EmbeddedBroker, tmp_path: Pa
         return int(stats()["tradesGenerated"][symbol])
 
     before = generated()
-    config = tmp_path / "upbit.yaml"
-    settings = {"wsEndpoint": f"{simulator.ws}/upbit", "restEndpoint": f"{simulator.http}/upbit",
-                "symbols": [symbol], "dataTypes": ["trade"]}  # fmt: skip
-    config.write_text(yaml.safe_dump({
-        "exchanges": {exchange: settings},
-        "kafka": {"brokers": "embedded"}, "logging": {"level": "info", "format": "json"},
-    }))  # fmt: skip
+    config = write_config(
+        tmp_path / "upbit.yaml", simulator, [symbol], ["trade"], exchange=exchange, route="/upbit"
+    )
     worker = Worker(config, broker.bootstrap, tmp_path)
     reader = TopicReader(broker.bootstrap)
     topic = "market.trade.upbit.bnb-krw"
@@ -167,7 +152,7 @@ def test_upbit_loses_no_trade_across_a_drop(broker: EmbeddedBroker, tmp_path: Pa
         resubscribed_at = generated()
         wait_for(lambda: generated() - resubscribed_at >= 60, 30, "trades after the drop")
         simulator.post("/_sim/pause")
-        made = sim_get(simulator, f"/_sim/trades?exchange={exchange}&symbol={symbol}")
+        made = simulator.get(f"/_sim/trades?exchange={exchange}&symbol={symbol}", exact_numbers=True)
         truth = made[before:]
 
         def delivered() -> Counter[str]:
