@@ -29,11 +29,11 @@ log = logging.getLogger(__name__)
 SendRaw = Callable[[str, bytes], Awaitable[None]]
 Emit = Callable[..., Awaitable[None]]  # (kind, detail, connection_id=None)
 
-FLUSH_INTERVAL = 0.02  # seconds a frame may wait in a batch: bounds the latency batching adds
+FLUSH_INTERVAL = 0.005  # seconds a frame may wait in a batch: bounds the latency batching adds
 MAX_BATCH_FRAMES = 1000
 MAX_BATCH_BYTES = 512 * 1024
 # A frame travels in a raw record of its own when it is large; it must fit the producer's 8 MiB
-# request limit (streams/app.py), else the frames batched with it would be lost with it.
+# record limit (RAW_MAX_BYTES, agents/writer.py), else the frames batched with it would be lost with it.
 MAX_FRAME_BYTES = 6 * 1024 * 1024
 MAX_HELD_FRAMES = 500_000  # a held link releases its frames anyway beyond this (a gap event says so)
 SUBSCRIBE_CHUNK = 200  # streams per SUBSCRIBE message

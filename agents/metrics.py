@@ -2,7 +2,7 @@
 
 Other modules import the objects and call them at the points where frames, records, dead letters and
 events flow. Nothing here is called once per frame or per record except `FlowMeter.record`, which
-only appends to a list; the accounting happens once per normalize step in `FlowMeter.flushed`.
+only appends to a list; the accounting happens once per normalize step in `FlowMeter.acknowledged`.
 """
 
 from __future__ import annotations
@@ -199,10 +199,14 @@ class FlowMeter:
         DEADLETTERS.labels(self.exchange, reason).inc()
         self._dead_letters[reason] = self._dead_letters.get(reason, 0) + 1
 
-    def flushed(self, raw_values: Iterable[bytes], send_retries: int = 0) -> None:
-        """The records recorded since the last call have all been acknowledged by the broker."""
+    def hand_over(self) -> list[MarketRecord]:
+        """The records recorded since the last call, now on their way to the broker."""
         pending, self._pending = self._pending, []
-        self._raw_bytes += sum(map(len, raw_values))
+        return pending
+
+    def acknowledged(self, pending: list[MarketRecord], raw_bytes: int, send_retries: int = 0) -> None:
+        """The broker has acknowledged `pending` (one `hand_over`), made from `raw_bytes` of raw input."""
+        self._raw_bytes += raw_bytes
         if send_retries > self._send_retries_seen:
             SEND_ERRORS.labels(self.exchange).inc(send_retries - self._send_retries_seen)
             self._send_retries_seen = send_retries

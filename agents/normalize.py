@@ -2,7 +2,8 @@
 
 A raw record carries a batch of frames; every frame becomes zero or more market records, or a dead
 letter with its reason. The raw records of one `take` are acknowledged (and so their offsets
-committed) only after every record they produced has been acknowledged by the broker.
+committed) only after every record they produced has been acknowledged by the broker; the next take
+is normalized meanwhile.
 """
 
 from __future__ import annotations
@@ -125,9 +126,22 @@ class Normalizer:
         record = dead_letter(self.exchange, reason, detail, connection_id, sequence, received_at, payload)
         self.writer.send(self.deadletters, self.exchange.encode(), record)
 
-    async def handle(self, raw_values: list[bytes]) -> None:
+    async def handle(
+        self, raw_values: list[bytes], on_acknowledged: Callable[[], None] | None = None
+    ) -> None:
+        """Normalize a batch of raw records and hand what it made to the writer. Returns before the
+        broker acknowledges it when `on_acknowledged` is given (it runs then), else after."""
         if not self.published.seeded and self._read_last_trade_ids is not None:
             self.published.seed(await self._read_last_trade_ids(list(self.adapter.by_symbol)))
         self.normalize_frames(raw_values)
-        await self.writer.flush()
-        flow_meter(self.exchange).flushed(raw_values, self.writer.retries)
+        flow = flow_meter(self.exchange)
+        records, raw_bytes, writer = flow.hand_over(), sum(map(len, raw_values)), self.writer
+
+        def acknowledged() -> None:
+            flow.acknowledged(records, raw_bytes, writer.retries)
+            if on_acknowledged is not None:
+                on_acknowledged()
+
+        await writer.commit(acknowledged)
+        if on_acknowledged is None:
+            await writer.flush()

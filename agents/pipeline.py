@@ -6,7 +6,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Collection
-from typing import Any
+from typing import Any, cast
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -17,7 +17,7 @@ from agents.connection import SendRaw
 from agents.lastseen import last_trade_ids
 from agents.normalize import Normalizer
 from agents.source import ExchangeSource, fetch_instruments, now_ms
-from agents.writer import ConfluentDelivery, TopicWriter, confluent_settings
+from agents.writer import ConfluentDelivery, RawProducer, TopicWriter, confluent_settings
 from streams.app import RAW_PARTITIONS, app, config
 from streams.events import CollectorEvent, encode_event
 from streams.exchanges import adapter_class
@@ -27,14 +27,14 @@ from streams.topics import EVENTS, raw_topic
 log = logging.getLogger(__name__)
 
 MARKET_PARTITIONS = 1  # one partition per market topic keeps each symbol's records in order
-# Raw records (each a batch of frames) handled per normalize step. Larger steps amortise the broker's
-# per-step cost, but one step runs without yielding to the WebSocket readers: 256 stalled them long
-# enough for the exchange to drop slow connections (docs/benchmarks.md).
+# Raw records (each a batch of frames) handled per normalize step. One step runs without yielding to
+# the WebSocket readers: 256 stalled them long enough for the exchange to drop slow connections. A
+# step no longer waits for the broker (agents/writer.py), so a short take window costs little.
 TAKE_MAX = 64
-TAKE_WITHIN = 0.01
-# 10 ms gave the same p99 at 10 k/s but cost the broker a core-fifth in fetches and smaller, costlier
-# normalize steps: ~25 % less throughput at 20 k/s (docs/benchmarks.md).
-FETCH_MAX_WAIT_MS = 50
+TAKE_WITHIN = 0.002
+# The embedded broker holds every fetch for the full wait, so this bounds the raw hop's latency;
+# each fetch also costs the broker ~0.4 ms plus ~0.05 ms per partition (docs/benchmarks.md).
+FETCH_MAX_WAIT_MS = 10
 
 
 def _prompt_fetches() -> None:
@@ -106,11 +106,6 @@ def _settled_seeks() -> None:
 
 
 _settled_seeks()
-# Raw batches are 10-500 KB. With aiokafka's default 16 KB batch each one travelled alone, and as
-# aiokafka keeps one batch per partition in flight, the raw topic carried one raw record per
-# partition per broker round trip: ~2-5 k frames/s under load (docs/benchmarks.md). Large batches
-# let every round trip carry all that has accumulated. (A producer setting: streams/app.py is its home.)
-app.conf.producer_max_batch_size = 4 * 1024 * 1024
 
 
 class AdapterDirectory:
@@ -174,9 +169,7 @@ def _confluent_settings() -> dict[str, Any]:
     return confluent_settings(config.kafka.bootstrap_servers, producer.lingerMs, producer.compression)
 
 
-def _log_failed_delivery(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("raw batch not delivered: %r", future.exception())
+raw_producer: RawProducer | None = None  # made when the sources start: librdkafka threads start with it
 
 
 def _raw_sender(exchange: str) -> SendRaw:
@@ -184,8 +177,8 @@ def _raw_sender(exchange: str) -> SendRaw:
 
     async def send_raw(key: str, value: bytes) -> None:
         # Keyed by connection group: a group's WebSocket and REST input stays in order on one partition.
-        delivery = await produce(name, key.encode(), value)
-        delivery.add_done_callback(_log_failed_delivery)
+        assert raw_producer is not None
+        await raw_producer.send(name, key.encode(), value)
 
     return send_raw
 
@@ -204,6 +197,8 @@ class SourceService(Service):
     """Starts one ExchangeSource per configured exchange when the worker is ready."""
 
     async def on_start(self) -> None:
+        global raw_producer
+        raw_producer = RawProducer(_confluent_settings())
         await events_topic.maybe_declare()
         for exchange, settings in config.exchanges.items():
             await raw_topics[exchange].maybe_declare()
@@ -215,15 +210,22 @@ class SourceService(Service):
             await self.add_runtime_dependency(source)
             control.ownership.attach(exchange, source)  # runs the groups whose partitions we own
 
+    async def on_shutdown(self) -> None:  # after the sources stopped and flushed their batches
+        if raw_producer is not None:
+            await raw_producer.close()
+
 
 def _market_delivery() -> ConfluentDelivery:
     # Market records go through librdkafka: a batch costs ~1 us per record to hand over instead of
-    # an awaited aiokafka send per record (docs/benchmarks.md).
-    return ConfluentDelivery(_confluent_settings())
+    # an awaited aiokafka send per record. One request in flight left them queueing behind the
+    # embedded broker's slow many-partition requests; unbounded, the requests swamped it
+    # (docs/benchmarks.md).
+    return ConfluentDelivery({**_confluent_settings(), "max.in.flight.requests.per.connection": 5})
 
 
 def _normalize_agent(exchange: str) -> None:
-    async def normalize(stream: faust.StreamT[bytes]) -> None:
+    async def normalize(stream_of_raw: faust.StreamT[bytes]) -> None:
+        stream = cast(faust.Stream[bytes], stream_of_raw)  # the protocol lacks take_events
         adapter = await directory.get(exchange)
         normalizer = Normalizer(
             adapter, TopicWriter(None, declare_topic, delivery=_market_delivery()),
@@ -231,14 +233,41 @@ def _normalize_agent(exchange: str) -> None:
             _last_trade_ids(exchange),
         )  # fmt: skip
         normalizers.append(normalizer)
-        async for raw_values in stream.take(TAKE_MAX, within=TAKE_WITHIN):
-            await normalizer.handle(raw_values)
+        try:
+            async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
+                # take_events acks its events when this body returns; the extra reference keeps their
+                # offsets uncommitted until the broker has acknowledged what they produced.
+                messages = [event.message for event in events]
+                for message in messages:
+                    message.incref()
+                await normalizer.handle([event.value for event in events], _acker(messages))
+        finally:
+            await _flush_on_stop(normalizer)
 
     normalize.__name__ = normalize.__qualname__ = f"normalize_{exchange.replace('-', '_')}"
     app.agent(raw_topics[exchange], name=f"normalize.{exchange}")(normalize)
 
 
 normalizers: list[Normalizer] = []
+STOP_FLUSH_SECONDS = 10.0
+
+
+def _acker(messages: list[Any]) -> Callable[[], None]:
+    def ack() -> None:
+        consumer = app.consumer
+        for message in messages:
+            message.ack(consumer)
+
+    return ack
+
+
+async def _flush_on_stop(normalizer: Normalizer) -> None:
+    """A stopping agent still delivers (and so acks) what it handed over: the worker's last commit
+    then covers it, and a restart does not normalize those raw records again."""
+    try:
+        await asyncio.wait_for(asyncio.shield(normalizer.writer.flush()), STOP_FLUSH_SECONDS)
+    except Exception:  # the I/O boundary of a stopping agent: what is not acknowledged is redone
+        log.exception("normalize.%s: records still unacknowledged at stop", normalizer.exchange)
 
 
 @app.on_partitions_revoked.connect

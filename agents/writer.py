@@ -1,19 +1,22 @@
 """Batched, acknowledged writes to many topics.
 
-`send` only queues; `flush` declares topics it has not seen, hands every queued record to the
-producer and returns once the broker has acknowledged all of them, retrying failed records, so a
-caller that commits its input after `flush` never commits input whose output was lost.
+`send` only queues. `commit` hands every queued record to the producer and returns at once (unless
+too many commits are still unacknowledged); its callback runs once the broker has acknowledged all of
+them, failed records retried until then. A caller that commits its input from that callback never
+commits input whose output was lost, yet never waits for a broker round trip between two batches:
+the next batch is parsed and produced while the previous one is in flight. `flush` waits for all.
 
 Two ways to reach the broker: a per-record `produce` coroutine (Faust's aiokafka producer), or a
-`BatchDelivery` such as `ConfluentDelivery`, which hands a whole batch to librdkafka and waits for it
-once. Per-record awaits cost tens of microseconds each in Python; librdkafka's produce call costs
-about one, and its network and acknowledgement work runs in its own threads (docs/benchmarks.md).
+`BatchDelivery` such as `ConfluentDelivery`, which hands a whole batch to librdkafka. Per-record
+awaits cost tens of microseconds each in Python; librdkafka's produce call costs about one, and its
+network work runs in its own threads (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -24,11 +27,12 @@ log = logging.getLogger(__name__)
 Record = tuple[str, bytes, bytes]  # topic, key, value
 Produce = Callable[[str, bytes, bytes], Awaitable[Awaitable[Any]]]
 Declare = Callable[[str], Awaitable[None]]
+Outcome = tuple[list[Record], BaseException | None]  # the records that failed, and one error
 
 
 class BatchDelivery(Protocol):
-    async def deliver(self, records: list[Record]) -> tuple[list[Record], BaseException | None]:
-        """Produce every record and wait for all of them; returns the failed ones and one error."""
+    async def hand_over(self, records: list[Record]) -> Awaitable[Outcome]:
+        """Produce every record, in order; the result resolves once all of them are settled."""
         ...
 
 
@@ -38,8 +42,12 @@ class PerRecordDelivery:
     def __init__(self, produce: Produce) -> None:
         self._produce = produce
 
-    async def deliver(self, records: list[Record]) -> tuple[list[Record], BaseException | None]:
+    async def hand_over(self, records: list[Record]) -> Awaitable[Outcome]:
         deliveries = [await self._produce(topic, key, value) for topic, key, value in records]
+        return self._outcome(records, deliveries)
+
+    @staticmethod
+    async def _outcome(records: list[Record], deliveries: list[Awaitable[Any]]) -> Outcome:
         results = await asyncio.gather(*deliveries, return_exceptions=True)
         failed = [records[i] for i, result in enumerate(results) if isinstance(result, BaseException)]
         error = next((r for r in results if isinstance(r, BaseException)), None)
@@ -47,6 +55,11 @@ class PerRecordDelivery:
 
 
 class TopicWriter:
+    # Commits whose records are not all acknowledged yet; one more waits for the oldest. This bounds
+    # the records held in memory and the input left uncommitted, not the throughput: librdkafka
+    # batches whatever accumulates while earlier requests are in flight.
+    MAX_UNACKNOWLEDGED = 32
+
     def __init__(
         self,
         produce: Produce | None,
@@ -63,6 +76,7 @@ class TopicWriter:
         self._declare = declare
         self._declared: set[str] = set()
         self._queue: list[Record] = []
+        self._unacknowledged: deque[asyncio.Future[None]] = deque()
         self.retry_delay = retry_delay
         self.sent = 0
         self.retries = 0
@@ -70,22 +84,59 @@ class TopicWriter:
     def send(self, topic: str, key: bytes, value: bytes) -> None:
         self._queue.append((topic, key, value))
 
-    async def flush(self) -> None:
+    async def commit(self, on_acknowledged: Callable[[], None] | None = None) -> None:
+        """Hand the queued records over; `on_acknowledged` runs once the broker has all of them."""
+        self._raise_failure()
+        while len(self._unacknowledged) >= self.MAX_UNACKNOWLEDGED:
+            await asyncio.wait([self._unacknowledged[0]])
+            self._raise_failure()
         queue, self._queue = self._queue, []
         if not queue:
+            if on_acknowledged is not None:
+                on_acknowledged()
             return
         new_topics = {topic for topic, _, _ in queue} - self._declared
         if new_topics:
             await asyncio.gather(*(self._declare(topic) for topic in new_topics))
             self._declared |= new_topics
-        while queue:
-            failed, error = await self._delivery.deliver(queue)
+        outcome = await self._delivery.hand_over(queue)
+        settled = asyncio.ensure_future(self._settle(queue, outcome, on_acknowledged))
+        self._unacknowledged.append(settled)
+        settled.add_done_callback(self._forget_settled)
+
+    async def flush(self) -> None:
+        """Commit what is queued and wait until every record handed over is acknowledged."""
+        await self.commit()
+        while self._unacknowledged:
+            await asyncio.wait(list(self._unacknowledged))
+            self._raise_failure()
+
+    async def _settle(
+        self, queue: list[Record], outcome: Awaitable[Outcome], on_acknowledged: Callable[[], None] | None
+    ) -> None:
+        while True:
+            failed, error = await outcome
             self.sent += len(queue) - len(failed)
-            if failed:
-                self.retries += len(failed)
-                log.warning("%d records not acknowledged (%r); retrying", len(failed), error)
-                await asyncio.sleep(self.retry_delay)
+            if not failed:
+                break
+            self.retries += len(failed)
+            log.warning("%d records not acknowledged (%r); retrying", len(failed), error)
+            await asyncio.sleep(self.retry_delay)
             queue = failed
+            outcome = await self._delivery.hand_over(queue)
+        if on_acknowledged is not None:
+            on_acknowledged()
+
+    def _forget_settled(self, settled: asyncio.Future[None]) -> None:
+        if settled.cancelled() or settled.exception() is None:
+            self._unacknowledged.remove(settled)
+
+    def _raise_failure(self) -> None:
+        """A delivery that raised (not merely failed and retried) surfaces in the next call."""
+        for settled in self._unacknowledged:
+            if settled.done() and not settled.cancelled() and settled.exception() is not None:
+                self._unacknowledged.remove(settled)
+                raise settled.exception()  # type: ignore[misc]
 
 
 # Errors no retry can fix (the record itself is unacceptable to the broker).
@@ -102,86 +153,193 @@ def confluent_settings(
         "acks": "all",
         # Idempotence would also keep order and avoid duplicates across librdkafka's own retries, but
         # the embedded broker (Tansu) then spends ~5x longer per partition on each produce request,
-        # and a flush touches one partition per symbol (docs/benchmarks.md). Without it a retry can
+        # and a commit touches one partition per symbol (docs/benchmarks.md). Without it a retry can
         # reorder or repeat records; every record carries its natural id, so consumers dedupe.
         "enable.idempotence": False,
         # A record librdkafka could not deliver within this time is reported back, and the
-        # TopicWriter retries it: a broker outage stalls the flush instead of losing records.
+        # TopicWriter retries it: a broker outage stalls the commits instead of losing records.
         "message.timeout.ms": 30_000,
         "queue.buffering.max.messages": 1_000_000,
         "queue.buffering.max.kbytes": 1_048_576,
         "batch.size": 1_000_000,
-        # Only failures produce delivery reports: success is known from the queue emptying.
-        "delivery.report.only.error": True,
+        # Keys are hashed as Java clients and aiokafka do, so a key lands on the same partition
+        # whichever client wrote it.
+        "partitioner": "murmur2_random",
         **overrides,
     }
+
+
+class _Handover:
+    """The records of one `hand_over`, counted down by librdkafka's delivery reports."""
+
+    __slots__ = ("_delivery", "done", "error", "failed", "remaining")
+
+    def __init__(self, delivery: ConfluentDelivery, count: int, done: asyncio.Future[Outcome]) -> None:
+        self._delivery = delivery
+        self.remaining = count
+        self.failed: list[Record] = []
+        self.error: BaseException | None = None
+        self.done = done
+
+    def on_delivery(self, error: KafkaError | None, message: Message) -> None:
+        # Runs in the event loop thread: only ConfluentDelivery's poll serves delivery reports.
+        if error is not None and not self._delivery.undeliverable_record(error, message):
+            self.failed.append((message.topic() or "", message.key() or b"", message.value() or b""))
+            self.error = KafkaException(error)
+        self.settle(1)
+
+    def give_up(self, records: list[Record], error: BaseException) -> None:
+        """Records librdkafka never accepted count as failed at once."""
+        self.failed += records
+        self.error = error
+        self.settle(len(records))
+
+    def settle(self, count: int) -> None:
+        self.remaining -= count
+        if self.remaining == 0 and not self.done.done():
+            self._delivery.handovers_open -= 1
+            self.done.set_result((self.failed, self.error))
 
 
 class ConfluentDelivery:
     """A librdkafka producer owned by one writer.
 
-    `deliver` produces the batch from the event loop thread (cheap C calls), then waits in an
-    executor thread until librdkafka's queue is empty. Because only this writer uses the producer
-    and only failures are reported, an empty queue means every record of the batch was acknowledged
-    except those the error callback collected.
+    Producing is a cheap C call from the event loop thread; librdkafka compresses, sends and
+    collects acknowledgements in its own threads. Delivery reports are served by `poll`, which a
+    task of this delivery calls on the event loop every POLL_INTERVAL while any hand-over is open,
+    so the report callbacks never race the loop.
     """
 
-    WAIT_SLICE = 0.5  # seconds per blocking wait, so a stopping worker is never held for long
+    POLL_INTERVAL = 0.002
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self._producer = Producer({**settings, "error_cb": self._on_client_error})
-        self._failed: list[Record] = []
-        self._error: BaseException | None = None
+        self.handovers_open = 0
+        self._poller: asyncio.Task[None] | None = None
         self.undeliverable = 0
 
-    def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
-        if error is None:  # runs in the waiting thread, inside librdkafka's flush
-            return
-        topic, key, value = message.topic() or "", message.key() or b"", message.value() or b""
-        if self._undeliverable(error, topic, value):
-            return
-        self._failed.append((topic, key, value))
-        self._error = KafkaException(error)
-
-    def _undeliverable(self, error: KafkaError, topic: str, value: bytes) -> bool:
+    def undeliverable_record(self, error: KafkaError, message: Message) -> bool:
         if error.code() not in UNDELIVERABLE:
             return False
-        # Retrying cannot help and would stall every later record of the agent for good.
+        # Retrying cannot help and would stall every later commit of the agent for good.
         self.undeliverable += 1
-        log.error("record for %s can never be delivered (%s, %d bytes); dropped", topic, error, len(value))
+        log.error(
+            "record for %s can never be delivered (%s, %d bytes); dropped",
+            message.topic(), error, len(message.value() or b""),
+        )  # fmt: skip
         return True
 
     def _on_client_error(self, error: KafkaError) -> None:
         log.warning("kafka producer: %s", error)
 
-    async def deliver(self, records: list[Record]) -> tuple[list[Record], BaseException | None]:
-        loop = asyncio.get_running_loop()
-        producer, on_delivery = self._producer, self._on_delivery
-        self._failed, self._error = [], None
-        not_produced: list[Record] = []
+    async def hand_over(self, records: list[Record]) -> Awaitable[Outcome]:
+        done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        if not records:
+            done.set_result(([], None))
+            return done
+        handover = _Handover(self, len(records), done)
+        self.handovers_open += 1
+        self._keep_polling()
+        producer, on_delivery = self._producer, handover.on_delivery
         for index, (topic, key, value) in enumerate(records):
             try:
                 producer.produce(topic, value, key, on_delivery=on_delivery)
             except BufferError:  # librdkafka's queue is full: let it drain, then go on
-                await self._wait_empty(loop)
+                await self._wait_for_room()
                 try:
                     producer.produce(topic, value, key, on_delivery=on_delivery)
                 except (BufferError, KafkaException) as exc:
-                    not_produced += records[index:]
-                    self._error = exc
+                    handover.give_up(records[index:], exc)
                     break
-            except KafkaException as exc:
-                if not self._undeliverable(exc.args[0], topic, value):
-                    not_produced.append((topic, key, value))
-                    self._error = exc
-        await self._wait_empty(loop)
-        return self._failed + not_produced, self._error
+            except KafkaException as exc:  # refused before sending: too large, unknown topic, ...
+                error = exc.args[0]
+                if error.code() in UNDELIVERABLE:
+                    self.undeliverable += 1
+                    log.error("record for %s can never be delivered (%s); dropped", topic, error)
+                    handover.settle(1)
+                else:
+                    handover.give_up([(topic, key, value)], exc)
+        return done
 
-    async def _wait_empty(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _keep_polling(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.ensure_future(self._poll())
+
+    async def _poll(self) -> None:
         producer = self._producer
-        producer.poll(0)
-        while len(producer):
-            await loop.run_in_executor(None, producer.flush, self.WAIT_SLICE)
+        while self.handovers_open:
+            producer.poll(0)
+            await asyncio.sleep(self.POLL_INTERVAL)
+
+    async def _wait_for_room(self) -> None:
+        producer = self._producer
+        limit = len(producer) // 2
+        while len(producer) > limit:
+            producer.poll(0)
+            await asyncio.sleep(self.POLL_INTERVAL)
 
     def close(self, timeout: float = 5.0) -> None:
         self._producer.flush(timeout)
+
+
+RAW_MAX_BYTES = 8 * 1024 * 1024  # a raw record holds one frame of up to 6 MiB (agents/connection.py)
+
+
+class RawProducer:
+    """A librdkafka producer for raw batches: the source hands a batch over and goes on reading.
+
+    Nobody waits for a raw batch's acknowledgement (the normalize agents read it back from the
+    topic); librdkafka retries it within message.timeout.ms and a final failure is logged. One
+    request in flight per connection keeps a group's batches in order across those retries, which
+    the normalize agents' id checks rely on. lz4 runs in librdkafka's threads, not the event loop.
+    """
+
+    POLL_INTERVAL = 0.05  # only failures are reported, so reports are served rarely
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self._producer = Producer(
+            {
+                **settings,
+                # The sources batch frames already (agents/connection.py); lingering again only adds latency.
+                "linger.ms": 1,
+                "message.max.bytes": RAW_MAX_BYTES,
+                "max.in.flight.requests.per.connection": 1,
+                "delivery.report.only.error": True,
+                "on_delivery": self._on_delivery,
+                "error_cb": self._on_client_error,
+            }
+        )
+        self._poller: asyncio.Task[None] | None = None
+        self.failed = 0
+
+    def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
+        if error is not None:
+            self.failed += 1
+            log.error("raw batch for %s not delivered: %s", message.topic(), error)
+
+    def _on_client_error(self, error: KafkaError) -> None:
+        log.warning("kafka raw producer: %s", error)
+
+    async def send(self, topic: str, key: bytes, value: bytes) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.ensure_future(self._poll())
+        while True:
+            try:
+                self._producer.produce(topic, value, key)
+                return
+            except BufferError:  # librdkafka's queue is full: the reader waits, as TCP will make the exchange
+                await asyncio.sleep(self.POLL_INTERVAL)
+
+    async def _poll(self) -> None:
+        producer = self._producer
+        while True:
+            producer.poll(0)
+            await asyncio.sleep(self.POLL_INTERVAL)
+
+    async def close(self, seconds: float = 10.0) -> None:
+        """Deliver what is queued (within `seconds`), then stop serving reports."""
+        left = await asyncio.get_running_loop().run_in_executor(None, self._producer.flush, seconds)
+        if left:
+            log.error("%d raw batches not delivered at stop", left)
+        if self._poller is not None:
+            self._poller.cancel()

@@ -13,16 +13,17 @@ BEGIN, END = "<!-- bench:results:begin -->", "<!-- bench:results:end -->"
 def _lat(values: dict[str, float]) -> str:
     if not values:
         return "-"
-    return " / ".join(f"{values[k]:.0f}" for k in ("p50", "p95", "p99", "max"))
+    return " / ".join(f"{values[k]:.0f}" for k in ("p50", "p95", "p99", "max") if k in values)
 
 
 def table(results: list[StepResult]) -> str:
     header = (
         "| symbols | workers | target ev/s | offered ev/s | delivered ev/s | missing | dup | "
-        "receipt→CreateTime ms p50/p95/p99/max | receipt→read back ms p50/p95/p99/max | "
+        "receipt→CreateTime ms p50/p95/p99/max | receipt→acknowledged ms p50/p95/p99 | "
+        "receipt→read back ms p50/p95/p99/max | "
         "event→CreateTime ms p50/p95/p99/max | worker CPU % | worker CPU µs/event | worker peak RSS MB | "
         "broker CPU % | broker RSS MB | simulator CPU % | load avg | result |\n"
-        "|---:|---:|---:|---:|---:|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n"
     )
     rows = []
     for r in results:
@@ -37,9 +38,10 @@ def table(results: list[StepResult]) -> str:
         rows.append(
             f"| {r.symbols} | {r.workers} | {r.target_rate:,} | {r.offered_rate:,.0f} | "
             f"{r.delivered_rate:,.0f} | {r.lost} | {r.duplicates} | {_lat(r.latency_received_created)} | "
-            f"{_lat(r.latency_received_read)} | {_lat(r.latency_event_created)} | {r.worker_cpu:.0f} | "
-            f"{r.worker_us_per_event:.0f} | {r.worker_peak_rss:.0f} | {r.broker_cpu:.0f} | "
-            f"{r.broker_rss:.0f} | {r.simulator_cpu:.0f} | {r.load_average:.1f} | {verdict} |"
+            f"{_lat(r.latency_received_acknowledged)} | {_lat(r.latency_received_read)} | "
+            f"{_lat(r.latency_event_created)} | {r.worker_cpu:.0f} | {r.worker_us_per_event:.0f} | "
+            f"{r.worker_peak_rss:.0f} | {r.broker_cpu:.0f} | {r.broker_rss:.0f} | {r.simulator_cpu:.0f} | "
+            f"{r.load_average:.1f} | {verdict} |"
         )
     return header + "\n".join(rows) + "\n"
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from agents.embedded_broker import EmbeddedBroker
 from bench import profile as profiler
+from bench.acks import acknowledged_buckets, window_percentiles
 from bench.procfs import CpuMeter, memory_mb
 from bench.reader import MarketReader, Sample, create_topics
 from streams.topics import market_topic
@@ -44,6 +45,7 @@ class StepResult:
     latency_received_created: dict[str, float]
     latency_received_read: dict[str, float]
     latency_event_created: dict[str, float]
+    latency_received_acknowledged: dict[str, float]  # from the workers' histograms: coarse buckets
     worker_cpu: float
     worker_peak_rss: float
     broker_cpu: float
@@ -108,13 +110,13 @@ def run_step(
         # grows with the partitions in it, and reading 1,000 every few ms competed with the worker's
         # produce requests. Everything is read, and counted, once the market is paused.
         live = MarketReader(broker.bootstrap, topics[:LIVE_TOPICS])
-        reader = MarketReader(broker.bootstrap, topics, start_paused=True)
+        reader = MarketReader(broker.bootstrap, topics, start_paused=True, fetch_wait_ms=100)
         simulator = Simulator(names, rate=rate / symbols, seed=11, extra=["--history-limit", "1000"])
         started: list[Worker] = []
         try:
             config = write_config(
                 log_dir / f"bench-{symbols}-{rate}.yaml", simulator, names, ["trade"],
-                kafka={"brokers": [broker.bootstrap], "producer": {"lingerMs": 5, "compression": "lz4"}},
+                kafka={"brokers": [broker.bootstrap]},  # the default producer settings
                 logging={"level": "info", "format": "json"},
             )  # fmt: skip
             started = [Worker(config, broker.bootstrap, log_dir, f"w{i}") for i in range(workers)]
@@ -128,11 +130,13 @@ def run_step(
             broker_meter, sim_meter = CpuMeter(broker.pid or 0), CpuMeter(simulator.process.pid)
             sent_before = simulator.get("/_sim/stats")["framesSent"].get("trade", 0)
             spy = profiler.start(started[0].process.pid, duration, profile_to) if profile_to else None
+            acks_before = [acknowledged_buckets(w.port) for w in started]
             start = time.time()
             for meter in (*meters, broker_meter, sim_meter):
                 meter.start(start)
             live.poll(duration)
             end = time.time()
+            acks_after = [acknowledged_buckets(w.port) for w in started]
             sent_after = simulator.get("/_sim/stats")["framesSent"].get("trade", 0)
             cpu = sum(m.percent(end) for m in meters)
             broker_cpu, sim_cpu = broker_meter.percent(end), sim_meter.percent(end)
@@ -175,6 +179,7 @@ def run_step(
         latency_received_created=percentiles(to_created),
         latency_received_read=percentiles(to_read),
         latency_event_created=percentiles(event_to_created),
+        latency_received_acknowledged=window_percentiles(acks_before, acks_after),
         worker_cpu=cpu, worker_peak_rss=peak_rss, broker_cpu=broker_cpu, broker_rss=broker_rss,
         simulator_cpu=sim_cpu, load_average=load,
     )  # fmt: skip

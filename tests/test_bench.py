@@ -11,10 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from bench.acks import window_percentiles
 from bench.profile import summarize
 from bench.report import BEGIN, END, table, write_results
 from bench.step import StepResult, bench_symbols, percentiles, run_step
 from streams.config import _SYMBOL
+from tables.summary import LATENCY_BUCKETS
 
 
 def test_bench_symbols_are_distinct_and_valid_config_symbols() -> None:
@@ -55,8 +57,20 @@ def test_a_tiny_step_reads_back_every_trade_the_simulator_sent(tmp_path: Path) -
     assert result.lost == 0 and result.duplicates == 0
     assert result.delivered_unique == result.sent_total
     assert result.worker_peak_rss > 0 and result.broker_rss > 0
+    assert 0 < result.latency_received_acknowledged["p50"] <= result.latency_received_acknowledged["p99"]
     row = table([result]).splitlines()[-1]
     assert row.startswith("| 3 | 1 | 150 |")
+
+
+def test_acknowledgement_percentiles_come_from_the_window_difference_summed_over_workers() -> None:
+    empty = [0] * (len(LATENCY_BUCKETS) + 1)
+    before = [empty, empty]
+    after = [list(empty), list(empty)]
+    after[0][LATENCY_BUCKETS.index(0.01)] = 50  # 5-10 ms on one worker
+    after[1][LATENCY_BUCKETS.index(0.05)] = 50  # 30-50 ms on the other
+    found = window_percentiles(before, after)
+    assert found["p50"] == pytest.approx(10.0) and found["p99"] == pytest.approx(49.6)
+    assert window_percentiles(before, before) == {}
 
 
 def test_a_step_passes_only_without_loss_and_at_the_target_rate() -> None:
@@ -64,8 +78,8 @@ def test_a_step_passes_only_without_loss_and_at_the_target_rate() -> None:
         symbols=100, workers=1, target_rate=10_000, offered_rate=10_000.0, delivered_rate=10_000.0,
         sent_total=1, delivered_unique=1, duplicates=0, lost=0, drained_in=0.5, reconnects=0,
         latency_received_created={"p50": 5, "p95": 9, "p99": 12, "max": 20}, latency_received_read={},
-        latency_event_created={}, worker_cpu=50.0, worker_peak_rss=90.0, broker_cpu=40.0,
-        broker_rss=80.0, simulator_cpu=20.0, load_average=1.0,
+        latency_event_created={}, latency_received_acknowledged={}, worker_cpu=50.0,
+        worker_peak_rss=90.0, broker_cpu=40.0, broker_rss=80.0, simulator_cpu=20.0, load_average=1.0,
     )  # fmt: skip
     assert good.passed
     assert not replace(good, lost=1).passed

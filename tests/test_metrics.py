@@ -56,7 +56,7 @@ def test_the_flow_meter_counts_per_coin_and_type_and_observes_both_latencies() -
     meter.record(trade("BTC/USDT", timestamp=1_380, received_at=1_405))
     meter.record(trade("ETH/USDT", timestamp=1_450, received_at=1_440))  # exchange clock ahead of ours
     meter.dead_letter("schema-mismatch")
-    meter.flushed([b"x" * 100, b"y" * 50], send_retries=2)  # acknowledged at 1_500
+    meter.acknowledged(meter.hand_over(), raw_bytes=150, send_retries=2)  # acknowledged at 1_500
 
     assert sample("collector_messages_processed_total", exchange="meter-test", type="trade") == 3
     assert sample("collector_messages_sent_total", exchange="meter-test", type="trade") == 3
@@ -88,8 +88,8 @@ def test_an_idle_flow_meter_has_no_summary_and_counts_retries_once() -> None:
     times = iter(range(0, 100_000, 1000))
     meter = metrics.FlowMeter("idle-test", clock=lambda: next(times))
     assert meter.take_summary("w") is None
-    meter.flushed([], send_retries=3)
-    meter.flushed([], send_retries=3)
+    meter.acknowledged(meter.hand_over(), raw_bytes=0, send_retries=3)
+    meter.acknowledged(meter.hand_over(), raw_bytes=0, send_retries=3)
     assert sample("collector_send_errors_total", exchange="idle-test") == 3
     assert meter.take_summary("w") is None
 

@@ -487,7 +487,9 @@ async def test_rest_klines_ticker_and_depth_agree_with_the_ground_truth(sim: Sim
     # Ask for the last trade's minute by start time: wall time keeps running while the market is
     # paused, so "the latest bar" may already be the next, empty minute.
     last_minute = bar_open_time("1m", truth[-1]["time"])
-    _, _, one_minute = await get(sim, f"/api/v3/klines?symbol=BTCUSDT&interval=1m&startTime={last_minute}&limit=1")
+    _, _, one_minute = await get(
+        sim, f"/api/v3/klines?symbol=BTCUSDT&interval=1m&startTime={last_minute}&limit=1"
+    )
     assert one_minute[0][0] == last_minute and one_minute[0][4] == truth[-1]["price"]
 
     _, _, ticker = await get(sim, "/api/v3/ticker/24hr?symbol=BTCUSDT")

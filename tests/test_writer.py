@@ -1,5 +1,7 @@
-"""The TopicWriter over librdkafka (ConfluentDelivery) against the real embedded broker:
-`flush` returns only once every record is acknowledged, and keeps retrying while the broker is gone."""
+"""The TopicWriter over librdkafka (ConfluentDelivery) and the RawProducer against the real embedded
+broker: `commit` hands records over without waiting and calls back only once the broker has all of
+them, `flush` returns only once every record is acknowledged, and both keep retrying while the broker
+is gone."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from agents.embedded_broker import EmbeddedBroker
-from agents.writer import ConfluentDelivery, Record, TopicWriter, confluent_settings
+from agents.writer import ConfluentDelivery, RawProducer, Record, TopicWriter, confluent_settings
 
 pytestmark = pytest.mark.e2e
 
@@ -116,3 +118,85 @@ async def test_a_record_the_broker_can_never_accept_is_dropped_instead_of_stalli
     await asyncio.wait_for(writer.flush(), timeout=10)
     assert delivery.undeliverable == 1
     assert writer.retries == 0
+
+
+async def test_commit_returns_at_once_and_calls_back_only_when_the_broker_has_every_record() -> None:
+    with EmbeddedBroker() as broker:
+        declare = _declarer(broker.bootstrap)
+        topics = [f"market.trade.test.c{i}" for i in range(5)]
+        for topic in topics:
+            await declare(topic)
+        delivery = ConfluentDelivery(_settings(broker.bootstrap))
+        writer = TopicWriter(None, declare, delivery=delivery)
+        acknowledged: list[int] = []
+        all_acknowledged = asyncio.Event()
+
+        def on_acknowledged(step: int) -> None:
+            acknowledged.append(step)
+            if len(acknowledged) == 3:
+                all_acknowledged.set()
+
+        for step in range(3):
+            for n in range(100):
+                writer.send(topics[n % 5], b"key", f"{step}:{n}".encode())
+            await writer.commit(lambda step=step: on_acknowledged(step))  # type: ignore[misc]
+        # Delivery reports are served on this event loop, so none can have arrived yet.
+        assert acknowledged == []
+        await asyncio.wait_for(all_acknowledged.wait(), timeout=30)
+        assert sorted(acknowledged) == [0, 1, 2] and writer.sent == 300
+        found = _read_all(broker.bootstrap, topics, 300, timeout=10)
+        assert sorted(v.decode() for values in found.values() for v in values) == sorted(
+            f"{step}:{n}" for step in range(3) for n in range(100)
+        )
+        delivery.close()
+
+
+async def test_commits_wait_while_too_many_are_unacknowledged_and_none_is_called_back_early() -> None:
+    broker = EmbeddedBroker().start()
+    port = broker.port
+    declare = _declarer(broker.bootstrap)
+    await declare("market.trade.test.bound")
+    settings = _settings(broker.bootstrap, **{"message.timeout.ms": 1000, "reconnect.backoff.max.ms": 200})
+    writer = TopicWriter(None, declare, retry_delay=0.1, delivery=ConfluentDelivery(settings))
+    writer.MAX_UNACKNOWLEDGED = 2
+    writer.send("market.trade.test.bound", b"k", b"warm-up")  # declares the topic while the broker is up
+    await asyncio.wait_for(writer.flush(), timeout=20)
+    broker.stop()
+
+    acknowledged: list[int] = []
+    for step in range(2):
+        writer.send("market.trade.test.bound", b"k", f"s{step}".encode())
+        await asyncio.wait_for(writer.commit(lambda step=step: acknowledged.append(step)), timeout=5)  # type: ignore[misc]
+    writer.send("market.trade.test.bound", b"k", b"s2")
+    third = asyncio.ensure_future(writer.commit(lambda: acknowledged.append(2)))
+    # Proving that the third commit waits needs a window: 3 s covers several 1 s delivery timeouts.
+    done, _ = await asyncio.wait({third}, timeout=3)
+    assert not done and acknowledged == [] and writer.retries > 0
+
+    revived = EmbeddedBroker(port=port).start()
+    try:
+        _create_topic(revived.bootstrap, "market.trade.test.bound")
+        await asyncio.wait_for(third, timeout=30)
+        await asyncio.wait_for(writer.flush(), timeout=30)
+        assert sorted(acknowledged) == [0, 1, 2]
+        found = _read_all(revived.bootstrap, ["market.trade.test.bound"], 3)  # the revived broker is empty
+        assert sorted(found["market.trade.test.bound"]) == [b"s0", b"s1", b"s2"]
+    finally:
+        revived.stop()
+
+
+async def test_the_raw_producer_keeps_a_key_in_order_carries_big_frames_and_delivers_on_close() -> None:
+    with EmbeddedBroker() as broker:
+        _create_topic(broker.bootstrap, "raw.test")
+        producer = RawProducer(_settings(broker.bootstrap))
+        big = b"b" * (6 * 1024 * 1024)  # the largest frame a connection accepts travels alone
+        values = [f"r{n}".encode() for n in range(500)]
+        for value in values[:250]:
+            await producer.send("raw.test", b"binance:0", value)
+        await producer.send("raw.test", b"binance:0", big)
+        for value in values[250:]:
+            await producer.send("raw.test", b"binance:0", value)
+        await asyncio.wait_for(producer.close(), timeout=30)
+        assert producer.failed == 0
+        found = _read_all(broker.bootstrap, ["raw.test"], 501, timeout=20)["raw.test"]
+        assert found == [*values[:250], big, *values[250:]]
