@@ -46,7 +46,7 @@ test: install system-deps ## Run the whole test suite (unit + end-to-end)
 test-unit: install system-deps ## Run the tests that need no broker, simulator or worker
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
-bench: install ## Throughput/latency ladder (simulator → worker → broker); writes docs/benchmarks.md (~8 min)
+bench: install ## Throughput/latency ladder (simulator → worker → broker); writes docs/benchmarks.md (~9 min)
 	$(PY) -m bench $(BENCH_ARGS)
 
 lint: install ## ruff and mypy
