@@ -6,6 +6,7 @@ when the worker exits (Ctrl-C, SIGTERM, or an error).
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import sys
@@ -31,6 +32,16 @@ def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         except OSError:
             return False
         return True
+
+
+def _tune_interpreter() -> None:
+    """Two interpreter settings that shorten the worker's latency tail (docs/benchmarks.md)."""
+    # The modules and objects loaded so far live as long as the process: frozen, the collector's
+    # full collections no longer walk them (p99 receipt→CreateTime 79-92 → 56-62 ms at 10 k/s).
+    gc.freeze()
+    # Faust's consumer runs in its own thread; with the default 5 ms switch interval every hand-over
+    # between it and the event loop could wait that long for the GIL (p99 66 → 48-58 ms).
+    sys.setswitchinterval(0.001)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         from streams.app import app
 
         sys.argv = ["collector", *args]
+        if command == "worker":
+            _tune_interpreter()
         if not args or command in {"--help", "-h"}:
             print(USAGE_EXTRA, file=sys.stderr)
         app.main()

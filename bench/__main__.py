@@ -27,7 +27,7 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--symbols", default="100,1000", help="symbol counts to run the ladder for")
-    parser.add_argument("--rates", default="5000,10000,20000,30000,40000", help="events/s ladder")
+    parser.add_argument("--rates", default="5000,10000,20000,30000,40000,50000", help="events/s ladder")
     parser.add_argument(
         "--two-workers-rate", type=int, default=10000, help="two workers, fewest symbols; 0 skips it"
     )
