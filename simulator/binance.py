@@ -73,6 +73,7 @@ class _SymbolStreams:
 
 class BinanceConnection(Connection):
     combined = False  # wrap frames as {"stream": ..., "data": ...}
+    route = ""  # the futures entry point it came through (public, market); spot has a single one
 
 
 class BinanceError(Exception):
@@ -202,8 +203,8 @@ class BinanceSpot:
         refusal = self.faults.handshake_refusal(request.remote or "unknown", time.monotonic())
         if refusal is not None:
             return _json_response({"code": -1003, "msg": "Connection refused."}, refusal)
-        combined = request.path.startswith("/stream")
-        listed = request.match_info.get("streams", "") if not combined else request.query.get("streams", "")
+        combined = self._is_combined(request)
+        listed = request.query.get("streams", "") if combined else request.match_info.get("streams", "")
         names = [name for name in listed.split("/") if name]
         streams = [self._parse_stream(name) for name in names]
         if any(stream is None for stream in streams):
@@ -214,14 +215,7 @@ class BinanceSpot:
 
         ws = web.WebSocketResponse(autoping=False, compress=False, timeout=CLOSE_TIMEOUT)
         await ws.prepare(request)
-        connection = BinanceConnection(
-            f"{self.name}-{next(self._connection_ids)}",
-            ws,
-            request,
-            self.frames_sent,
-            now=time.monotonic(),
-            max_messages_per_second=self.max_messages_per_second,
-        )
+        connection = self._new_connection(ws, request)
         connection.combined = combined
         self._connections[connection.id] = connection
         self._all_closed.clear()
@@ -242,6 +236,20 @@ class BinanceSpot:
             if not self._connections:
                 self._all_closed.set()
         return ws
+
+    def _is_combined(self, request: web.Request) -> bool:
+        """Whether the URL asks for the combined envelope (`/stream`) rather than raw frames (`/ws`)."""
+        return request.path.startswith("/stream")
+
+    def _new_connection(self, ws: web.WebSocketResponse, request: web.Request) -> BinanceConnection:
+        return BinanceConnection(
+            f"{self.name}-{next(self._connection_ids)}",
+            ws,
+            request,
+            self.frames_sent,
+            now=time.monotonic(),
+            max_messages_per_second=self.max_messages_per_second,
+        )
 
     async def _read(self, connection: BinanceConnection, ws: web.WebSocketResponse) -> None:
         async for message in ws:

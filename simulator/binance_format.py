@@ -66,20 +66,7 @@ def trade_event(symbol: str, instrument: Instrument, trade: Trade, event_time: i
 
 
 def agg_trade_event(symbol: str, instrument: Instrument, trade: Trade, event_time: int) -> dict[str, Any]:
-    # Every simulated trade fills a single order, so each aggregate holds exactly one trade.
-    return {
-        "e": "aggTrade",
-        "E": event_time,
-        "s": symbol,
-        "a": trade.id,
-        "p": _padded(trade.price, instrument.price_decimals),
-        "q": _padded(trade.quantity, instrument.quantity_decimals),
-        "f": trade.id,
-        "l": trade.id,
-        "T": trade.time,
-        "m": trade.taker_side == "sell",
-        "M": True,
-    }
+    return {"e": "aggTrade", "E": event_time, "s": symbol, **rest_agg_trade(instrument, trade)}
 
 
 def book_ticker_event(symbol: str, instrument: Instrument, quote: Quote) -> dict[str, Any]:
@@ -182,6 +169,7 @@ def rest_trade(instrument: Instrument, trade: Trade) -> dict[str, Any]:
 
 
 def rest_agg_trade(instrument: Instrument, trade: Trade) -> dict[str, Any]:
+    # Every simulated trade fills a single order, so each aggregate holds exactly one trade.
     return {
         "a": trade.id,
         "p": _padded(trade.price, instrument.price_decimals),

@@ -13,9 +13,7 @@ It is the spot dialect with the futures rules (exchange-protocols.md §2):
 
 from __future__ import annotations
 
-import itertools
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,12 +21,10 @@ from aiohttp import web
 
 from simulator import binance_format as spot_fmt
 from simulator.binance import (
-    CLOSE_TIMEOUT,
     BinanceConnection,
     BinanceSpot,
     Stream,
     _encode,
-    _json_response,
     _limit,
     _SymbolStreams,
     _ticker_weight,
@@ -44,10 +40,6 @@ MAX_MESSAGES_PER_SECOND = 10
 PUBLIC = "public"
 MARKET = "market"
 _ROUTE_OF_KIND = {"bookTicker": PUBLIC, "aggTrade": MARKET, "kline": MARKET, "ticker": MARKET}
-
-
-class FuturesConnection(BinanceConnection):
-    route = MARKET
 
 
 class BinanceFutures(BinanceSpot):
@@ -70,7 +62,6 @@ class BinanceFutures(BinanceSpot):
             weight_limit=weight_limit,
             max_messages_per_second=MAX_MESSAGES_PER_SECOND,
         )
-        self._futures_connection_ids = itertools.count(1)
         self.violations["wrongRoute"] = 0
 
     # -- routes -----------------------------------------------------------------------------------
@@ -95,49 +86,13 @@ class BinanceFutures(BinanceSpot):
 
     # -- WebSocket ----------------------------------------------------------------------------------
 
-    async def _handle_ws(self, request: web.Request) -> web.StreamResponse:
-        if self._stopping:
-            raise web.HTTPServiceUnavailable()
-        route, _, mode = request.path.strip("/").partition("/")
-        combined = mode == "stream"
-        listed = request.query.get("streams", "") if combined else request.match_info.get("streams", "")
-        names = [name for name in listed.split("/") if name]
-        streams = [self._parse_stream(name) for name in names]
-        if any(stream is None for stream in streams):
-            return _json_response({"code": 2, "msg": "Invalid request: invalid stream"}, 400)
-        if len(set(names)) > self.max_streams:
-            self.violations["streamLimit"] += 1
-            return _json_response({"code": 2, "msg": "Invalid request: too many streams"}, 400)
-        ws = web.WebSocketResponse(autoping=False, compress=False, timeout=CLOSE_TIMEOUT)
-        await ws.prepare(request)
-        connection = FuturesConnection(
-            f"{self.name}-{next(self._futures_connection_ids)}",
-            ws,
-            request,
-            self.frames_sent,
-            now=time.monotonic(),
-            max_messages_per_second=self.max_messages_per_second,
-        )
-        connection.combined = combined
-        connection.route = route
-        self._connections[connection.id] = connection
-        self._all_closed.clear()
-        self.connections_total += 1
-        for stream in streams:
-            assert stream is not None
-            self._subscribe(connection, stream)
-        try:
-            await self._read(connection, ws)
-        finally:
-            del self._connections[connection.id]
-            for name in self._hub.drop(connection):
-                self._forget(name)
-            if connection.slow_consumer:
-                self.slow_consumers += 1
-            await connection.finished(CLOSE_TIMEOUT)
-            if not self._connections:
-                self._all_closed.set()
-        return ws
+    def _is_combined(self, request: web.Request) -> bool:
+        return request.path.strip("/").partition("/")[2] == "stream"
+
+    def _new_connection(self, ws: web.WebSocketResponse, request: web.Request) -> BinanceConnection:
+        connection = super()._new_connection(ws, request)
+        connection.route = request.path.strip("/").partition("/")[0]  # public or market
+        return connection
 
     def _parse_stream(self, name: str) -> Stream | None:
         _, _, kind = name.partition("@")
@@ -146,7 +101,7 @@ class BinanceFutures(BinanceSpot):
         return super()._parse_stream(name)
 
     def _subscribe(self, connection: BinanceConnection, stream: Stream) -> None:
-        route = getattr(connection, "route", MARKET)
+        route = connection.route or MARKET
         if _ROUTE_OF_KIND[stream.kind] != route:
             self.violations["wrongRoute"] += 1
             log.info("%s subscribed %s on /%s: it will never deliver", connection.id, stream.name, route)
@@ -231,19 +186,7 @@ def _quantity(instrument: Instrument, lots: int) -> str:
 
 def agg_trade_event(symbol: str, instrument: Instrument, trade: Trade, event_time: int) -> dict[str, Any]:
     # Futures prices carry the contract's precision, not spot's 8 padded decimals.
-    return {
-        "e": "aggTrade",
-        "E": event_time,
-        "s": symbol,
-        "a": trade.id,
-        "p": trade.price,
-        "q": trade.quantity,
-        "nq": trade.quantity,
-        "f": trade.id,
-        "l": trade.id,
-        "T": trade.time,
-        "m": trade.taker_side == "sell",
-    }
+    return {"e": "aggTrade", "E": event_time, "s": symbol, **rest_agg_trade(trade)}
 
 
 def book_ticker_event(symbol: str, instrument: Instrument, quote: Quote, event_time: int) -> dict[str, Any]:
