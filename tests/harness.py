@@ -13,15 +13,19 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import yaml
 from confluent_kafka import Consumer, TopicPartition
 
 from agents.embedded_broker import free_port
+from streams.records import Bbo, Kline, MarketRecord, Ticker, Trade, decode_record
 
 REPO = Path(__file__).resolve().parents[1]
 COLLECTOR = str(Path(sys.executable).with_name("collector"))
@@ -238,3 +242,196 @@ class TopicReader:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+class SimulatedExchange:
+    """One exchange's market in a running simulator, read through `/_sim/` with exact numbers."""
+
+    def __init__(self, simulator: Simulator, exchange: str) -> None:
+        self.simulator = simulator
+        self.exchange = exchange
+
+    def stats(self) -> dict[str, Any]:
+        return self.simulator.get(f"/_sim/stats?exchange={self.exchange}", exact_numbers=True)
+
+    def subscriptions(self) -> dict[str, list[str]]:
+        """Connection id → the streams subscribed on it."""
+        return self.stats()["subscriptions"]
+
+    def subscribed_streams(self) -> int:
+        return sum(len(streams) for streams in self.subscriptions().values())
+
+    def subscribed_connections(self) -> set[str]:
+        return {cid for cid, streams in self.subscriptions().items() if streams}
+
+    def trades_generated(self) -> dict[str, int]:
+        return self.stats()["tradesGenerated"]
+
+    def trades_made(self, symbol: str) -> list[dict[str, Any]]:
+        return self.simulator.get(
+            f"/_sim/trades?exchange={self.exchange}&symbol={symbol}", exact_numbers=True
+        )
+
+    def disconnect(self) -> int:
+        """Drops every connection to this exchange; returns how many there were."""
+        return self.simulator.post(f"/_sim/disconnect?exchange={self.exchange}")["disconnected"]
+
+
+@dataclass
+class CollectorRun:
+    """A worker collecting one simulated exchange into the broker, and a reader of what it published."""
+
+    market: SimulatedExchange
+    worker: Worker
+    reader: TopicReader
+    generated_before: dict[str, int]
+
+    def records(self, kind: str, symbol: str) -> list[MarketRecord]:
+        topic = f"market.{kind}.{self.market.exchange}.{symbol.replace('/', '-').lower()}"
+        return [decode_record(m.value()) for m in self.reader.records.get(topic, [])]
+
+
+@contextmanager
+def collecting(
+    exchange: str,
+    symbols: list[str],
+    data_types: list[str],
+    bootstrap: str,
+    tmp_path: Path,
+    *,
+    route: str = "",
+    rate: float = 30,
+) -> Iterator[CollectorRun]:
+    """A simulator paused until the test resumes it, and a worker collecting `symbols` from it.
+
+    When the block ends without an error, the worker must have stopped with code 0 and no traceback.
+    """
+    # `--symbols` names the spot market; the Korean venues trade the same bases against KRW.
+    simulator = Simulator([s.replace("/KRW", "/USDT") for s in symbols], rate=rate)
+    market = SimulatedExchange(simulator, exchange)
+    simulator.post(f"/_sim/pause?exchange={exchange}")
+    before = market.trades_generated()
+    config = write_config(
+        tmp_path / f"{exchange}.yaml", simulator, symbols, data_types, exchange=exchange, route=route
+    )
+    worker = Worker(config, bootstrap, tmp_path)
+    reader = TopicReader(bootstrap)
+    try:
+        yield CollectorRun(market, worker, reader, before)
+    finally:
+        reader.close()
+        code = worker.stop()
+        simulator.stop()
+    assert_clean_exit(worker, code)
+
+
+def assert_clean_exit(worker: Worker, code: int) -> None:
+    assert code == 0, worker.log()[-3000:]
+    assert "Traceback" not in worker.log(), worker.log()[-5000:]
+
+
+class ExpectedTrade(NamedTuple):
+    """A trade's fields as the market record must carry them."""
+
+    trade_id: str
+    price: str
+    quantity: str
+    side: str
+    trade_time: int
+
+
+@dataclass
+class ExactlyOnceResult:
+    """Trades checked, connections dropped, and connection id → streams once all were subscribed."""
+
+    trades: int
+    dropped_connections: int
+    subscriptions: dict[str, list[str]]
+
+
+SCHEMA_OF_KIND = {"kline": Kline, "ticker": Ticker, "bbo": Bbo}
+
+
+def run_exactly_once(
+    exchange: str,
+    symbols: list[str],
+    data_types: list[str],
+    bootstrap: str,
+    tmp_path: Path,
+    *,
+    expected_trade: Callable[[dict[str, Any]], ExpectedTrade],
+    trades_per_symbol: int,
+    route: str = "",
+    drop_halfway: bool = False,
+) -> ExactlyOnceResult:
+    """Every trade made once the worker has subscribed every stream arrives exactly once with the
+    simulator's values (`expected_trade` reads them from the simulator's trade row), every other data
+    type arrives in its schema, and the worker breaks no exchange limit.
+
+    With `drop_halfway` every connection is dropped after half the trades, so that the trades made
+    while the worker was away are in the count too.
+    """
+    with collecting(exchange, symbols, data_types, bootstrap, tmp_path, route=route) as run:
+        market, reader, before = run.market, run.reader, run.generated_before
+        every_stream = len(symbols) * len(data_types)
+        run.worker.wait_ready()
+        wait_for(lambda: market.subscribed_streams() == every_stream, 30, "all subscriptions")
+        subscriptions = market.subscriptions()
+        market.simulator.post("/_sim/resume")
+
+        def generated_at_least(count: int) -> bool:
+            return all(n - before[s] >= count for s, n in market.trades_generated().items())
+
+        dropped = 0
+        if drop_halfway:
+            wait_for(lambda: generated_at_least(trades_per_symbol // 2), 30, "trades before the drop")
+            dropped = market.disconnect()
+            assert dropped == len(subscriptions)
+        wait_for(lambda: generated_at_least(trades_per_symbol), 30, f"{trades_per_symbol} trades per symbol")
+        if drop_halfway:
+            wait_for(lambda: market.subscribed_streams() == every_stream, 30, "resubscribed")
+        market.simulator.post("/_sim/pause")
+        truth = {symbol: market.trades_made(symbol)[before[symbol] :] for symbol in symbols}
+        expected_total = sum(len(trades) for trades in truth.values())
+
+        def delivered() -> int:
+            reader.follow("market.")
+            reader.poll(0.3)
+            return sum(len(r) for t, r in reader.records.items() if t.startswith(f"market.trade.{exchange}."))
+
+        wait_for(lambda: delivered() >= expected_total, 45, f"{expected_total} trades in Kafka")
+        reader.poll(1.0)  # anything beyond the expected count would be a duplicate
+
+        for symbol in symbols:
+            expected = {trade.trade_id: trade for trade in map(expected_trade, truth[symbol])}
+            _assert_each_trade_once(run.records("trade", symbol), exchange, symbol, expected)
+        for kind in sorted({data_type.split("_")[0] for data_type in data_types} - {"trade"}):
+            for symbol in symbols:
+                records = run.records(kind, symbol)
+                assert records, f"no {kind} records for {symbol}"
+                assert all(
+                    isinstance(r.data, SCHEMA_OF_KIND[kind]) and r.exchange == exchange for r in records
+                )
+        final = market.stats()
+        assert final["violations"] == 0, final["violationsByReason"]
+    return ExactlyOnceResult(expected_total, dropped, subscriptions)
+
+
+def _assert_each_trade_once(
+    records: list[MarketRecord], exchange: str, symbol: str, expected: dict[str, ExpectedTrade]
+) -> None:
+    for record in records:
+        assert (record.exchange, record.symbol, record.type) == (exchange, symbol, "trade")
+    published = [published_trade(record) for record in records]
+    ids = Counter(trade.trade_id for trade in published)
+    assert not [i for i, n in ids.items() if n > 1], f"{symbol}: duplicated trade ids"
+    assert set(ids) == set(expected), f"{symbol}: {len(set(expected) - set(ids))} missing"
+    for trade in published:
+        assert trade == expected[trade.trade_id]
+
+
+def published_trade(record: MarketRecord) -> ExpectedTrade:
+    """The trade fields of a record read from a trade topic."""
+    data = record.data
+    assert isinstance(data, Trade), f"a {type(data).__name__} record on a trade topic"
+    return ExpectedTrade(data.trade_id, data.price, data.quantity, data.side, data.trade_time)

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import Counter
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import msgspec
@@ -32,8 +30,7 @@ from simulator.server import SimulatorConfig
 from streams.exchanges.bithumb import BithumbAdapter
 from streams.raw import RawBatch, RawFrame, encode_batch
 from streams.records import Trade, decode_record
-from tests.harness import Simulator, TopicReader, Worker, wait_for, write_config
-from tests.test_e2e_upbit import run_exactly_once
+from tests.test_e2e_upbit import run_across_a_drop, run_upbit_compatible_exactly_once
 
 pytestmark = pytest.mark.e2e
 
@@ -45,8 +42,8 @@ def broker():
 
 
 def test_bithumb_trades_arrive_exactly_once(broker: EmbeddedBroker, tmp_path: Path, record_property) -> None:
-    summary = run_exactly_once("bithumb", ["trade", "ticker", "bbo"], broker, tmp_path)
-    record_property("summary", json.dumps(summary))
+    result = run_upbit_compatible_exactly_once("bithumb", ["trade", "ticker", "bbo"], broker, tmp_path)
+    record_property("summary", json.dumps({"trades": result.trades}))
 
 
 def test_bithumb_loses_no_trade_across_a_drop(
@@ -55,67 +52,12 @@ def test_bithumb_loses_no_trade_across_a_drop(
     """After a drop the worker reconnects and fills the trades made while it was away from
     `trades/ticks`, found by trade time although the ids are unordered: every trade arrives, none twice.
     """
-    # Its own symbol: the module's broker still holds the other test's BTC/KRW and ETH/KRW trades.
-    exchange, symbol = "bithumb", "BNB/KRW"
     # Fast enough that the short reconnect misses trades; a page (500) still spans seconds.
-    simulator = Simulator(["BNB/USDT"], rate=100)
-    simulator.post(f"/_sim/pause?exchange={exchange}")
-
-    def stats() -> dict[str, Any]:
-        return simulator.get(f"/_sim/stats?exchange={exchange}", exact_numbers=True)
-
-    def connection_ids() -> set[str]:
-        return {cid for cid, streams in stats()["subscriptions"].items() if streams}
-
-    def generated() -> int:
-        return int(stats()["tradesGenerated"][symbol])
-
-    before = generated()
-    config = write_config(
-        tmp_path / "bithumb.yaml", simulator, [symbol], ["trade"], exchange=exchange, route="/bithumb"
-    )
-    worker = Worker(config, broker.bootstrap, tmp_path)
-    reader = TopicReader(broker.bootstrap)
-    topic = "market.trade.bithumb.bnb-krw"
-    try:
-        worker.wait_ready()
-        first = wait_for(connection_ids, 30, "the first subscription")
-        simulator.post("/_sim/resume")
-        wait_for(lambda: generated() - before >= 200, 30, "trades before the drop")
-        dropped_at = generated()
-        simulator.post(f"/_sim/disconnect?exchange={exchange}")
-        wait_for(lambda: connection_ids() - first, 30, "a new subscribed connection")
-        resubscribed_at = generated()
-        wait_for(lambda: generated() - resubscribed_at >= 200, 30, "trades after the drop")
-        simulator.post("/_sim/pause")
-        made = simulator.get(f"/_sim/trades?exchange={exchange}&symbol={symbol}", exact_numbers=True)
-        truth = made[before:]
-        made_ids = [int(t["sequential_id"]) for t in made]
-        assert made_ids != sorted(made_ids), "the simulator's Bithumb ids should not be ordered"
-
-        def delivered() -> Counter[str]:
-            reader.follow("market.trade.bithumb.")
-            reader.poll(0.3)
-            records = [decode_record(m.value()).data for m in reader.records.get(topic, [])]
-            return Counter(data.trade_id for data in records if isinstance(data, Trade))
-
-        wanted = {str(t["sequential_id"]) for t in truth}
-        wait_for(lambda: wanted <= set(delivered()), 45, f"{len(wanted)} trades in Kafka")
-        reader.poll(1.0)
-        ids = delivered()
-        assert not [i for i, n in ids.items() if n > 1], "duplicated trade ids"
-        # Trades from before the worker's first subscription (only in a run this short) are real
-        # trades from the backfill's first page, published once.
-        assert set(ids) <= {str(t["sequential_id"]) for t in made}, "trades the simulator never made"
-        summary = {"trades": len(truth), "made_while_away": resubscribed_at - dropped_at}
-        record_property("summary", json.dumps(summary))
-        print("BITHUMB DROP", json.dumps(summary))
-    finally:
-        reader.close()
-        code = worker.stop()
-        simulator.stop()
-    assert code == 0, worker.log()[-3000:]
-    assert "Traceback" not in worker.log(), worker.log()[-5000:]
+    made, summary = run_across_a_drop("bithumb", broker, tmp_path, rate=100, trades_each_side=200)
+    made_ids = [int(t["sequential_id"]) for t in made]
+    assert made_ids != sorted(made_ids), "the simulator's Bithumb ids should not be ordered"
+    record_property("summary", json.dumps(summary))
+    print("BITHUMB DROP", json.dumps(summary))
 
 
 class _Published:
