@@ -183,7 +183,7 @@ class _Handover:
 
     def on_delivery(self, error: KafkaError | None, message: Message) -> None:
         # Runs in the event loop thread: only ConfluentDelivery's poll serves delivery reports.
-        if error is not None and not self._delivery.undeliverable_record(error, message):
+        if error is not None and not self._delivery.undeliverable(error, message.topic(), message.value()):
             self.failed.append((message.topic() or "", message.key() or b"", message.value() or b""))
             self.error = KafkaException(error)
         self.settle(1)
@@ -216,17 +216,17 @@ class ConfluentDelivery:
         self._producer = Producer({**settings, "error_cb": self._on_client_error})
         self.handovers_open = 0
         self._poller: asyncio.Task[None] | None = None
-        self.undeliverable = 0
+        self.undeliverable_records = 0
 
-    def undeliverable_record(self, error: KafkaError, message: Message) -> bool:
+    def undeliverable(self, error: KafkaError, topic: str | None, value: bytes | None) -> bool:
+        """True (counted and logged) when no retry can deliver the record: it is dropped."""
         if error.code() not in UNDELIVERABLE:
             return False
         # Retrying cannot help and would stall every later commit of the agent for good.
-        self.undeliverable += 1
+        self.undeliverable_records += 1
         log.error(
-            "record for %s can never be delivered (%s, %d bytes); dropped",
-            message.topic(), error, len(message.value() or b""),
-        )  # fmt: skip
+            "record for %s can never be delivered (%s, %d bytes); dropped", topic, error, len(value or b"")
+        )
         return True
 
     def _on_client_error(self, error: KafkaError) -> None:
@@ -243,19 +243,16 @@ class ConfluentDelivery:
         producer, on_delivery = self._producer, handover.on_delivery
         for index, (topic, key, value) in enumerate(records):
             try:
-                producer.produce(topic, value, key, on_delivery=on_delivery)
-            except BufferError:  # librdkafka's queue is full: let it drain, then go on
-                await self._wait_for_room()
                 try:
                     producer.produce(topic, value, key, on_delivery=on_delivery)
-                except (BufferError, KafkaException) as exc:
-                    handover.give_up(records[index:], exc)
-                    break
+                except BufferError:  # librdkafka's queue is full: let it drain, then go on
+                    await self._wait_for_room()
+                    producer.produce(topic, value, key, on_delivery=on_delivery)
+            except BufferError as exc:  # still full: the writer retries the rest later
+                handover.give_up(records[index:], exc)
+                break
             except KafkaException as exc:  # refused before sending: too large, unknown topic, ...
-                error = exc.args[0]
-                if error.code() in UNDELIVERABLE:
-                    self.undeliverable += 1
-                    log.error("record for %s can never be delivered (%s); dropped", topic, error)
+                if self.undeliverable(exc.args[0], topic, value):
                     handover.settle(1)
                 else:
                     handover.give_up([(topic, key, value)], exc)

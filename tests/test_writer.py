@@ -116,7 +116,7 @@ async def test_a_record_the_broker_can_never_accept_is_dropped_instead_of_stalli
     writer = TopicWriter(None, declare, retry_delay=0.01, delivery=delivery)
     writer.send("market.trade.binance.btc-usdt", b"k", b"x" * 20_000)
     await asyncio.wait_for(writer.flush(), timeout=10)
-    assert delivery.undeliverable == 1
+    assert delivery.undeliverable_records == 1
     assert writer.retries == 0
 
 
