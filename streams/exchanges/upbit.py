@@ -147,18 +147,6 @@ class _OrderbookEvent(msgspec.Struct, gc=False):
     orderbook_units: list[_BookLevel]
 
 
-class _CandleEvent(msgspec.Struct, gc=False):
-    code: str
-    timestamp: int | str
-    candle_date_time_utc: str
-    opening_price: Decimal
-    high_price: Decimal
-    low_price: Decimal
-    trade_price: Decimal
-    candle_acc_trade_volume: Decimal
-    candle_acc_trade_price: Decimal
-
-
 class _Market(msgspec.Struct, gc=False):
     market: str
 
@@ -184,6 +172,10 @@ class _RestCandle(msgspec.Struct, gc=False):
     candle_acc_trade_volume: Decimal
     candle_acc_trade_price: Decimal
     timestamp: int | str
+
+
+class _CandleEvent(_RestCandle, gc=False):  # the WebSocket's candle: the REST one plus its market
+    code: str
 
 
 class _TradeMark(msgspec.Struct, gc=False):
@@ -429,7 +421,7 @@ class UpbitAdapter(ExchangeAdapter):
         return items
 
     @staticmethod
-    def _kline(interval: str, candle: _CandleEvent | _RestCandle) -> Kline:
+    def _kline(interval: str, candle: _RestCandle) -> Kline:
         try:
             start = datetime.fromisoformat(candle.candle_date_time_utc).replace(tzinfo=UTC)
         except ValueError:
