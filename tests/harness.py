@@ -244,6 +244,25 @@ class TopicReader:
         self.consumer.close()
 
 
+def trades_made_until(
+    simulator: Simulator, before: dict[str, int], per_symbol: int, exchange_symbols: dict[str, str]
+) -> dict[str, list[dict[str, Any]]]:
+    """Wait until the running market made `per_symbol` trades of every symbol since `before` (its
+    `tradesGenerated` counts), pause it, and return each symbol's trades made since."""
+    wait_for(
+        lambda: all(
+            n - before[s] >= per_symbol for s, n in simulator.get("/_sim/stats")["tradesGenerated"].items()
+        ),
+        60,
+        f"{per_symbol} trades per symbol",
+    )
+    simulator.post("/_sim/pause")
+    return {
+        symbol: simulator.get(f"/_sim/trades?symbol={exchange_symbol}")[before[symbol] :]
+        for symbol, exchange_symbol in exchange_symbols.items()
+    }
+
+
 class SimulatedExchange:
     """One exchange's market in a running simulator, read through `/_sim/` with exact numbers."""
 

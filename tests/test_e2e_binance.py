@@ -15,7 +15,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from agents.embedded_broker import EmbeddedBroker
 from streams.records import Bbo, Kline, Ticker, decode_record
-from tests.harness import Simulator, TopicReader, Worker, wait_for, write_config
+from tests.harness import Simulator, TopicReader, Worker, trades_made_until, wait_for, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -36,10 +36,6 @@ def _subscriptions(simulator: Simulator) -> int:
     return sum(len(streams) for streams in stats["subscriptions"].values())
 
 
-def _generated(simulator: Simulator) -> dict[str, int]:
-    return simulator.get("/_sim/stats")["tradesGenerated"]
-
-
 def test_every_generated_trade_arrives_exactly_once_and_other_types_arrive_in_schema(
     broker: EmbeddedBroker, tmp_path: Path, record_property
 ) -> None:
@@ -53,16 +49,7 @@ def test_every_generated_trade_arrives_exactly_once_and_other_types_arrive_in_sc
         ready_seconds = worker.wait_ready()
         wait_for(lambda: _subscriptions(simulator) == len(SYMBOLS) * len(DATA_TYPES), 30, "all subscriptions")
         simulator.post("/_sim/resume")
-        wait_for(
-            lambda: all(n - before[s] >= TRADES_PER_SYMBOL for s, n in _generated(simulator).items()),
-            60,
-            f"{TRADES_PER_SYMBOL} trades per symbol",
-        )
-        simulator.post("/_sim/pause")
-        truth = {
-            symbol: simulator.get(f"/_sim/trades?symbol={EXCHANGE_SYMBOLS[symbol]}")[before[symbol] :]
-            for symbol in SYMBOLS
-        }
+        truth = trades_made_until(simulator, before, TRADES_PER_SYMBOL, EXCHANGE_SYMBOLS)
         expected_total = sum(len(trades) for trades in truth.values())
 
         def delivered_trades() -> int:

@@ -28,7 +28,7 @@ from simulator.server import SimulatorConfig
 from streams.deadletter import decode_dead_letter
 from streams.events import decode_event
 from streams.records import decode_record
-from tests.harness import Simulator, TopicReader, Worker, wait_for, write_config
+from tests.harness import Simulator, TopicReader, Worker, trades_made_until, wait_for, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -118,16 +118,7 @@ def test_hostile_frames_are_dead_lettered_and_no_trade_is_lost(
         }}).encode()  # fmt: skip
         assert inject(simulator, replay) == 1
 
-        wait_for(
-            lambda: all(n - before[s] >= TRADES_PER_SYMBOL for s, n in _generated(simulator).items()),
-            60,
-            f"{TRADES_PER_SYMBOL} trades per symbol",
-        )
-        simulator.post("/_sim/pause")
-        truth = {
-            symbol: simulator.get(f"/_sim/trades?symbol={EXCHANGE_SYMBOLS[symbol]}")[before[symbol] :]
-            for symbol in SYMBOLS
-        }
+        truth = trades_made_until(simulator, before, TRADES_PER_SYMBOL, EXCHANGE_SYMBOLS)
         expected_total = sum(len(rows) for rows in truth.values())
 
         def delivered() -> int:
