@@ -183,7 +183,7 @@ class FlowMeter:
     def __init__(self, exchange: str, clock: Callable[[], int] | None = None) -> None:
         self.exchange = exchange
         self._clock = clock or now_ms
-        self._pending: list[MarketRecord] = []
+        self._pending: list[tuple[MarketRecord, str]] = []  # with the topic it was written to
         self._interval_started = self._clock()
         self._coins: dict[str, CoinFlow] = {}
         self._dead_letters: dict[str, int] = {}
@@ -191,31 +191,40 @@ class FlowMeter:
         self._latency: dict[str, list[int]] = {}
         self._send_retries_seen = 0
 
-    def record(self, record: MarketRecord) -> None:
+    def record(self, record: MarketRecord, topic: str) -> None:
         """Called once per normalized record: keep it cheap."""
-        self._pending.append(record)
+        self._pending.append((record, topic))
 
     def dead_letter(self, reason: str) -> None:
         DEADLETTERS.labels(self.exchange, reason).inc()
         self._dead_letters[reason] = self._dead_letters.get(reason, 0) + 1
 
-    def hand_over(self) -> list[MarketRecord]:
-        """The records recorded since the last call, now on their way to the broker."""
+    def hand_over(self) -> list[tuple[MarketRecord, str]]:
+        """The records (with their topics) recorded since the last call, now on their way to the broker."""
         pending, self._pending = self._pending, []
         return pending
 
-    def acknowledged(self, pending: list[MarketRecord], raw_bytes: int, send_retries: int = 0) -> None:
-        """The broker has acknowledged `pending` (one `hand_over`), made from `raw_bytes` of raw input."""
+    def acknowledged(
+        self,
+        pending: list[tuple[MarketRecord, str]],
+        raw_bytes: int,
+        send_retries: int = 0,
+        acknowledged_at: Mapping[str, int] | None = None,
+    ) -> None:
+        """The broker has acknowledged `pending` (one `hand_over`), made from `raw_bytes` of raw input.
+        `acknowledged_at` tells when each topic's records were acknowledged; a topic it lacks counts
+        as acknowledged now, when the whole hand-over has settled."""
         self._raw_bytes += raw_bytes
         if send_retries > self._send_retries_seen:
             SEND_ERRORS.labels(self.exchange).inc(send_retries - self._send_retries_seen)
             self._send_retries_seen = send_retries
         if not pending:
             return
-        acknowledged_at = self._clock()
+        settled_at = self._clock()
+        per_topic = acknowledged_at or {}
         per_type: dict[str, int] = {}
         coins = self._coins
-        for record in pending:
+        for record, _ in pending:
             kind = record.type
             per_type[kind] = per_type.get(kind, 0) + 1
             coin = coins.get(record.symbol)
@@ -230,8 +239,11 @@ class FlowMeter:
             MESSAGES_PROCESSED.labels(self.exchange, record_type).inc(count)
             MESSAGES_SENT.labels(self.exchange, record_type).inc(count)
         # Clock skew can put an exchange's event time after our receive time: count it as zero.
-        self._observe(EXCHANGE_TO_RECEIVE, (max(r.received_at - r.timestamp, 0) / 1000.0 for r in pending))
-        self._observe(RECEIVE_TO_APPEND, (max(acknowledged_at - r.received_at, 0) / 1000.0 for r in pending))
+        self._observe(EXCHANGE_TO_RECEIVE, (max(r.received_at - r.timestamp, 0) / 1000.0 for r, _ in pending))
+        self._observe(
+            RECEIVE_TO_APPEND,
+            (max(per_topic.get(t, settled_at) - r.received_at, 0) / 1000.0 for r, t in pending),
+        )
 
     def _observe(self, stage: str, seconds: Iterable[float]) -> None:
         added = LATENCY.observe_many((self.exchange, stage), seconds)

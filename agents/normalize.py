@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 import msgspec
 
 from agents.metrics import event_emitted, flow_meter
-from agents.writer import TopicWriter
+from agents.writer import AcknowledgedAt, TopicWriter
 from streams.deadletter import dead_letter
 from streams.dedupe import PublishedFloor
 from streams.events import encode_event
@@ -102,7 +102,7 @@ class Normalizer:
                         topic = market_topic(item.type, exchange, item.symbol)
                         send(topic, item.symbol.encode(), encode_record(item))
                         self.records_out += 1
-                        record_flow(item)
+                        record_flow(item, topic)
         for gap in self.validator.take_gaps():
             event = gap_event(gap)
             event_emitted(event)
@@ -137,8 +137,8 @@ class Normalizer:
         flow = flow_meter(self.exchange)
         records, raw_bytes, writer = flow.hand_over(), sum(map(len, raw_values)), self.writer
 
-        def acknowledged() -> None:
-            flow.acknowledged(records, raw_bytes, writer.retries)
+        def acknowledged(acknowledged_at: AcknowledgedAt) -> None:
+            flow.acknowledged(records, raw_bytes, writer.retries, acknowledged_at)
             if on_acknowledged is not None:
                 on_acknowledged()
 

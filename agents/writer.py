@@ -17,17 +17,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+from agents.metrics import now_ms
 
 log = logging.getLogger(__name__)
 
 Record = tuple[str, bytes, bytes]  # topic, key, value
 Produce = Callable[[str, bytes, bytes], Awaitable[Awaitable[Any]]]
 Declare = Callable[[str], Awaitable[None]]
-Outcome = tuple[list[Record], BaseException | None]  # the records that failed, and one error
+# When the broker acknowledged each topic's last record of a hand-over, in ms since the epoch; empty
+# when the delivery cannot tell (its caller then takes the time the whole hand-over settled).
+AcknowledgedAt = Mapping[str, int]
+Outcome = tuple[list[Record], BaseException | None, AcknowledgedAt]  # failed records, one error, ^
+OnAcknowledged = Callable[[AcknowledgedAt], None]
 
 
 class BatchDelivery(Protocol):
@@ -51,7 +57,7 @@ class PerRecordDelivery:
         results = await asyncio.gather(*deliveries, return_exceptions=True)
         failed = [records[i] for i, result in enumerate(results) if isinstance(result, BaseException)]
         error = next((r for r in results if isinstance(r, BaseException)), None)
-        return failed, error
+        return failed, error, {}
 
 
 class TopicWriter:
@@ -84,8 +90,9 @@ class TopicWriter:
     def send(self, topic: str, key: bytes, value: bytes) -> None:
         self._queue.append((topic, key, value))
 
-    async def commit(self, on_acknowledged: Callable[[], None] | None = None) -> None:
-        """Hand the queued records over; `on_acknowledged` runs once the broker has all of them."""
+    async def commit(self, on_acknowledged: OnAcknowledged | None = None) -> None:
+        """Hand the queued records over; `on_acknowledged` runs once the broker has all of them,
+        with the time each topic's records were acknowledged where the delivery reports it."""
         self._raise_failure()
         while len(self._unacknowledged) >= self.MAX_UNACKNOWLEDGED:
             await asyncio.wait([self._unacknowledged[0]])
@@ -93,7 +100,7 @@ class TopicWriter:
         queue, self._queue = self._queue, []
         if not queue:
             if on_acknowledged is not None:
-                on_acknowledged()
+                on_acknowledged({})
             return
         new_topics = {topic for topic, _, _ in queue} - self._declared
         if new_topics:
@@ -112,10 +119,12 @@ class TopicWriter:
             self._raise_failure()
 
     async def _settle(
-        self, queue: list[Record], outcome: Awaitable[Outcome], on_acknowledged: Callable[[], None] | None
+        self, queue: list[Record], outcome: Awaitable[Outcome], on_acknowledged: OnAcknowledged | None
     ) -> None:
+        acknowledged_at: dict[str, int] = {}
         while True:
-            failed, error = await outcome
+            failed, error, times = await outcome
+            acknowledged_at.update(times)  # a retried topic's later time replaces its earlier one
             self.sent += len(queue) - len(failed)
             if not failed:
                 break
@@ -125,7 +134,7 @@ class TopicWriter:
             queue = failed
             outcome = await self._delivery.hand_over(queue)
         if on_acknowledged is not None:
-            on_acknowledged()
+            on_acknowledged(acknowledged_at)
 
     def _forget_settled(self, settled: asyncio.Future[None]) -> None:
         if settled.cancelled() or settled.exception() is None:
@@ -172,13 +181,14 @@ def confluent_settings(
 class _Handover:
     """The records of one `hand_over`, counted down by librdkafka's delivery reports."""
 
-    __slots__ = ("_delivery", "done", "error", "failed", "remaining")
+    __slots__ = ("_delivery", "acknowledged_at", "done", "error", "failed", "remaining")
 
     def __init__(self, delivery: ConfluentDelivery, count: int, done: asyncio.Future[Outcome]) -> None:
         self._delivery = delivery
         self.remaining = count
         self.failed: list[Record] = []
         self.error: BaseException | None = None
+        self.acknowledged_at: dict[str, int] = {}
         self.done = done
 
     def on_delivery(self, error: KafkaError | None, message: Message) -> None:
@@ -186,6 +196,9 @@ class _Handover:
         if error is not None and not self._delivery.undeliverable(error, message.topic(), message.value()):
             self.failed.append((message.topic() or "", message.key() or b"", message.value() or b""))
             self.error = KafkaException(error)
+        else:
+            # Reports arrive in a partition's order, so the topic's last report covers all its records.
+            self.acknowledged_at[message.topic() or ""] = self._delivery.polled_at
         self.settle(1)
 
     def give_up(self, records: list[Record], error: BaseException) -> None:
@@ -198,7 +211,7 @@ class _Handover:
         self.remaining -= count
         if self.remaining == 0 and not self.done.done():
             self._delivery.handovers_open -= 1
-            self.done.set_result((self.failed, self.error))
+            self.done.set_result((self.failed, self.error, self.acknowledged_at))
 
 
 class ConfluentDelivery:
@@ -215,6 +228,7 @@ class ConfluentDelivery:
     def __init__(self, settings: dict[str, Any]) -> None:
         self._producer = Producer({**settings, "error_cb": self._on_client_error})
         self.handovers_open = 0
+        self.polled_at = 0  # ms since the epoch of the latest poll: when its delivery reports arrived
         self._poller: asyncio.Task[None] | None = None
         self.undeliverable_records = 0
 
@@ -235,7 +249,7 @@ class ConfluentDelivery:
     async def hand_over(self, records: list[Record]) -> Awaitable[Outcome]:
         done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         if not records:
-            done.set_result(([], None))
+            done.set_result(([], None, {}))
             return done
         handover = _Handover(self, len(records), done)
         self.handovers_open += 1
@@ -265,17 +279,22 @@ class ConfluentDelivery:
     async def _poll(self) -> None:
         producer = self._producer
         while self.handovers_open:
-            producer.poll(0)
+            self._serve_reports(producer)
             await asyncio.sleep(self.POLL_INTERVAL)
 
     async def _wait_for_room(self) -> None:
         producer = self._producer
         limit = len(producer) // 2
         while len(producer) > limit:
-            producer.poll(0)
+            self._serve_reports(producer)
             await asyncio.sleep(self.POLL_INTERVAL)
 
+    def _serve_reports(self, producer: Producer) -> None:
+        self.polled_at = now_ms()
+        producer.poll(0)
+
     def close(self, timeout: float = 5.0) -> None:
+        self.polled_at = now_ms()
         self._producer.flush(timeout)
 
 

@@ -67,9 +67,9 @@ def test_acknowledgement_percentiles_come_from_the_window_difference_summed_over
     before = [empty, empty]
     after = [list(empty), list(empty)]
     after[0][LATENCY_BUCKETS.index(0.01)] = 50  # 5-10 ms on one worker
-    after[1][LATENCY_BUCKETS.index(0.05)] = 50  # 30-50 ms on the other
+    after[1][LATENCY_BUCKETS.index(0.05)] = 50  # 40-50 ms on the other
     found = window_percentiles(before, after)
-    assert found["p50"] == pytest.approx(10.0) and found["p99"] == pytest.approx(49.6)
+    assert found["p50"] == pytest.approx(10.0) and found["p99"] == pytest.approx(49.8)
     assert window_percentiles(before, before) == {}
 
 

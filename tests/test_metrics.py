@@ -9,7 +9,7 @@ import pytest
 
 from agents import metrics
 from streams.records import MarketRecord, Trade
-from tables.summary import LATENCY_BUCKETS, percentiles, quantile
+from tables.summary import LATENCY_BUCKETS, collector_overview, percentiles, quantile
 
 
 def sample(name: str, **labels: str) -> float | None:
@@ -49,14 +49,33 @@ def test_quantiles_interpolate_inside_buckets_like_histogram_quantile() -> None:
     assert found["p50"] == pytest.approx(7.5) and found["p99"] == pytest.approx(9.95)
 
 
+def test_the_overview_merges_latency_only_from_workers_with_the_same_buckets() -> None:
+    current = [0] * (len(LATENCY_BUCKETS) + 1)
+    current[3] = 10  # 5-10 ms
+    older_version = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 40]  # 16 buckets: all above 10 s
+    row = {
+        "state": "running", "since": 0, "recordsTotal": 0, "deadLetters": {}, "deadLettersTotal": 0,
+        "events": {},
+        "workers": {
+            "new": {"at": 1_000, "latency": {"receive_to_append": current}},
+            "old": {"at": 1_000, "latency": {"receive_to_append": older_version}},
+        },
+    }  # fmt: skip
+    overview = collector_overview(row, "binance", now=2_000)
+    assert overview["latencyMs"]["receive_to_append"]["p99"] == pytest.approx(9.95)
+
+
 def test_the_flow_meter_counts_per_coin_and_type_and_observes_both_latencies() -> None:
     clock = iter([1_000, 1_500, 2_000]).__next__
     meter = metrics.FlowMeter("meter-test", clock=clock)
-    meter.record(trade("BTC/USDT", timestamp=1_390, received_at=1_400))
-    meter.record(trade("BTC/USDT", timestamp=1_380, received_at=1_405))
-    meter.record(trade("ETH/USDT", timestamp=1_450, received_at=1_440))  # exchange clock ahead of ours
+    btc_topic, eth_topic = "market.trade.meter-test.btc-usdt", "market.trade.meter-test.eth-usdt"
+    meter.record(trade("BTC/USDT", timestamp=1_390, received_at=1_400), btc_topic)
+    meter.record(trade("BTC/USDT", timestamp=1_380, received_at=1_405), btc_topic)
+    meter.record(trade("ETH/USDT", timestamp=1_450, received_at=1_440), eth_topic)  # exchange clock ahead
     meter.dead_letter("schema-mismatch")
-    meter.acknowledged(meter.hand_over(), raw_bytes=150, send_retries=2)  # acknowledged at 1_500
+    # The BTC topic's records were acknowledged at 1_420; ETH's time is unknown: the hand-over
+    # settled at 1_500 (the clock's second reading).
+    meter.acknowledged(meter.hand_over(), raw_bytes=150, send_retries=2, acknowledged_at={btc_topic: 1_420})
 
     assert sample("collector_messages_processed_total", exchange="meter-test", type="trade") == 3
     assert sample("collector_messages_sent_total", exchange="meter-test", type="trade") == 3
@@ -66,9 +85,10 @@ def test_the_flow_meter_counts_per_coin_and_type_and_observes_both_latencies() -
     assert sample("collector_latency_seconds_count", **labels) == 3
     assert sample("collector_latency_seconds_sum", **labels) == pytest.approx(0.035)  # 10 + 25 + 0 ms
     labels = {"exchange": "meter-test", "stage": "receive_to_append"}
-    assert sample("collector_latency_seconds_sum", **labels) == pytest.approx(0.1 + 0.095 + 0.06)
-    assert sample("collector_latency_seconds_bucket", le="0.1", **labels) == 3
-    assert sample("collector_latency_seconds_bucket", le="0.075", **labels) == 1
+    assert sample("collector_latency_seconds_sum", **labels) == pytest.approx(0.02 + 0.015 + 0.06)
+    assert sample("collector_latency_seconds_bucket", le="0.02", **labels) == 2
+    assert sample("collector_latency_seconds_bucket", le="0.05", **labels) == 2
+    assert sample("collector_latency_seconds_bucket", le="0.06", **labels) == 3
 
     summary = meter.take_summary("worker-1")
     assert summary is not None

@@ -6,6 +6,7 @@ is gone."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable
 
@@ -14,7 +15,15 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from agents.embedded_broker import EmbeddedBroker
-from agents.writer import ConfluentDelivery, RawProducer, Record, TopicWriter, confluent_settings
+from agents.metrics import now_ms
+from agents.writer import (
+    AcknowledgedAt,
+    ConfluentDelivery,
+    RawProducer,
+    Record,
+    TopicWriter,
+    confluent_settings,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -130,8 +139,12 @@ async def test_commit_returns_at_once_and_calls_back_only_when_the_broker_has_ev
         writer = TopicWriter(None, declare, delivery=delivery)
         acknowledged: list[int] = []
         all_acknowledged = asyncio.Event()
+        committed_at: dict[int, int] = {}
 
-        def on_acknowledged(step: int) -> None:
+        def on_acknowledged(step: int, acknowledged_at: AcknowledgedAt) -> None:
+            # Each topic's acknowledgement time, between the step's commit and this callback.
+            assert set(acknowledged_at) == set(topics)
+            assert all(committed_at[step] <= t <= now_ms() for t in acknowledged_at.values())
             acknowledged.append(step)
             if len(acknowledged) == 3:
                 all_acknowledged.set()
@@ -139,7 +152,8 @@ async def test_commit_returns_at_once_and_calls_back_only_when_the_broker_has_ev
         for step in range(3):
             for n in range(100):
                 writer.send(topics[n % 5], b"key", f"{step}:{n}".encode())
-            await writer.commit(lambda step=step: on_acknowledged(step))  # type: ignore[misc]
+            committed_at[step] = now_ms()
+            await writer.commit(functools.partial(on_acknowledged, step))
         # Delivery reports are served on this event loop, so none can have arrived yet.
         assert acknowledged == []
         await asyncio.wait_for(all_acknowledged.wait(), timeout=30)
@@ -166,9 +180,9 @@ async def test_commits_wait_while_too_many_are_unacknowledged_and_none_is_called
     acknowledged: list[int] = []
     for step in range(2):
         writer.send("market.trade.test.bound", b"k", f"s{step}".encode())
-        await asyncio.wait_for(writer.commit(lambda step=step: acknowledged.append(step)), timeout=5)  # type: ignore[misc]
+        await asyncio.wait_for(writer.commit(lambda _, step=step: acknowledged.append(step)), timeout=5)
     writer.send("market.trade.test.bound", b"k", b"s2")
-    third = asyncio.ensure_future(writer.commit(lambda: acknowledged.append(2)))
+    third = asyncio.ensure_future(writer.commit(lambda _: acknowledged.append(2)))
     # Proving that the third commit waits needs a window: 3 s covers several 1 s delivery timeouts.
     done, _ = await asyncio.wait({third}, timeout=3)
     assert not done and acknowledged == [] and writer.retries > 0
