@@ -32,7 +32,7 @@ Declare = Callable[[str], Awaitable[None]]
 # When the broker acknowledged each topic's last record of a hand-over, in ms since the epoch; empty
 # when the delivery cannot tell (its caller then takes the time the whole hand-over settled).
 AcknowledgedAt = Mapping[str, int]
-Outcome = tuple[list[Record], BaseException | None, AcknowledgedAt]  # failed records, one error, ^
+Outcome = tuple[list[Record], BaseException | None, AcknowledgedAt]  # failed records, one error, times
 OnAcknowledged = Callable[[AcknowledgedAt], None]
 
 
@@ -193,12 +193,12 @@ class _Handover:
 
     def on_delivery(self, error: KafkaError | None, message: Message) -> None:
         # Runs in the event loop thread: only ConfluentDelivery's poll serves delivery reports.
-        if error is not None and not self._delivery.undeliverable(error, message.topic(), message.value()):
-            self.failed.append((message.topic() or "", message.key() or b"", message.value() or b""))
-            self.error = KafkaException(error)
-        else:
+        if error is None:
             # Reports arrive in a partition's order, so the topic's last report covers all its records.
             self.acknowledged_at[message.topic() or ""] = self._delivery.polled_at
+        elif not self._delivery.undeliverable(error, message.topic(), message.value()):
+            self.failed.append((message.topic() or "", message.key() or b"", message.value() or b""))
+            self.error = KafkaException(error)
         self.settle(1)
 
     def give_up(self, records: list[Record], error: BaseException) -> None:
@@ -277,21 +277,20 @@ class ConfluentDelivery:
             self._poller = asyncio.ensure_future(self._poll())
 
     async def _poll(self) -> None:
-        producer = self._producer
         while self.handovers_open:
-            self._serve_reports(producer)
+            self._serve_reports()
             await asyncio.sleep(self.POLL_INTERVAL)
 
     async def _wait_for_room(self) -> None:
         producer = self._producer
         limit = len(producer) // 2
         while len(producer) > limit:
-            self._serve_reports(producer)
+            self._serve_reports()
             await asyncio.sleep(self.POLL_INTERVAL)
 
-    def _serve_reports(self, producer: Producer) -> None:
+    def _serve_reports(self) -> None:
         self.polled_at = now_ms()
-        producer.poll(0)
+        self._producer.poll(0)
 
     def close(self, timeout: float = 5.0) -> None:
         self.polled_at = now_ms()

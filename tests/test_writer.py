@@ -84,16 +84,21 @@ async def test_flush_returns_with_every_record_of_many_topics_in_order_on_the_br
         delivery.close()
 
 
-async def test_flush_keeps_retrying_while_the_broker_is_down_and_finishes_when_it_is_back() -> None:
+async def _writer_on_a_broker_to_stop(topic: str) -> tuple[EmbeddedBroker, TopicWriter]:
+    """A writer that has delivered once to `topic` (so it is declared), with 1 s delivery timeouts."""
     broker = EmbeddedBroker().start()
-    port = broker.port
     declare = _declarer(broker.bootstrap)
-    await declare("market.trade.test.retry")
+    await declare(topic)
     settings = _settings(broker.bootstrap, **{"message.timeout.ms": 1000, "reconnect.backoff.max.ms": 200})
     writer = TopicWriter(None, declare, retry_delay=0.1, delivery=ConfluentDelivery(settings))
-    writer.send("market.trade.test.retry", b"k", b"warm-up")
+    writer.send(topic, b"k", b"warm-up")
     await asyncio.wait_for(writer.flush(), timeout=20)
+    return broker, writer
 
+
+async def test_flush_keeps_retrying_while_the_broker_is_down_and_finishes_when_it_is_back() -> None:
+    broker, writer = await _writer_on_a_broker_to_stop("market.trade.test.retry")
+    port = broker.port
     broker.stop()
     records: list[Record] = [("market.trade.test.retry", b"k", f"r{n}".encode()) for n in range(50)]
     for topic, key, value in records:
@@ -166,15 +171,9 @@ async def test_commit_returns_at_once_and_calls_back_only_when_the_broker_has_ev
 
 
 async def test_commits_wait_while_too_many_are_unacknowledged_and_none_is_called_back_early() -> None:
-    broker = EmbeddedBroker().start()
+    broker, writer = await _writer_on_a_broker_to_stop("market.trade.test.bound")
     port = broker.port
-    declare = _declarer(broker.bootstrap)
-    await declare("market.trade.test.bound")
-    settings = _settings(broker.bootstrap, **{"message.timeout.ms": 1000, "reconnect.backoff.max.ms": 200})
-    writer = TopicWriter(None, declare, retry_delay=0.1, delivery=ConfluentDelivery(settings))
     writer.MAX_UNACKNOWLEDGED = 2
-    writer.send("market.trade.test.bound", b"k", b"warm-up")  # declares the topic while the broker is up
-    await asyncio.wait_for(writer.flush(), timeout=20)
     broker.stop()
 
     acknowledged: list[int] = []
