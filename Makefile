@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-deps run demo simulate test test-unit lint format clean bench
+.PHONY: help install system-deps run demo simulate test test-unit lint format clean bench bench-soak
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -46,8 +46,12 @@ test: install system-deps ## Run the whole test suite (unit + end-to-end)
 test-unit: install system-deps ## Run the tests that need no broker, simulator or worker
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
-bench: install ## Throughput/latency ladder (simulator → worker → broker); writes docs/benchmarks.md (~9 min)
+bench: install ## Throughput/latency ladder (simulator → worker → broker); writes docs/benchmarks.md (~15 min)
 	$(PY) -m bench $(BENCH_ARGS)
+
+bench-soak: install ## One worker for 6 min at 10,000 events/s, every 30 s: how the embedded broker ages
+	$(PY) -m bench --symbols 100 --soak 360 $(BENCH_ARGS)
+	$(PY) -m bench.broker_probe
 
 lint: install ## ruff and mypy
 	$(VENV)/bin/ruff check .

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench.procfs import machine
 from bench.profile import summarize
-from bench.report import machine_line, summary, table, write_results
+from bench.report import machine_line, slice_table, summary, table, write_results
 from bench.step import StepResult, run_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=12.0, help="seconds measured per step")
     parser.add_argument("--profile", default="", help="directory for py-spy profiles of every step")
     parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"), help="'-' prints only")
+    parser.add_argument(
+        "--soak", type=float, default=0.0,
+        help="instead of the ladder: one long step of this many seconds (fewest symbols, --soak-rate), "
+        "reported slice by slice; printed only",
+    )  # fmt: skip
+    parser.add_argument("--soak-rate", type=int, default=10000)
+    parser.add_argument("--soak-slice", type=float, default=30.0, help="seconds per reported slice")
     args = parser.parse_args(argv)
+    if args.soak > 0:
+        return _soak(min(_ints(args.symbols)), args.soak_rate, args.soak, args.soak_slice, args.warmup)
 
     results: list[StepResult] = []
     failures: list[str] = []
@@ -75,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.output != "-":
         write_results(Path(args.output), text)
         print(f"bench: results written to {args.output}")
+    return 0
+
+
+def _soak(symbols: int, rate: int, seconds: float, slice_seconds: float, warmup: float) -> int:
+    print(f"bench: soak, {symbols} symbols, {rate:,} events/s for {seconds:.0f} s …", flush=True)
+    result = run_step(symbols, rate, warmup=warmup, duration=seconds, slice_seconds=slice_seconds)
+    info = {**machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print("\n" + machine_line(info) + "\n" + table([result]) + "\n" + slice_table(result.slices))
     return 0
 
 

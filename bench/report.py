@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from bench.step import StepResult
+from bench.step import Slice, StepResult
 
 BEGIN, END = "<!-- bench:results:begin -->", "<!-- bench:results:end -->"
 
@@ -73,3 +73,18 @@ def write_results(path: Path, text: str) -> None:
         document += f"\n{BEGIN}\n{END}\n"
     pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
     path.write_text(pattern.sub(lambda _: block, document))
+
+
+def slice_table(slices: list[Slice]) -> str:
+    """A long step stretch by stretch (`python -m bench --soak`)."""
+    lines = [
+        "| from s | delivered ev/s (est.) | receipt→CreateTime ms p50/p95/p99/max | "
+        "receipt→read back ms p50/p95/p99/max | worker CPU % | broker CPU % |",
+        "|---:|---:|---|---|---:|---:|",
+    ]
+    for s in slices:
+        lines.append(
+            f"| {s.start:.0f} | {s.delivered_rate:,.0f} | {_lat(s.latency_received_created)} | "
+            f"{_lat(s.latency_received_read)} | {s.worker_cpu:.0f} | {s.broker_cpu:.0f} |"
+        )
+    return "\n".join(lines) + "\n"

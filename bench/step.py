@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agents.embedded_broker import EmbeddedBroker
@@ -27,6 +27,18 @@ def bench_symbols(count: int) -> list[str]:
         base = "B" + "".join(chr(65 + (index // 26**k) % 26) for k in range(3))
         symbols.append(f"{base}/{QUOTES[(index // 26**3) % len(QUOTES)]}")
     return symbols
+
+
+@dataclass
+class Slice:
+    """One stretch of a long step: how the figures drift as the broker's partitions fill."""
+
+    start: float  # seconds into the measured window
+    delivered_rate: float  # estimated from the live topics: their records scaled up to all symbols
+    latency_received_created: dict[str, float]
+    latency_received_read: dict[str, float]
+    worker_cpu: float
+    broker_cpu: float
 
 
 @dataclass
@@ -52,6 +64,7 @@ class StepResult:
     broker_rss: float
     simulator_cpu: float
     load_average: float  # 1-minute load average at the end of the window: other work on the machine
+    slices: list[Slice] = field(default_factory=list)  # only when the step was asked for them
 
     @property
     def worker_us_per_event(self) -> float:
@@ -100,6 +113,7 @@ def _window(sample: Sample, start_ms: int, end_ms: int) -> tuple[list[int], list
 def run_step(
     symbols: int, rate: int, workers: int = 1, warmup: float = 4.0, duration: float = 12.0,
     drain_timeout: float = 30.0, log_dir: Path | None = None, profile_to: Path | None = None,
+    slice_seconds: float = 0.0,
 ) -> StepResult:  # fmt: skip
     names = bench_symbols(symbols)
     topics = [market_topic("trade", "binance", name) for name in names]
@@ -134,7 +148,7 @@ def run_step(
             start = time.time()
             for meter in (*meters, broker_meter, sim_meter):
                 meter.start(start)
-            live.poll(duration)
+            slice_cpu = _poll_in_slices(live, duration, slice_seconds, started, broker.pid or 0)
             end = time.time()
             acks_after = [acknowledged_buckets(w.port) for w in started]
             sent_after = simulator.get("/_sim/stats")["framesSent"].get("trade", 0)
@@ -182,7 +196,44 @@ def run_step(
         latency_received_acknowledged=window_percentiles(acks_before, acks_after),
         worker_cpu=cpu, worker_peak_rss=peak_rss, broker_cpu=broker_cpu, broker_rss=broker_rss,
         simulator_cpu=sim_cpu, load_average=load,
+        slices=_slices(live.sample, start_ms, slice_seconds, slice_cpu, symbols / min(symbols, LIVE_TOPICS)),
     )  # fmt: skip
+
+
+def _poll_in_slices(
+    live: MarketReader, duration: float, slice_seconds: float, workers: list[Worker], broker_pid: int
+) -> list[tuple[float, float]]:
+    """Read for `duration`; with slices, the (worker, broker) CPU % of each slice."""
+    if slice_seconds <= 0:
+        live.poll(duration)
+        return []
+    cpu: list[tuple[float, float]] = []
+    remaining = duration
+    while remaining > 0:
+        meters = [CpuMeter(w.process.pid) for w in workers] + [CpuMeter(broker_pid)]
+        began = time.time()
+        for meter in meters:
+            meter.start(began)
+        live.poll(min(slice_seconds, remaining))
+        ended = time.time()
+        cpu.append((sum(m.percent(ended) for m in meters[:-1]), meters[-1].percent(ended)))
+        remaining -= slice_seconds
+    return cpu
+
+
+def _slices(
+    sample: Sample, start_ms: int, slice_seconds: float, cpu: list[tuple[float, float]], scale: float
+) -> list[Slice]:
+    found = []
+    for index, (worker_cpu, broker_cpu) in enumerate(cpu):
+        begin = start_ms + int(index * slice_seconds * 1000)
+        to_created, to_read, _, stamped = _window(sample, begin, begin + int(slice_seconds * 1000))
+        found.append(Slice(
+            start=index * slice_seconds, delivered_rate=stamped * scale / slice_seconds,
+            latency_received_created=percentiles(to_created), latency_received_read=percentiles(to_read),
+            worker_cpu=worker_cpu, broker_cpu=broker_cpu,
+        ))  # fmt: skip
+    return found
 
 
 def _subscribed(simulator: Simulator) -> int:

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from bench import broker_probe
 from bench.acks import window_percentiles
 from bench.profile import summarize
-from bench.report import BEGIN, END, table, write_results
+from bench.report import BEGIN, END, slice_table, table, write_results
 from bench.step import StepResult, bench_symbols, percentiles, run_step
 from streams.config import _SYMBOL
 from tables.summary import LATENCY_BUCKETS
@@ -52,7 +53,7 @@ def test_profile_summary_counts_inclusive_and_exclusive_samples(tmp_path: Path) 
 
 @pytest.mark.e2e
 def test_a_tiny_step_reads_back_every_trade_the_simulator_sent(tmp_path: Path) -> None:
-    result = run_step(symbols=3, rate=150, warmup=1.0, duration=2.0, log_dir=tmp_path)
+    result = run_step(symbols=3, rate=150, warmup=1.0, duration=2.0, log_dir=tmp_path, slice_seconds=1.0)
     assert result.sent_total > 0
     assert result.lost == 0 and result.duplicates == 0
     assert result.delivered_unique == result.sent_total
@@ -60,6 +61,20 @@ def test_a_tiny_step_reads_back_every_trade_the_simulator_sent(tmp_path: Path) -
     assert 0 < result.latency_received_acknowledged["p50"] <= result.latency_received_acknowledged["p99"]
     row = table([result]).splitlines()[-1]
     assert row.startswith("| 3 | 1 | 150 |")
+    # Asked for slices: one per second of the window, each from the records received in it.
+    assert [s.start for s in result.slices] == [0.0, 1.0]
+    assert all(s.delivered_rate > 0 and s.latency_received_created["p50"] >= 0 for s in result.slices)
+    assert all(s.worker_cpu > 0 and s.broker_cpu > 0 for s in result.slices)
+    assert len(slice_table(result.slices).splitlines()) == 2 + 2
+    assert sum(s.delivered_rate for s in result.slices) == pytest.approx(2 * result.delivered_rate, rel=0.5)
+
+
+def test_the_broker_probe_fetches_new_records_at_each_partition_size() -> None:
+    rows = broker_probe.run(ladder=(20, 60), rounds=5)
+    assert [stored for stored, _ in rows] == [20, 60]
+    for _, found in rows:
+        assert found["not fetched"] == 0
+        assert 0 <= found["fetch p50 ms"] <= found["fetch max ms"] < broker_probe.GIVE_UP_S * 1000
 
 
 def test_acknowledgement_percentiles_come_from_the_window_difference_summed_over_workers() -> None:
