@@ -153,6 +153,7 @@ class Link:
         self.ws: ClientConnection | None = None
         self.opened_at = 0.0
         self.last_frame_at = 0.0
+        self.last_received_at: int | None = None  # epoch ms of the newest frame: the flow summary reports it
         self.ended: asyncio.Future[LinkEnded] = asyncio.get_running_loop().create_future()
         self._tasks: list[asyncio.Task[Any]] = []
         self.trade_seen = asyncio.Event()
@@ -272,7 +273,7 @@ class Link:
         try:
             while True:
                 payload = await ws.recv(decode=False)
-                received_at = now_ms()
+                received_at = self.last_received_at = now_ms()
                 self.last_frame_at = time.monotonic()
                 if isinstance(payload, str):
                     payload = payload.encode()

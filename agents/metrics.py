@@ -99,6 +99,8 @@ RECOVERIES_REQUESTED = Counter(
     registry=REGISTRY,
 )
 
+MAX_NORMALIZED_CONNECTIONS = 256  # connections a flow meter remembers (each reconnect makes a new id)
+
 # Header names exchanges use to report the request weight used in their current window.
 _WEIGHT_HEADERS = ("X-MBX-USED-WEIGHT-1M", "X-MBX-USED-WEIGHT")
 
@@ -190,10 +192,25 @@ class FlowMeter:
         self._raw_bytes = 0
         self._latency: dict[str, list[int]] = {}
         self._send_retries_seen = 0
+        # connection id → receipt time of the newest frame normalized from it. Kept across intervals
+        # (a starved normalize agent reports nothing new, and the manager must still see how far back
+        # it is), bounded to the most recent connections.
+        self._normalized: dict[str, int] = {}
+        self._normalized_changed = False
 
     def record(self, record: MarketRecord, topic: str) -> None:
         """Called once per normalized record: keep it cheap."""
         self._pending.append((record, topic))
+
+    def normalized(self, connection_id: str, received_at: int) -> None:
+        """A raw batch of `connection_id` was normalized, its newest frame received at `received_at`."""
+        seen = self._normalized
+        # Re-inserted so the dict stays ordered by use; a batch replayed after a rebalance is older
+        # and does not move the time back.
+        seen[connection_id] = max(received_at, seen.pop(connection_id, 0))
+        self._normalized_changed = True
+        if len(seen) > MAX_NORMALIZED_CONNECTIONS:
+            del seen[next(iter(seen))]
 
     def dead_letter(self, reason: str) -> None:
         DEADLETTERS.labels(self.exchange, reason).inc()
@@ -251,10 +268,11 @@ class FlowMeter:
         for index, count in enumerate(added):
             interval[index] += count
 
-    def take_summary(self, worker: str) -> FlowSummary | None:
-        """The interval's summary, starting the next interval; None when nothing happened."""
+    def take_summary(self, worker: str, heard: dict[str, int] | None = None) -> FlowSummary | None:
+        """The interval's summary, starting the next interval; None when nothing happened.
+        `heard` is the source side's connector → newest frame received (`ExchangeSource.frames_heard`)."""
         ended_at = self._clock()
-        if not (self._coins or self._dead_letters or self._raw_bytes):
+        if not (self._coins or self._dead_letters or self._raw_bytes or heard or self._normalized_changed):
             self._interval_started = ended_at
             return None
         summary = FlowSummary(
@@ -266,7 +284,10 @@ class FlowMeter:
             dead_letters=self._dead_letters,
             raw_bytes=self._raw_bytes,
             latency=self._latency,
+            connections=heard or {},
+            normalized=dict(self._normalized),
         )
+        self._normalized_changed = False
         self._interval_started = ended_at
         self._coins, self._dead_letters, self._raw_bytes, self._latency = {}, {}, 0, {}
         return summary

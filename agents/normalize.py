@@ -59,7 +59,8 @@ class Normalizer:
         exchange = self.exchange
         parse = self.adapter.parse_frame
         send = self.writer.send
-        record_flow = flow_meter(exchange).record
+        meter = flow_meter(exchange)
+        record_flow, normalized = meter.record, meter.normalized
         check = self.validator.check
         for value in raw_values:
             try:
@@ -69,6 +70,8 @@ class Normalizer:
                 continue
             live = batch.source == "ws"  # REST input may be older than the clock-skew window
             rest = None if live else parse_source(batch.source)
+            if live and batch.frames:
+                normalized(batch.connection_id, batch.frames[-1].received_at)
             for frame in batch.frames:
                 items: Sequence[ParsedItem]
                 try:

@@ -207,6 +207,7 @@ class SourceService(Service):
                 emit_event, _last_trade_ids(exchange), loop=self.loop,
             )  # fmt: skip
             sources[exchange] = source
+            state.frames_heard[exchange] = source.frames_heard
             await self.add_runtime_dependency(source)
             control.ownership.attach(exchange, source)  # runs the groups whose partitions we own
 

@@ -301,6 +301,17 @@ class ExchangeSource(Service):
                 slot.start()
             return [slot.name for slot in slots]
 
+    def frames_heard(self) -> dict[str, int]:
+        """Connector → epoch ms of the newest frame its live link passed on (links still held for a
+        backfill are not live yet). Tells a silent connection from records stuck behind it."""
+        heard = {}
+        for group in self._groups.values():
+            for slot in group.slots:
+                at = slot.link.last_received_at if slot.link is not None else None
+                if at is not None:
+                    heard[slot.name] = at
+        return heard
+
     def groups(self) -> dict[str, GroupStatus]:
         return {
             key: GroupStatus(

@@ -127,11 +127,18 @@ async def track_alerts(stream: Any) -> None:
 _sampler = metrics.ProcessSampler()
 
 
+# exchange → its source's `frames_heard` on this worker; the pipeline registers its sources here.
+frames_heard: dict[str, Callable[[], dict[str, int]]] = {}
+
+
 @app.timer(FLOW_INTERVAL)
 async def report_flow() -> None:
     process = _sampler.sample()
+    for exchange in frames_heard:
+        metrics.flow_meter(exchange)  # a worker that only runs connections reports them too
     for meter in metrics.flow_meters():
-        summary = meter.take_summary(store.WORKER)
+        heard = frames_heard.get(meter.exchange)
+        summary = meter.take_summary(store.WORKER, heard() if heard else None)
         if summary is not None:
             summary.process = process
             await store.flow_topic.send(key=summary.exchange.encode(), value=encode(summary))

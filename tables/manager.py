@@ -10,6 +10,9 @@
   group's partition of `collector.commands` as a RecoveryCommand (agents/control.py acts on it).
 - A subscribed coin with no record for longer than `stale_after` raises `coin-stale`, resolved when
   its records flow again.
+- A connected connector whose frames keep arriving while their records fall more than `behind_after`
+  behind (the normalize agent or the broker cannot keep up) raises `pipeline-behind` instead of
+  getting a recovery order: recycling a working connection would only add a backfill to the backlog.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class ManagerSettings:
     stale_after_ms: int = 60_000
     stuck_after_ms: int = 60_000
     recovery_attempts: int = 3
+    behind_after_ms: int = 10_000  # frames received but not normalized for longer: the pipeline is behind
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,16 @@ def last_heard_ms(connector: Row, coins: Mapping[str, Row]) -> int | None:
     return max(heard) if heard else None
 
 
+def pipeline_lag_ms(connector: Row) -> int | None:
+    """How far the normalized records trail the frames the connector's connection received: the
+    receipt time of its newest frame minus that of the newest one normalized. None before a frame."""
+    heard = connector.get("lastFrameAt")
+    if heard is None:
+        return None
+    through = connector.get("normalizedThrough") or connector.get("since") or heard
+    return max(heard - through, 0)
+
+
 def evaluate(
     coins: Iterable[Row],
     connectors: Iterable[Row],
@@ -155,8 +169,14 @@ def _judge_connector(
                 _alert(key, "recovery-failed", "resolved", exchange, now, f"{name} is connected again",
                        {"connector": name})
             )  # fmt: skip
-        _judge_silence(connector, coins, last_order, now, settings, decisions)
+        if not _judge_pipeline(connector, open_alerts, now, settings, decisions):
+            _judge_silence(connector, coins, last_order, now, settings, decisions)
         return
+    if f"pipeline-behind:{name}" in open_alerts:
+        decisions.alerts.append(
+            _alert(f"pipeline-behind:{name}", "pipeline-behind", "resolved", exchange, now,
+                   f"{name} is no longer connected", {"connector": name})
+        )  # fmt: skip
     if connector["state"] not in STUCK_STATES or now - connector["since"] <= settings.stuck_after_ms:
         return
     if now - last_order <= settings.stuck_after_ms:
@@ -177,6 +197,30 @@ def _judge_connector(
                       f"{connector['state']} for {(now - connector['since']) / 1000:.0f} s",
                       connector_group(exchange, name))
     )  # fmt: skip
+
+
+def _judge_pipeline(
+    connector: Row, open_alerts: Container[str], now: int, settings: ManagerSettings, decisions: Decisions
+) -> bool:
+    """Raise or resolve `pipeline-behind` for a connected connector; True while it is behind."""
+    name, exchange = connector["connector"], connector["exchange"]
+    key = f"pipeline-behind:{name}"
+    lag = pipeline_lag_ms(connector) or 0
+    behind = lag > settings.behind_after_ms
+    if behind and key not in open_alerts:
+        decisions.alerts.append(
+            _alert(key, "pipeline-behind", "firing", exchange, now,
+                   f"{name}: frames arrive but their records are {lag / 1000:.0f} s behind"
+                   " (the normalize agent or the broker cannot keep up)",
+                   {"connector": name, "lagMs": lag, "lastFrameAt": connector.get("lastFrameAt"),
+                    "normalizedThrough": connector.get("normalizedThrough")})
+        )  # fmt: skip
+    elif not behind and key in open_alerts:
+        decisions.alerts.append(
+            _alert(key, "pipeline-behind", "resolved", exchange, now, f"{name}: records caught up",
+                   {"connector": name, "lagMs": lag})
+        )  # fmt: skip
+    return behind
 
 
 def _judge_silence(

@@ -30,6 +30,10 @@ class FlowSummary(msgspec.Struct, rename="camel"):
     raw_bytes: int = 0
     latency: dict[str, list[int]] = msgspec.field(default_factory=dict)  # stage → bucket counts
     process: dict[str, float] = msgspec.field(default_factory=dict)  # cpuPercent, rssBytes
+    # Source side: connector → epoch ms of the newest frame its live connection received.
+    connections: dict[str, int] = msgspec.field(default_factory=dict)
+    # Normalize side: connection id → receipt time (epoch ms) of the newest frame normalized from it.
+    normalized: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class Alert(msgspec.Struct, rename="camel", omit_defaults=True):

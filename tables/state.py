@@ -135,6 +135,8 @@ def new_connector(exchange: str, name: str, now: int = 0) -> Row:
         "recoveryPending": False,
         "recoveryAttempts": 0,  # recoveries ordered since the connector was last healthy
         "lastRecoveryRequestAt": None,
+        "lastFrameAt": None,  # newest frame its live connection received (source side), epoch ms
+        "normalizedThrough": None,  # receipt time of the newest frame of its connection normalized
         "coins": [],
         "lastError": None,
         "lastEventAt": None,
@@ -365,6 +367,7 @@ def apply_flow(summary: FlowSummary, offset: int, tables: Tables) -> Changes:
             _enter(coin, "subscribed", flow.last_received_at)
         changes.coins[key] = coin
 
+    _apply_connection_flow(summary, tables, changes)
     collector = tables.collector(exchange) or new_collector(exchange, summary.started_at)
     if _fresh(collector, FLOW_SOURCE, offset):
         collector["recordsTotal"] += total
@@ -384,3 +387,21 @@ def apply_flow(summary: FlowSummary, offset: int, tables: Tables) -> Changes:
             _enter(collector, "running", summary.ended_at)
         changes.collectors[exchange] = collector
     return changes
+
+
+def _apply_connection_flow(summary: FlowSummary, tables: Tables, changes: Changes) -> None:
+    """How far the source has received and the normalize agent has got, per connector. Both only
+    move forward, so a summary applied twice (a replay) changes nothing."""
+    for name, heard in summary.connections.items():
+        connector = changes.connectors.get(name) or tables.connector(name)
+        if connector is not None and heard > (connector.get("lastFrameAt") or 0):
+            connector["lastFrameAt"] = heard
+            changes.connectors[name] = connector
+    if not summary.normalized:
+        return
+    for connector in tables.connectors_of(summary.exchange):
+        connector = changes.connectors.get(connector["connector"], connector)
+        through = summary.normalized.get(connector.get("connectionId") or "")
+        if through is not None and through > (connector.get("normalizedThrough") or 0):
+            connector["normalizedThrough"] = through
+            changes.connectors[connector["connector"]] = connector

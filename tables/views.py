@@ -21,7 +21,7 @@ from faust import web
 
 from streams.app import app, config
 from tables import store
-from tables.manager import coin_age_ms, is_stale
+from tables.manager import ManagerSettings, coin_age_ms, is_stale, pipeline_lag_ms
 from tables.state import CONNECTOR_UP, Row, coin_key, success_rate
 from tables.summary import collector_overview
 
@@ -92,6 +92,7 @@ def connector_view(row: Row, now: int) -> Row:
         ),
         "recoverySuccessRate": success_rate(row["recoveries"], row["recoveryRequests"]),
         "activeCoins": len(row.get("coins") or []),
+        "pipelineLagMs": pipeline_lag_ms(row),
     }
 
 
@@ -134,12 +135,22 @@ async def health_report() -> tuple[int, dict[str, Any]]:
     if stale:
         listed = ", ".join(stale[:10]) + (f" and {len(stale) - 10} more" if len(stale) > 10 else "")
         reasons.append(f"{len(stale)} stale coins: {listed}")
+    behind = {
+        row["connector"]: lag
+        for row in store.rows(store.connectors)
+        if row.get("state") == "connected"
+        and (lag := pipeline_lag_ms(row)) is not None
+        and lag > ManagerSettings.behind_after_ms
+    }
+    for name, lag in sorted(behind.items()):
+        reasons.append(f"records of {name} are {lag / 1000:.0f} s behind its frames")
     body = {
         "status": "ok" if not reasons else "unhealthy",
         "reasons": reasons,
         "broker": {"reachable": reachable, "detail": broker_detail},
         "collectors": collector_states,
         "staleCoins": stale,
+        "pipelineBehindMs": behind,
         "time": now,
         "servedBy": store.WORKER,
     }

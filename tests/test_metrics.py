@@ -114,6 +114,32 @@ def test_an_idle_flow_meter_has_no_summary_and_counts_retries_once() -> None:
     assert meter.take_summary("w") is None
 
 
+def test_the_flow_meter_reports_how_far_each_connection_was_normalized_and_what_the_source_heard() -> None:
+    times = iter(range(0, 100_000, 1000))
+    meter = metrics.FlowMeter("progress-test", clock=lambda: next(times))
+    meter.normalized("conn-a", 5_000)
+    meter.normalized("conn-a", 4_000)  # an older batch replayed after a rebalance does not move it back
+    meter.normalized("conn-b", 6_000)
+    summary = meter.take_summary("w", heard={"progress-test-0": 7_000})
+    assert summary is not None
+    assert summary.normalized == {"conn-a": 5_000, "conn-b": 6_000}
+    assert summary.connections == {"progress-test-0": 7_000}
+    # Nothing normalized since: a summary still goes out while the source hears frames, and still
+    # says how far normalizing got (a starved agent must not look caught up)...
+    summary = meter.take_summary("w", heard={"progress-test-0": 9_000})
+    assert summary is not None and summary.normalized == {"conn-a": 5_000, "conn-b": 6_000}
+    # ...but with nothing heard and nothing new there is nothing to report.
+    assert meter.take_summary("w") is None
+    for index in range(metrics.MAX_NORMALIZED_CONNECTIONS + 5):  # reconnects make new ids: bounded
+        meter.normalized(f"churn-{index}", index)
+    summary = meter.take_summary("w")
+    assert summary is not None and len(summary.normalized) == metrics.MAX_NORMALIZED_CONNECTIONS
+    assert (
+        "conn-a" not in summary.normalized
+        and f"churn-{metrics.MAX_NORMALIZED_CONNECTIONS + 4}" in summary.normalized
+    )
+
+
 def test_connection_metrics_track_open_connections_and_reconnects() -> None:
     metrics.connection_opened("conn-test", reconnect=False)
     metrics.connection_closed("conn-test")

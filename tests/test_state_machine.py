@@ -297,3 +297,31 @@ def test_a_coin_stops_only_when_its_last_stream_is_unsubscribed() -> None:
     rows.event("unsubscribed", 300, connection_id=CONNECTION, detail={"streams": ["btcusdt@bbo"]})
     assert rows.coins["binance:BTC/USDT"]["state"] == "stopped"
     assert rows.connectors["binance-0"]["coins"] == []
+
+
+def test_flow_summaries_tell_each_connector_how_far_its_frames_were_received_and_normalized() -> None:
+    rows = Rows()
+    rows.event("connected", 100, connection_id=CONNECTION)
+    heard = summary(1_000, 2_000)
+    heard.connections = {"binance-0": 1_990, "binance-9": 1_990}  # binance-9 has no row: ignored
+    heard.normalized = {CONNECTION: 1_500, "binance-0-1600000000000-1": 1_900}  # an older connection's
+    rows.flow(heard)
+    row = rows.connectors["binance-0"]
+    assert (row["lastFrameAt"], row["normalizedThrough"]) == (1_990, 1_500)
+    assert "binance-9" not in rows.connectors
+    # Both only move forward: an older summary replayed after a rebalance changes nothing.
+    older = summary(500, 1_000)
+    older.connections, older.normalized = {"binance-0": 900}, {CONNECTION: 800}
+    rows.flow(older)
+    row = rows.connectors["binance-0"]
+    assert (row["lastFrameAt"], row["normalizedThrough"]) == (1_990, 1_500)
+    # A new connection of the connector: its own frames count once they are normalized.
+    rows.event("connected", 3_000, connection_id="binance-0-1700000003000-2")
+    later = summary(2_000, 4_000)
+    later.connections, later.normalized = (
+        {"binance-0": 3_990},
+        {CONNECTION: 1_600, "binance-0-1700000003000-2": 3_950},
+    )
+    rows.flow(later)
+    row = rows.connectors["binance-0"]
+    assert (row["lastFrameAt"], row["normalizedThrough"]) == (3_990, 3_950)

@@ -10,6 +10,7 @@ from tables.manager import (
     connector_group,
     evaluate,
     is_stale,
+    pipeline_lag_ms,
     recovery_command,
 )
 from tables.state import new_coin, new_connector
@@ -184,3 +185,44 @@ def test_a_fresh_connection_or_a_flowing_coin_is_not_a_stall() -> None:
     # A stopped coin does not count as silent.
     stopped = coin("stopped", 0)
     assert not evaluate([stopped], connectors[:1], set(), {}, now=100_000, settings=SETTINGS).recoveries
+
+
+def test_frames_arriving_while_their_records_fall_behind_raise_pipeline_behind_instead_of_a_recycle() -> None:
+    # Silent coins (as in the stall case) but the connection keeps receiving: its frames are 60 s
+    # ahead of what was normalized. The connection is fine; recycling it would not help.
+    coins, connectors = silent_case(last_received=40_000, lastFrameAt=100_000, normalizedThrough=40_000)
+    decisions = evaluate(coins, connectors, set(), {}, now=100_000, settings=SETTINGS)
+    assert not decisions.recoveries
+    [alert] = [a for a in decisions.alerts if a.kind == "pipeline-behind"]
+    assert (alert.key, alert.status, alert.detail["lagMs"]) == ("pipeline-behind:binance-0", "firing", 60_000)
+    assert "60 s behind" in alert.message
+    # Raised once: not again while it is open.
+    open_alerts = {"pipeline-behind:binance-0"}
+    decisions = evaluate(coins, connectors, open_alerts, {}, now=101_000, settings=SETTINGS)
+    assert not decisions.recoveries and not [a for a in decisions.alerts if a.kind == "pipeline-behind"]
+    # Caught up: resolved, and coins flowing again end the silence too.
+    coins, connectors = silent_case(last_received=110_000, lastFrameAt=110_000, normalizedThrough=109_000)
+    decisions = evaluate(coins, connectors, open_alerts, {}, now=110_500, settings=SETTINGS)
+    [alert] = decisions.alerts
+    assert (alert.kind, alert.status) == ("pipeline-behind", "resolved")
+    # Disconnected while behind: resolved as well (the connector's own alerts take over).
+    down = connector("recovering", since=120_000, lastFrameAt=119_000, normalizedThrough=50_000)
+    [alert] = evaluate([], [down], open_alerts, {}, now=120_500, settings=SETTINGS).alerts
+    assert (alert.kind, alert.status, alert.message) == (
+        "pipeline-behind",
+        "resolved",
+        "binance-0 is no longer connected",
+    )
+
+
+def test_a_connection_caught_up_with_its_frames_but_carrying_no_records_is_still_a_stall() -> None:
+    # Frames (heartbeats, acknowledgements) arrive and are normalized at once, yet no coin gets a
+    # record: the subscription is dead, and the connection is recycled as before.
+    coins, connectors = silent_case(last_received=40_000, lastFrameAt=99_000, normalizedThrough=98_990)
+    decisions = evaluate(coins, connectors, set(), {}, now=100_000, settings=SETTINGS)
+    [order] = decisions.recoveries
+    assert order.reason == "connected but silent for 60 s"
+    assert not decisions.alerts or all(a.kind == "coin-stale" for a in decisions.alerts)
+    # Before anything was normalized, the lag counts from when the connector connected.
+    assert pipeline_lag_ms(connector("connected", since=5_000, lastFrameAt=20_000)) == 15_000
+    assert pipeline_lag_ms(connector("connected", since=5_000)) is None

@@ -146,6 +146,9 @@ def test_every_worker_answers_table_views_from_the_owner(cluster: Cluster) -> No
         assert connector["state"] == "connected" and connector["connects"] >= 1
         assert connector["subscribeOk"] >= 1 and connector["subscriptionSuccessRate"] == 1.0
         assert connector["connectionId"].startswith(f"{connector['connector']}-")
+        # The source reports the newest frame it received, the normalize agent how far it got.
+        assert connector["lastFrameAt"] is not None and connector["normalizedThrough"] is not None
+        assert 0 <= connector["pipelineLagMs"] < 10_000
     # Subscribed events name their streams, which the state agent maps to the coins each connector carries.
     assert sorted(symbol for c in connectors for symbol in c["coins"]) == SYMBOLS
 
@@ -220,6 +223,7 @@ def test_silent_coins_raise_alerts_make_health_fail_and_recover(cluster: Cluster
     wait_for(lambda: request(a, "/health")[0] == 200, 30, "a healthy collector")
     status, health = request(b, "/health")
     assert status == 200 and health["reasons"] == [] and health["broker"]["reachable"] is True
+    assert health["pipelineBehindMs"] == {}
     reader = TopicReader(cluster.broker.bootstrap)
     cluster.simulator.post("/_sim/pause")
     try:
