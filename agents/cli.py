@@ -25,6 +25,13 @@ Exchange Collector commands (besides Faust's):
 """
 
 
+EMBEDDED_BROKER_LIMITS = (
+    "collector: the embedded broker is for tests and demos: it keeps every record and its fetches slow"
+    " down as partitions fill, so a busy worker falls behind within minutes (docs/benchmarks.md,"
+    " 'How long the embedded broker lasts'); configure kafka.brokers for real use"
+)
+
+
 def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
         try:
@@ -78,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         os.environ["COLLECTOR_KAFKA_BROKERS"] = broker.bootstrap
         print(f"collector: embedded broker listening on {broker.bootstrap}", file=sys.stderr, flush=True)
+        print(EMBEDDED_BROKER_LIMITS, file=sys.stderr, flush=True)
     try:
         import agents.pipeline  # noqa: F401 - registers the agents and services with the app
         from streams.app import app
