@@ -56,6 +56,7 @@ from tables.subscriptions import (
     earlier_row,
     owned_partitions,
     send_command,
+    send_commands,
     subscriptions,
     use_group_report,
 )
@@ -281,13 +282,17 @@ async def seed_subscriptions() -> None:
         {name: (settings.symbols, settings.dataTypes) for name, settings in config.exchanges.items()},
         _now_ms(),
     )
+    started = time.monotonic()
     try:
-        for command in commands:
-            await send_command(command)
+        await send_commands(commands)
     except Exception:  # the broker boundary: a worker without seeds still serves what the table has
         log.exception("control: seeding the config's subscriptions failed")
         return
-    log.info("control: seeded %d subscriptions from the config", len(commands))
+    log.info(
+        "control: seeded %d subscriptions from the config in %.2f s",
+        len(commands),
+        time.monotonic() - started,
+    )
 
 
 @app.task

@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -76,17 +76,31 @@ def command_group(command: SubscriptionCommand) -> str:
 
 async def send_command(command: SubscriptionCommand) -> str:
     """Produce a command to its group's partition; returns the group."""
-    group = command_group(command)
-    await commands_topic.maybe_declare()
-    await app.producer.send_and_wait(
-        COMMANDS,
-        command.symbol.encode(),
-        encode_command(command),
-        partition=group_partition(group),
-        timestamp=None,
-        headers=None,
-    )
+    [group] = await send_commands([command])
     return group
+
+
+async def send_commands(commands: Sequence[SubscriptionCommand]) -> list[str]:
+    """Produce commands to their groups' partitions, in order, and wait until the broker has them all;
+    returns their groups. Handed over together, they share produce requests: one awaited round trip
+    each (at least the producer's linger) made seeding 1,000 symbols take minutes on a busy broker."""
+    await commands_topic.maybe_declare()
+    groups, delivered = [], []
+    for command in commands:
+        group = command_group(command)
+        groups.append(group)
+        delivered.append(
+            await app.producer.send(
+                COMMANDS,
+                command.symbol.encode(),
+                encode_command(command),
+                partition=group_partition(group),
+                timestamp=None,
+                headers=None,
+            )
+        )
+    await asyncio.gather(*delivered)
+    return groups
 
 
 def owned_partitions() -> set[int]:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from agents.embedded_broker import EmbeddedBroker
+from bench.step import bench_symbols
 from tests.harness import COLLECTOR, REPO, Simulator, TopicReader, Worker, wait_for, write_config
 
 pytestmark = pytest.mark.e2e
@@ -270,3 +271,37 @@ def test_a_restart_keeps_runtime_changes_and_the_config_seed_does_not_undo_them(
         simulator.stop()
         broker.stop()
     assert code == 0, worker.log()[-3000:]
+
+
+def test_the_config_seed_of_many_symbols_lands_every_command_on_its_groups_partition(tmp_path: Path) -> None:
+    # Seed commands are handed to the producer together and awaited once: none may be lost, and
+    # each must land on its group's partition (a command on another partition would be moved).
+    symbols = bench_symbols(40)
+    with EmbeddedBroker() as broker:
+        simulator = Simulator(symbols, rate=1)
+        config = write_config(tmp_path / "c.yaml", simulator, symbols, ["trade"])
+        worker = Worker(config, broker.bootstrap, tmp_path)
+        try:
+            worker.wait_ready()
+
+            def listed() -> dict[str, str] | None:
+                status, listing = http(
+                    "GET", f"http://127.0.0.1:{worker.port}/subscriptions?exchange=binance"
+                )
+                rows = {row["symbol"]: row["group"] for row in listing.get("subscriptions", [])}
+                return rows if status == 200 and len(rows) == len(symbols) else None
+
+            rows = wait_for(listed, 60, "every seeded symbol in the subscriptions table")
+            assert sorted(rows) == sorted(symbols)
+            assert len(set(rows.values())) == 5, "40 symbols should spread over the 5 connection groups"
+            wait_for(
+                lambda: sum(len(s) for s in streams_by_connection(simulator).values()) == len(symbols),
+                60,
+                "every seeded symbol subscribed at the exchange",
+            )
+            assert "seeded 40 subscriptions from the config in" in worker.log()
+            assert "moving command" not in worker.log()
+        finally:
+            code = worker.stop()
+            simulator.stop()
+        assert code == 0, worker.log()[-3000:]
