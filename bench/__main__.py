@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.two_workers_rate:
         step(min(_ints(args.symbols)), args.two_workers_rate, workers=2)
 
-    info = {**machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    text = machine_line(info) + "\n" + table(results) + "\n" + summary(results)
+    text = _machine_now() + "\n" + table(results) + "\n" + summary(results)
     if failures:
         text += "\nSteps that could not be measured:\n" + "".join(f"- {f}\n" for f in failures)
     print("\n" + text)
@@ -87,11 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _machine_now() -> str:
+    """The machine the bench ran on, and when."""
+    return machine_line({**machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+
+
 def _soak(symbols: int, rate: int, seconds: float, slice_seconds: float, warmup: float) -> int:
     print(f"bench: soak, {symbols} symbols, {rate:,} events/s for {seconds:.0f} s …", flush=True)
     result = run_step(symbols, rate, warmup=warmup, duration=seconds, slice_seconds=slice_seconds)
-    info = {**machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    print("\n" + machine_line(info) + "\n" + table([result]) + "\n" + slice_table(result.slices))
+    print("\n" + _machine_now() + "\n" + table([result]) + "\n" + slice_table(result.slices))
     return 0
 
 

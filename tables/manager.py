@@ -114,6 +114,15 @@ def pipeline_lag_ms(connector: Row) -> int | None:
     return max(heard - through, 0)
 
 
+def pipeline_behind_ms(connector: Row, behind_after_ms: int) -> int | None:
+    """The lag of a connected connector whose records trail its frames by more than `behind_after_ms`;
+    None otherwise. What the manager alerts on and `/health` reports."""
+    if connector.get("state") != "connected":
+        return None
+    lag = pipeline_lag_ms(connector)
+    return lag if lag is not None and lag > behind_after_ms else None
+
+
 def evaluate(
     coins: Iterable[Row],
     connectors: Iterable[Row],
@@ -163,20 +172,16 @@ def _judge_connector(
     name, exchange = connector["connector"], connector["exchange"]
     key = f"recovery-failed:{name}"
     last_order = max(connector.get("lastRecoveryRequestAt") or 0, recently_ordered.get(name, 0))
+    behind = _judge_pipeline(connector, open_alerts, now, settings, decisions)
     if connector["state"] == "connected":
         if key in open_alerts:
             decisions.alerts.append(
                 _alert(key, "recovery-failed", "resolved", exchange, now, f"{name} is connected again",
                        {"connector": name})
             )  # fmt: skip
-        if not _judge_pipeline(connector, open_alerts, now, settings, decisions):
+        if not behind:
             _judge_silence(connector, coins, last_order, now, settings, decisions)
         return
-    if f"pipeline-behind:{name}" in open_alerts:
-        decisions.alerts.append(
-            _alert(f"pipeline-behind:{name}", "pipeline-behind", "resolved", exchange, now,
-                   f"{name} is no longer connected", {"connector": name})
-        )  # fmt: skip
     if connector["state"] not in STUCK_STATES or now - connector["since"] <= settings.stuck_after_ms:
         return
     if now - last_order <= settings.stuck_after_ms:
@@ -202,12 +207,11 @@ def _judge_connector(
 def _judge_pipeline(
     connector: Row, open_alerts: Container[str], now: int, settings: ManagerSettings, decisions: Decisions
 ) -> bool:
-    """Raise or resolve `pipeline-behind` for a connected connector; True while it is behind."""
+    """Raise or resolve `pipeline-behind` for a connector; True while it is connected and behind."""
     name, exchange = connector["connector"], connector["exchange"]
     key = f"pipeline-behind:{name}"
-    lag = pipeline_lag_ms(connector) or 0
-    behind = lag > settings.behind_after_ms
-    if behind and key not in open_alerts:
+    lag = pipeline_behind_ms(connector, settings.behind_after_ms)
+    if lag is not None and key not in open_alerts:
         decisions.alerts.append(
             _alert(key, "pipeline-behind", "firing", exchange, now,
                    f"{name}: frames arrive but their records are {lag / 1000:.0f} s behind"
@@ -215,12 +219,14 @@ def _judge_pipeline(
                    {"connector": name, "lagMs": lag, "lastFrameAt": connector.get("lastFrameAt"),
                     "normalizedThrough": connector.get("normalizedThrough")})
         )  # fmt: skip
-    elif not behind and key in open_alerts:
+    elif lag is None and key in open_alerts:
+        connected = connector["state"] == "connected"
+        message = f"{name}: records caught up" if connected else f"{name} is no longer connected"
         decisions.alerts.append(
-            _alert(key, "pipeline-behind", "resolved", exchange, now, f"{name}: records caught up",
-                   {"connector": name, "lagMs": lag})
+            _alert(key, "pipeline-behind", "resolved", exchange, now, message,
+                   {"connector": name, "lagMs": pipeline_lag_ms(connector)})
         )  # fmt: skip
-    return behind
+    return lag is not None
 
 
 def _judge_silence(

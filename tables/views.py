@@ -21,7 +21,7 @@ from faust import web
 
 from streams.app import app, config
 from tables import store
-from tables.manager import ManagerSettings, coin_age_ms, is_stale, pipeline_lag_ms
+from tables.manager import ManagerSettings, coin_age_ms, is_stale, pipeline_behind_ms, pipeline_lag_ms
 from tables.state import CONNECTOR_UP, Row, coin_key, success_rate
 from tables.summary import collector_overview
 
@@ -135,12 +135,11 @@ async def health_report() -> tuple[int, dict[str, Any]]:
     if stale:
         listed = ", ".join(stale[:10]) + (f" and {len(stale) - 10} more" if len(stale) > 10 else "")
         reasons.append(f"{len(stale)} stale coins: {listed}")
+    behind_after_ms = ManagerSettings().behind_after_ms
     behind = {
         row["connector"]: lag
         for row in store.rows(store.connectors)
-        if row.get("state") == "connected"
-        and (lag := pipeline_lag_ms(row)) is not None
-        and lag > ManagerSettings.behind_after_ms
+        if (lag := pipeline_behind_ms(row, behind_after_ms)) is not None
     }
     for name, lag in sorted(behind.items()):
         reasons.append(f"records of {name} are {lag / 1000:.0f} s behind its frames")
