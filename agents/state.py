@@ -148,12 +148,7 @@ async def report_flow() -> None:
 
 
 def manager_settings() -> ManagerSettings:
-    alerts = config.monitoring.alerts
-    return ManagerSettings(
-        stale_after_ms=int(alerts.staleAfterSeconds * 1000),
-        stuck_after_ms=int(alerts.stuckAfterSeconds * 1000),
-        recovery_attempts=alerts.recoveryAttempts,
-    )
+    return ManagerSettings.from_alerts(config.monitoring.alerts)
 
 
 class Manager:

@@ -134,6 +134,8 @@ class AlertsConfig(_Strict):
     staleAfterSeconds: Annotated[float, Field(gt=0)] = 60.0  # a subscribed coin silent this long is stale
     stuckAfterSeconds: Annotated[float, Field(gt=0)] = 60.0  # a connector down this long gets a recovery
     recoveryAttempts: Annotated[int, Field(ge=1, le=100)] = 3  # recoveries before recovery-failed
+    # records trailing their connection's frames by longer than this: pipeline-behind
+    behindAfterSeconds: Annotated[float, Field(gt=0)] = 10.0
 
     @field_validator("webhookUrl")
     @classmethod

@@ -21,6 +21,7 @@ from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from streams.commands import RecoveryCommand
+from streams.config import AlertsConfig
 from tables.records import Alert
 from tables.state import Row
 
@@ -33,6 +34,16 @@ class ManagerSettings:
     stuck_after_ms: int = 60_000
     recovery_attempts: int = 3
     behind_after_ms: int = 10_000  # frames received but not normalized for longer: the pipeline is behind
+
+    @classmethod
+    def from_alerts(cls, alerts: AlertsConfig) -> ManagerSettings:
+        """The settings `monitoring.alerts` asks for."""
+        return cls(
+            stale_after_ms=int(alerts.staleAfterSeconds * 1000),
+            stuck_after_ms=int(alerts.stuckAfterSeconds * 1000),
+            recovery_attempts=alerts.recoveryAttempts,
+            behind_after_ms=int(alerts.behindAfterSeconds * 1000),
+        )
 
 
 @dataclass(frozen=True)
@@ -112,6 +123,10 @@ def pipeline_lag_ms(connector: Row) -> int | None:
         return None
     through = connector.get("normalizedThrough") or connector.get("since") or heard
     return max(heard - through, 0)
+
+
+def describe_lag(lag_ms: int) -> str:
+    return f"{lag_ms} ms" if lag_ms < 1000 else f"{lag_ms / 1000:.0f} s"
 
 
 def pipeline_behind_ms(connector: Row, behind_after_ms: int) -> int | None:
@@ -214,7 +229,7 @@ def _judge_pipeline(
     if lag is not None and key not in open_alerts:
         decisions.alerts.append(
             _alert(key, "pipeline-behind", "firing", exchange, now,
-                   f"{name}: frames arrive but their records are {lag / 1000:.0f} s behind"
+                   f"{name}: frames arrive but their records are {describe_lag(lag)} behind"
                    " (the normalize agent or the broker cannot keep up)",
                    {"connector": name, "lagMs": lag, "lastFrameAt": connector.get("lastFrameAt"),
                     "normalizedThrough": connector.get("normalizedThrough")})

@@ -21,7 +21,14 @@ from faust import web
 
 from streams.app import app, config
 from tables import store
-from tables.manager import ManagerSettings, coin_age_ms, is_stale, pipeline_behind_ms, pipeline_lag_ms
+from tables.manager import (
+    ManagerSettings,
+    coin_age_ms,
+    describe_lag,
+    is_stale,
+    pipeline_behind_ms,
+    pipeline_lag_ms,
+)
 from tables.state import CONNECTOR_UP, Row, coin_key, success_rate
 from tables.summary import collector_overview
 
@@ -65,8 +72,8 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def stale_after_ms() -> int:
-    return int(config.monitoring.alerts.staleAfterSeconds * 1000)
+def alert_settings() -> ManagerSettings:
+    return ManagerSettings.from_alerts(config.monitoring.alerts)
 
 
 def public(row: Row) -> Row:
@@ -78,7 +85,7 @@ def coin_view(row: Row, now: int) -> Row:
     return {
         **public(row),
         "ageSeconds": None if age is None else round(age / 1000, 3),
-        "stale": is_stale(row, now, stale_after_ms()),
+        "stale": is_stale(row, now, alert_settings().stale_after_ms),
     }
 
 
@@ -130,19 +137,19 @@ async def health_report() -> tuple[int, dict[str, Any]]:
     stale = sorted(
         coin_key(row["exchange"], row["symbol"])
         for row in store.rows(store.coins)
-        if is_stale(row, now, stale_after_ms())
+        if is_stale(row, now, alert_settings().stale_after_ms)
     )
     if stale:
         listed = ", ".join(stale[:10]) + (f" and {len(stale) - 10} more" if len(stale) > 10 else "")
         reasons.append(f"{len(stale)} stale coins: {listed}")
-    behind_after_ms = ManagerSettings().behind_after_ms
+    behind_after_ms = alert_settings().behind_after_ms
     behind = {
         row["connector"]: lag
         for row in store.rows(store.connectors)
         if (lag := pipeline_behind_ms(row, behind_after_ms)) is not None
     }
     for name, lag in sorted(behind.items()):
-        reasons.append(f"records of {name} are {lag / 1000:.0f} s behind its frames")
+        reasons.append(f"records of {name} are {describe_lag(lag)} behind its frames")
     body = {
         "status": "ok" if not reasons else "unhealthy",
         "reasons": reasons,
