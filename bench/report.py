@@ -79,12 +79,14 @@ def slice_table(slices: list[Slice]) -> str:
     """A long step stretch by stretch (`python -m bench --soak`)."""
     lines = [
         "| from s | delivered ev/s (est.) | receipt→CreateTime ms p50/p95/p99/max | "
-        "receipt→read back ms p50/p95/p99/max | worker CPU % | broker CPU % |",
-        "|---:|---:|---|---|---:|---:|",
+        "receipt→read back ms p50/p95/p99/max | worker CPU % | broker CPU % | "
+        "worker RSS MB | broker RSS MB |",
+        "|---:|---:|---|---|---:|---:|---:|---:|",
     ]
     for s in slices:
         lines.append(
             f"| {s.start:.0f} | {s.delivered_rate:,.0f} | {_lat(s.latency_received_created)} | "
-            f"{_lat(s.latency_received_read)} | {s.worker_cpu:.0f} | {s.broker_cpu:.0f} |"
+            f"{_lat(s.latency_received_read)} | {s.worker_cpu:.0f} | {s.broker_cpu:.0f} | "
+            f"{s.worker_rss:.0f} | {s.broker_rss:.0f} |"
         )
     return "\n".join(lines) + "\n"

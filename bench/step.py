@@ -7,6 +7,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from agents.embedded_broker import EmbeddedBroker
 from bench import profile as profiler
@@ -39,6 +40,15 @@ class Slice:
     latency_received_read: dict[str, float]
     worker_cpu: float
     broker_cpu: float
+    worker_rss: float = 0.0  # MiB at the slice's end, all workers together: memory growth in long runs
+    broker_rss: float = 0.0
+
+
+class _SliceUse(NamedTuple):
+    worker_cpu: float
+    broker_cpu: float
+    worker_rss: float
+    broker_rss: float
 
 
 @dataclass
@@ -148,7 +158,7 @@ def run_step(
             start = time.time()
             for meter in (*meters, broker_meter, sim_meter):
                 meter.start(start)
-            slice_cpu = _poll_in_slices(live, duration, slice_seconds, started, broker.pid or 0)
+            slice_use = _poll_in_slices(live, duration, slice_seconds, started, broker.pid or 0)
             end = time.time()
             acks_after = [acknowledged_buckets(w.port) for w in started]
             sent_after = simulator.get("/_sim/stats")["framesSent"].get("trade", 0)
@@ -196,18 +206,18 @@ def run_step(
         latency_received_acknowledged=window_percentiles(acks_before, acks_after),
         worker_cpu=cpu, worker_peak_rss=peak_rss, broker_cpu=broker_cpu, broker_rss=broker_rss,
         simulator_cpu=sim_cpu, load_average=load,
-        slices=_slices(live.sample, start_ms, slice_seconds, slice_cpu, symbols / min(symbols, LIVE_TOPICS)),
+        slices=_slices(live.sample, start_ms, slice_seconds, slice_use, symbols / min(symbols, LIVE_TOPICS)),
     )  # fmt: skip
 
 
 def _poll_in_slices(
     live: MarketReader, duration: float, slice_seconds: float, workers: list[Worker], broker_pid: int
-) -> list[tuple[float, float]]:
-    """Read for `duration`; with slices, the (worker, broker) CPU % of each slice."""
+) -> list[_SliceUse]:
+    """Read for `duration`; with slices, the CPU % and RSS of the workers and the broker in each."""
     if slice_seconds <= 0:
         live.poll(duration)
         return []
-    cpu: list[tuple[float, float]] = []
+    use: list[_SliceUse] = []
     remaining = duration
     while remaining > 0:
         meters = [CpuMeter(w.process.pid) for w in workers] + [CpuMeter(broker_pid)]
@@ -216,22 +226,26 @@ def _poll_in_slices(
             meter.start(began)
         live.poll(min(slice_seconds, remaining))
         ended = time.time()
-        cpu.append((sum(m.percent(ended) for m in meters[:-1]), meters[-1].percent(ended)))
+        use.append(_SliceUse(
+            sum(m.percent(ended) for m in meters[:-1]), meters[-1].percent(ended),
+            sum(memory_mb(w.process.pid)[0] for w in workers), memory_mb(broker_pid)[0],
+        ))  # fmt: skip
         remaining -= slice_seconds
-    return cpu
+    return use
 
 
 def _slices(
-    sample: Sample, start_ms: int, slice_seconds: float, cpu: list[tuple[float, float]], scale: float
+    sample: Sample, start_ms: int, slice_seconds: float, use: list[_SliceUse], scale: float
 ) -> list[Slice]:
     found = []
-    for index, (worker_cpu, broker_cpu) in enumerate(cpu):
+    for index, used in enumerate(use):
         begin = start_ms + int(index * slice_seconds * 1000)
         to_created, to_read, _, stamped = _window(sample, begin, begin + int(slice_seconds * 1000))
         found.append(Slice(
             start=index * slice_seconds, delivered_rate=stamped * scale / slice_seconds,
             latency_received_created=percentiles(to_created), latency_received_read=percentiles(to_read),
-            worker_cpu=worker_cpu, broker_cpu=broker_cpu,
+            worker_cpu=used.worker_cpu, broker_cpu=used.broker_cpu,
+            worker_rss=used.worker_rss, broker_rss=used.broker_rss,
         ))  # fmt: skip
     return found
 

@@ -65,6 +65,7 @@ def test_a_tiny_step_reads_back_every_trade_the_simulator_sent(tmp_path: Path) -
     assert [s.start for s in result.slices] == [0.0, 1.0]
     assert all(s.delivered_rate > 0 and s.latency_received_created["p50"] >= 0 for s in result.slices)
     assert all(s.worker_cpu > 0 and s.broker_cpu > 0 for s in result.slices)
+    assert all(20 < s.worker_rss < 1000 and 1 < s.broker_rss < 1000 for s in result.slices)
     assert len(slice_table(result.slices).splitlines()) == 2 + 2
     assert sum(s.delivered_rate for s in result.slices) == pytest.approx(2 * result.delivered_rate, rel=0.5)
 
