@@ -11,7 +11,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from functools import wraps
+from functools import cache, wraps
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -72,6 +72,7 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+@cache  # the config is read once at start; views call this per coin
 def alert_settings() -> ManagerSettings:
     return ManagerSettings.from_alerts(config.monitoring.alerts)
 
