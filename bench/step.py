@@ -7,7 +7,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 from agents.embedded_broker import EmbeddedBroker
 from bench import profile as profiler
@@ -35,20 +34,14 @@ class Slice:
     """One stretch of a long step: how the figures drift as the broker's partitions fill."""
 
     start: float  # seconds into the measured window
-    delivered_rate: float  # estimated from the live topics: their records scaled up to all symbols
-    latency_received_created: dict[str, float]
-    latency_received_read: dict[str, float]
     worker_cpu: float
     broker_cpu: float
-    worker_rss: float = 0.0  # MiB at the slice's end, all workers together: memory growth in long runs
-    broker_rss: float = 0.0
-
-
-class _SliceUse(NamedTuple):
-    worker_cpu: float
-    broker_cpu: float
-    worker_rss: float
+    worker_rss: float  # MiB at the slice's end, all workers together: memory growth in long runs
     broker_rss: float
+    # From the records read back, once the step is over (`_read_slices`).
+    delivered_rate: float = 0.0  # estimated from the live topics: their records scaled up to all symbols
+    latency_received_created: dict[str, float] = field(default_factory=dict)
+    latency_received_read: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -158,7 +151,7 @@ def run_step(
             start = time.time()
             for meter in (*meters, broker_meter, sim_meter):
                 meter.start(start)
-            slice_use = _poll_in_slices(live, duration, slice_seconds, started, broker.pid or 0)
+            slices = _poll_in_slices(live, duration, slice_seconds, started, broker.pid or 0)
             end = time.time()
             acks_after = [acknowledged_buckets(w.port) for w in started]
             sent_after = simulator.get("/_sim/stats")["framesSent"].get("trade", 0)
@@ -193,6 +186,7 @@ def run_step(
     to_created, _, event_to_created, stamped = _window(reader.sample, start_ms, end_ms)
     _, to_read, _, _ = _window(live.sample, start_ms, end_ms)
     unique = len(reader.trade_ids)
+    _read_slices(slices, live.sample, start_ms, slice_seconds, symbols / min(symbols, LIVE_TOPICS))
     return StepResult(
         symbols=symbols, workers=workers, target_rate=rate,
         offered_rate=(sent_after - sent_before) / (end - start),
@@ -206,18 +200,18 @@ def run_step(
         latency_received_acknowledged=window_percentiles(acks_before, acks_after),
         worker_cpu=cpu, worker_peak_rss=peak_rss, broker_cpu=broker_cpu, broker_rss=broker_rss,
         simulator_cpu=sim_cpu, load_average=load,
-        slices=_slices(live.sample, start_ms, slice_seconds, slice_use, symbols / min(symbols, LIVE_TOPICS)),
+        slices=slices,
     )  # fmt: skip
 
 
 def _poll_in_slices(
     live: MarketReader, duration: float, slice_seconds: float, workers: list[Worker], broker_pid: int
-) -> list[_SliceUse]:
+) -> list[Slice]:
     """Read for `duration`; with slices, the CPU % and RSS of the workers and the broker in each."""
     if slice_seconds <= 0:
         live.poll(duration)
         return []
-    use: list[_SliceUse] = []
+    slices: list[Slice] = []
     remaining = duration
     while remaining > 0:
         meters = [CpuMeter(w.process.pid) for w in workers] + [CpuMeter(broker_pid)]
@@ -226,28 +220,25 @@ def _poll_in_slices(
             meter.start(began)
         live.poll(min(slice_seconds, remaining))
         ended = time.time()
-        use.append(_SliceUse(
-            sum(m.percent(ended) for m in meters[:-1]), meters[-1].percent(ended),
-            sum(memory_mb(w.process.pid)[0] for w in workers), memory_mb(broker_pid)[0],
+        slices.append(Slice(
+            start=duration - remaining,
+            worker_cpu=sum(m.percent(ended) for m in meters[:-1]), broker_cpu=meters[-1].percent(ended),
+            worker_rss=sum(memory_mb(w.process.pid)[0] for w in workers), broker_rss=memory_mb(broker_pid)[0],
         ))  # fmt: skip
         remaining -= slice_seconds
-    return use
+    return slices
 
 
-def _slices(
-    sample: Sample, start_ms: int, slice_seconds: float, use: list[_SliceUse], scale: float
-) -> list[Slice]:
-    found = []
-    for index, used in enumerate(use):
-        begin = start_ms + int(index * slice_seconds * 1000)
+def _read_slices(
+    slices: list[Slice], sample: Sample, start_ms: int, slice_seconds: float, scale: float
+) -> None:
+    """Each slice's delivered rate and latencies, from the records whose frames arrived in it."""
+    for piece in slices:
+        begin = start_ms + int(piece.start * 1000)
         to_created, to_read, _, stamped = _window(sample, begin, begin + int(slice_seconds * 1000))
-        found.append(Slice(
-            start=index * slice_seconds, delivered_rate=stamped * scale / slice_seconds,
-            latency_received_created=percentiles(to_created), latency_received_read=percentiles(to_read),
-            worker_cpu=used.worker_cpu, broker_cpu=used.broker_cpu,
-            worker_rss=used.worker_rss, broker_rss=used.broker_rss,
-        ))  # fmt: skip
-    return found
+        piece.delivered_rate = stamped * scale / slice_seconds
+        piece.latency_received_created = percentiles(to_created)
+        piece.latency_received_read = percentiles(to_read)
 
 
 def _subscribed(simulator: Simulator) -> int:
