@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -180,6 +181,17 @@ class Worker:
         wait_for(ready, timeout, "the worker to be ready")
         self.ready_after = time.monotonic() - self.started
         return self.ready_after
+
+    def request(self, path: str, method: str = "GET") -> tuple[int, Any]:
+        """(HTTP status, body: JSON decoded, else text) of the worker's web server."""
+        http_request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method)
+        try:
+            with urllib.request.urlopen(http_request, timeout=10) as response:
+                body, status = response.read(), response.status
+        except urllib.error.HTTPError as error:
+            body, status = error.read(), error.code
+        text = body.decode()
+        return status, (json.loads(text) if text.startswith(("{", "[")) else text)
 
     def signal(self, signum: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:

@@ -8,9 +8,6 @@ them is still on its way through the raw topic, and the connector's records trai
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +22,8 @@ pytestmark = pytest.mark.e2e
 SYMBOLS = ["BTC/USDT", "ETH/USDT"]
 
 
-def request(worker: Worker, path: str) -> tuple[int, Any]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{worker.port}{path}", timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def behind_alerts(worker: Worker) -> list[dict[str, Any]]:
-    status, body = request(worker, "/alerts")
+    status, body = worker.request("/alerts")
     if status != 200:
         return []
     seen = [*body["open"], *body["latest"]]
@@ -59,11 +48,11 @@ def test_records_trailing_their_frames_beyond_the_threshold_raise_pipeline_behin
             assert "frames arrive but their records are" in alert["message"]
 
             def health_says_behind() -> dict[str, Any] | None:
-                status, body = request(worker, "/health")
+                status, body = worker.request("/health")
                 return body if status == 503 and body["pipelineBehindMs"] else None
 
             health = wait_for(health_says_behind, 30, "/health to report a connector behind")
-            _, body = request(worker, "/connectors")
+            _, body = worker.request("/connectors")
             rows = {row["connector"]: row for row in body["connectors"]}
             assert connector in rows and set(health["pipelineBehindMs"]) <= set(rows)
             for name, lag in health["pipelineBehindMs"].items():

@@ -10,8 +10,6 @@ import json
 import shutil
 import subprocess
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -66,26 +64,14 @@ class Cluster:
         self.broker, self.simulator, self.workers, self.webhook = broker, simulator, workers, webhook
 
 
-def request(worker: Worker, path: str, method: str = "GET") -> tuple[int, Any]:
-    http_request = urllib.request.Request(f"http://127.0.0.1:{worker.port}{path}", method=method)
-    try:
-        with urllib.request.urlopen(http_request, timeout=10) as response:
-            body = response.read()
-            status = response.status
-    except urllib.error.HTTPError as error:
-        body, status = error.read(), error.code
-    text = body.decode()
-    return status, (json.loads(text) if text.startswith(("{", "[")) else text)
-
-
 def get(worker: Worker, path: str) -> Any:
-    status, body = request(worker, path)
+    status, body = worker.request(path)
     assert status == 200, f"{path}: HTTP {status} {body}"
     return body
 
 
 def coins_flowing(worker: Worker) -> bool:
-    status, body = request(worker, "/coins")
+    status, body = worker.request("/coins")
     if status != 200:
         return False
     states = {c["symbol"]: c for c in body["coins"]}
@@ -167,16 +153,16 @@ def test_every_worker_answers_table_views_from_the_owner(cluster: Cluster) -> No
 
 def test_bad_coin_requests_get_clear_client_errors(cluster: Cluster) -> None:
     worker = cluster.workers[1]
-    status, body = request(worker, "/coins/binance/not%20a%20symbol")
+    status, body = worker.request("/coins/binance/not%20a%20symbol")
     assert status == 400 and "BASE/QUOTE" in body["error"]
-    status, body = request(worker, "/coins/binance/DOGE/USDT")
+    status, body = worker.request("/coins/binance/DOGE/USDT")
     assert status == 404 and body["error"] == "no state for binance DOGE/USDT"
-    status, _ = request(worker, "/static/../views.py")
+    status, _ = worker.request("/static/../views.py")
     assert status == 404
 
 
 def metric_samples(worker: Worker) -> list[Any]:
-    status, text = request(worker, "/metrics")
+    status, text = worker.request("/metrics")
     assert status == 200
     return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
 
@@ -194,7 +180,7 @@ def test_metrics_of_every_worker_pass_promtool_and_add_up(cluster: Cluster) -> N
     promtool = shutil.which("promtool")
     assert promtool, "promtool is missing: `make test` installs it (Debian package prometheus)"
     for worker in cluster.workers:
-        _, text = request(worker, "/metrics")
+        _, text = worker.request("/metrics")
         result = subprocess.run(
             [promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
         )
@@ -220,15 +206,15 @@ def test_metrics_of_every_worker_pass_promtool_and_add_up(cluster: Cluster) -> N
 
 def test_silent_coins_raise_alerts_make_health_fail_and_recover(cluster: Cluster) -> None:
     a, b = cluster.workers
-    wait_for(lambda: request(a, "/health")[0] == 200, 30, "a healthy collector")
-    status, health = request(b, "/health")
+    wait_for(lambda: a.request("/health")[0] == 200, 30, "a healthy collector")
+    status, health = b.request("/health")
     assert status == 200 and health["reasons"] == [] and health["broker"]["reachable"] is True
     assert health["pipelineBehindMs"] == {}
     reader = TopicReader(cluster.broker.bootstrap)
     cluster.simulator.post("/_sim/pause")
     try:
-        wait_for(lambda: request(b, "/health")[0] == 503, 30, "health to report the stale coins")
-        _, health = request(a, "/health")
+        wait_for(lambda: b.request("/health")[0] == 503, 30, "health to report the stale coins")
+        _, health = a.request("/health")
         assert health["staleCoins"] == ["binance:BTC/USDT", "binance:ETH/USDT"]
         assert any(reason.startswith("2 stale coins") for reason in health["reasons"])
         alerts = wait_for(
@@ -239,7 +225,7 @@ def test_silent_coins_raise_alerts_make_health_fail_and_recover(cluster: Cluster
         ]  # fmt: skip
     finally:
         cluster.simulator.post("/_sim/resume")
-    wait_for(lambda: request(a, "/health")[0] == 200, 30, "health to recover")
+    wait_for(lambda: a.request("/health")[0] == 200, 30, "health to recover")
     wait_for(lambda: not get(b, "/alerts")["open"], 30, "the alerts to resolve")
 
     def firing_and_resolved() -> list[Any] | None:
@@ -349,7 +335,7 @@ def test_state_survives_its_owner_stopping(cluster: Cluster) -> None:
     assert owner.stop() == 0
 
     def recovered() -> dict[str, Any] | None:
-        status, body = request(survivor, "/coins/binance/BTC/USDT")
+        status, body = survivor.request("/coins/binance/BTC/USDT")
         if status != 200 or not body["servedBy"].endswith(f":{survivor.port}"):
             return None
         return body if body["recordsTotal"] > before["recordsTotal"] else None
