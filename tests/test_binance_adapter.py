@@ -26,7 +26,7 @@ from streams.exchanges.base import (
 from streams.exchanges.binance import BinanceAdapter
 from streams.records import Kline, MarketRecord, decode_record, encode_record
 
-RECORDED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "recorded"
+RECORDED = Path(__file__).resolve().parent / "fixtures" / "recorded"
 RECEIVED_AT = 1_700_000_000_123
 
 # exchange symbol → (base, quote): the fixture's four markets plus the documented examples' ones.
@@ -153,7 +153,7 @@ def expected_bbo(data: dict[str, Any], received_at: int) -> dict[str, Any]:
     return expected_record("bbo", data, received_at, received_at, body)
 
 
-# Recorded traffic. Line format: /work/shared/fixtures/recorded/README.md.
+# Recorded traffic. Line format: tests/fixtures/recorded/README.md.
 def recorded_frames() -> list[tuple[int, bytes]]:
     frames = []
     for line in (RECORDED / "BINANCE.ws.1.0").read_text().splitlines():

@@ -280,7 +280,7 @@ def _recorded(name: str, every: int) -> list[bytes]:
     return frames[::every]
 
 
-RECORDED_DIR = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "recorded"
+RECORDED_DIR = Path(__file__).resolve().parent / "fixtures" / "recorded"
 EVERY_EXCHANGE_FRAMES = (
     _recorded("BINANCE.ws.1.0", 40) + _recorded("BINANCE_FUTURES.ws.1.0", 60)
     + _recorded("UPBIT.ws.62.0", 20) + _recorded("BITHUMB.ws.1.0", 1)

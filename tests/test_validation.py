@@ -24,7 +24,7 @@ from streams.validation import (
 )
 
 NOW = 1_700_000_000_000
-RECORDED = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "recorded" / "BINANCE.ws.1.0"
+RECORDED = Path(__file__).resolve().parent / "fixtures" / "recorded" / "BINANCE.ws.1.0"
 
 
 def trade(
