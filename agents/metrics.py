@@ -402,6 +402,18 @@ class ComputedGauge(Collector):
         yield GaugeMetricFamily(self.name, self.documentation, labels=list(self.labels))
 
 
+_computed: dict[str, ComputedGauge] = {}
+
+
+def register_computed(gauge: ComputedGauge) -> None:
+    """Register a computed gauge, replacing one of the same name (a worker built again in one process)."""
+    earlier = _computed.pop(gauge.name, None)
+    if earlier is not None:
+        REGISTRY.unregister(earlier)
+    REGISTRY.register(gauge)
+    _computed[gauge.name] = gauge
+
+
 def exposition() -> bytes:
     """The registry in Prometheus text format."""
     return generate_latest(REGISTRY)

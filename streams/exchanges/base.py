@@ -122,6 +122,8 @@ class ExchangeAdapter(ABC):
     trade_ids: ClassVar[TradeIdPolicy] = "unique"
     # True when the adapter implements the REST history methods below (backfill and REST fallback).
     rest_history: ClassVar[bool] = False
+    # Public mirrors of the exchange's endpoints, named to the operator when the exchange is unreachable.
+    public_mirrors: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, instruments: Iterable[Instrument]) -> None:
         self.instruments: dict[str, Instrument] = {i.exchange_symbol: i for i in instruments}
