@@ -326,6 +326,7 @@ metrics.REGISTRY.register(metrics.ComputedGauge(
     "collector_connectors", "Connectors (connection groups) in each state.", ("exchange", "state"),
     _counted_states(store.connectors, CONNECTOR_STATES),
 ))  # fmt: skip
+metrics.set_memory_limit()  # read once: the limit does not change while the worker runs
 
 if config.monitoring.prometheus.enabled:
 
