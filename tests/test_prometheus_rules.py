@@ -372,7 +372,7 @@ def test_prometheus_runs_the_rules_on_the_collector_exposition_and_answers_every
 ) -> None:
     metrics.connection_opened(E2E_EXCHANGE, reconnect=False)
     metrics.set_memory_limit()
-    exporter = make_server("127.0.0.1", free_port(), collector_exposition, handler_class=QuietHandler)
+    exporter = make_server("127.0.0.1", 0, collector_exposition, handler_class=QuietHandler)
     threading.Thread(target=exporter.serve_forever, daemon=True).start()
     prometheus = Prometheus(tmp_path, {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
