@@ -358,6 +358,7 @@ def install_state(app: faust.App, agents: StateAgents, manager: Manager) -> None
         "collector_connectors", "Connectors (connection groups) in each state.", ("exchange", "state"),
         _counted_states(store, store.connectors, CONNECTOR_STATES, exchanges),
     ))  # fmt: skip
+    metrics.set_memory_limit()  # read once: the limit does not change while the worker runs
 
     if agents.config.monitoring.prometheus.enabled:
 
