@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from streams.events import CollectorEvent
 from streams.records import MarketRecord
-from tables.records import CoinFlow, FlowSummary
+from tables.records import CoinFlow, FlowSummary, QueueUsage
 from tables.summary import EXCHANGE_TO_RECEIVE, LATENCY_BUCKETS, RECEIVE_TO_APPEND
 
 # `*_created` series double the output and no dashboard or alert here reads them.
@@ -197,6 +197,7 @@ class FlowMeter:
         # it is), bounded to the most recent connections.
         self._normalized: dict[str, int] = {}
         self._normalized_changed = False
+        self._queue_usage_sent: QueueUsage | None = None
 
     def record(self, record: MarketRecord, topic: str) -> None:
         """Called once per normalized record: keep it cheap."""
@@ -268,11 +269,17 @@ class FlowMeter:
         for index, count in enumerate(added):
             interval[index] += count
 
-    def take_summary(self, worker: str, heard: dict[str, int] | None = None) -> FlowSummary | None:
+    def take_summary(
+        self, worker: str, heard: dict[str, int] | None = None, queue_usage: QueueUsage | None = None
+    ) -> FlowSummary | None:
         """The interval's summary, starting the next interval; None when nothing happened.
-        `heard` is the source side's connector → newest frame received (`ExchangeSource.frames_heard`)."""
+        `heard` is the source side's connector → newest frame received (`ExchangeSource.frames_heard`),
+        `queue_usage` the exchange's raw spool (`spool_usage`)."""
         ended_at = self._clock()
-        if not (self._coins or self._dead_letters or self._raw_bytes or heard or self._normalized_changed):
+        # A spool holding batches is news every interval; an empty one only when it just drained.
+        spooling = queue_usage is not None and (queue_usage.bytes or queue_usage != self._queue_usage_sent)
+        happened = self._coins or self._dead_letters or self._raw_bytes or self._normalized_changed
+        if not (happened or heard or spooling):
             self._interval_started = ended_at
             return None
         summary = FlowSummary(
@@ -286,7 +293,9 @@ class FlowMeter:
             latency=self._latency,
             connections=heard or {},
             normalized=dict(self._normalized),
+            queue_usage=queue_usage,
         )
+        self._queue_usage_sent = queue_usage
         self._normalized_changed = False
         self._interval_started = ended_at
         self._coins, self._dead_letters, self._raw_bytes, self._latency = {}, {}, 0, {}
@@ -306,6 +315,47 @@ def flow_meter(exchange: str) -> FlowMeter:
 
 def flow_meters() -> list[FlowMeter]:
     return list(_meters.values())
+
+
+# ---- the raw spool (agents/writer.py RawProducer) --------------------------------------------------
+
+SPOOL_BYTES = Gauge(
+    "collector_spool_bytes",
+    "Raw batches the broker has not acknowledged yet: waiting in memory, on disk, and in flight (bytes).",
+    ["exchange"],
+    registry=REGISTRY,
+)
+SPOOL_DISK_BYTES = Gauge(
+    "collector_spool_disk_bytes", "The part of collector_spool_bytes waiting on disk.", ["exchange"],
+    registry=REGISTRY,
+)  # fmt: skip
+SPOOL_DROPPED_BATCHES = Counter(
+    "collector_spool_dropped_batches",
+    "Raw batches never delivered: the spool was full, or no broker would take them (too large).",
+    ["exchange"],
+    registry=REGISTRY,
+)
+SPOOL_DROPPED_BYTES = Counter(
+    "collector_spool_dropped_bytes", "Bytes of those batches.", ["exchange"], registry=REGISTRY
+)
+
+_spools: dict[str, QueueUsage] = {}
+
+
+def spool_reported(exchange: str, usage: QueueUsage) -> None:
+    """The raw producer's latest figures for an exchange (it reports them every poll)."""
+    previous = _spools.get(exchange) or QueueUsage()
+    SPOOL_BYTES.labels(exchange).set(usage.bytes)
+    SPOOL_DISK_BYTES.labels(exchange).set(usage.disk_bytes)
+    if usage.dropped_batches > previous.dropped_batches:
+        SPOOL_DROPPED_BATCHES.labels(exchange).inc(usage.dropped_batches - previous.dropped_batches)
+        SPOOL_DROPPED_BYTES.labels(exchange).inc(max(usage.dropped_bytes - previous.dropped_bytes, 0))
+    _spools[exchange] = usage
+
+
+def spool_usage() -> dict[str, QueueUsage]:
+    """This worker's raw spool per exchange, as last reported (empty: no raw producer runs here)."""
+    return dict(_spools)
 
 
 # ---- connections, frames, events ----------------------------------------------------------------

@@ -112,7 +112,9 @@ class Pipeline:
         return ConfluentDelivery({**self.confluent_settings(), "max.in.flight.requests.per.connection": 5})
 
     async def start_sources(self, service: Service) -> None:
-        self.raw_producer = RawProducer(self.confluent_settings())
+        self.raw_producer = RawProducer.from_config(
+            self.confluent_settings(), self.config.kafka.spool, self.app.conf.datadir
+        )
         for exchange, settings in self.config.exchanges.items():
             await self.raw_topics[exchange].maybe_declare()
             source = ExchangeSource(

@@ -37,6 +37,7 @@ from tables.state import COIN_STATES, CONNECTOR_STATES, Changes, apply_event, ap
 from tables.store import RECENT_ALERTS, StateStore, rows
 from tables.subscription_rules import group_partition
 from tables.subscriptions import Subscriptions
+from tables.summary import spool_bytes
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +138,12 @@ class StateAgents:
 
     async def report_flow(self) -> None:
         process = self._sampler.sample()
-        for exchange in self._frames_heard:
+        for exchange in [*self._frames_heard, *metrics.spool_usage()]:
             metrics.flow_meter(exchange)  # a worker that only runs connections reports them too
         for meter in metrics.flow_meters():
             heard = self._frames_heard.get(meter.exchange)
-            summary = meter.take_summary(self.store.worker, heard() if heard else None)
+            spool = metrics.spool_usage().get(meter.exchange)
+            summary = meter.take_summary(self.store.worker, heard() if heard else None, spool)
             if summary is not None:
                 summary.process = process
                 await self.store.flow_topic.send(key=summary.exchange.encode(), value=encode(summary))
@@ -183,6 +185,10 @@ class Manager:
         return open_keys
 
     async def run_once(self, now: int) -> Decisions:
+        # This worker's own spool is read live: while the broker is away its reports cannot reach
+        # the table, and that is when the spool grows.
+        collectors = {row["exchange"]: row for row in rows(self.store.collectors)}
+        spools = spool_bytes(collectors, now, metrics.spool_usage(), self.store.worker)
         decisions = evaluate(
             rows(self.store.coins),
             rows(self.store.connectors),
@@ -190,6 +196,7 @@ class Manager:
             self.ordered,
             now,
             self.settings,
+            spools,
         )
         for order in decisions.recoveries:
             self.ordered[order.connector] = now

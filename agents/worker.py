@@ -16,7 +16,7 @@ from typing import Any
 
 import faust
 
-from agents import faust_patches
+from agents import faust_patches, metrics
 from agents.adapters import AdapterDirectory
 from agents.control import Control, install_control
 from agents.embedded_broker import EmbeddedBroker, free_port
@@ -126,7 +126,7 @@ def build_app(config: CollectorConfig) -> CollectorApp:
         recovery_sender(app, subscriptions), config.monitoring.alerts.webhookUrl,
     )  # fmt: skip
     install_state(app, state_agents, manager)
-    install_views(app, StateViews(app, config, store))
+    install_views(app, StateViews(app, config, store, local_spool=metrics.spool_usage))
 
     if control is not None:
         pipeline = Pipeline(app, config, adapters, emit_event, control.ownership, frames_heard, bootstrap)

@@ -15,14 +15,22 @@ network work runs in its own threads (docs/benchmarks.md).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from agents import metrics
 from agents.metrics import now_ms
+from agents.spool import FileSegments
+from streams.config import SpoolConfig
+from streams.spool import Outgoing, Spool, SpoolLimits
+from tables.records import QueueUsage
 
 log = logging.getLogger(__name__)
 _LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
@@ -166,9 +174,15 @@ def confluent_settings(
         # and a commit touches one partition per symbol (docs/benchmarks.md). Without it a retry can
         # reorder or repeat records; every record carries its natural id, so consumers dedupe.
         "enable.idempotence": False,
-        # A record librdkafka could not deliver within this time is reported back, and the
-        # TopicWriter retries it: a broker outage stalls the commits instead of losing records.
-        "message.timeout.ms": 30_000,
+        # librdkafka never gives up on a record: a broker outage stalls the commits instead of losing
+        # records, and nothing comes back for the TopicWriter to send again after later records (out
+        # of order) or while the first copy still waits in the paused broker's socket (twice).
+        "message.timeout.ms": 0,
+        # How long one produce attempt waits for its answer (librdkafka's ceiling: 5 minutes). A
+        # request that times out is sent again, and a broker that was only paused (SIGSTOP, a long GC,
+        # a stalled disk) then writes both copies: so a pause shorter than this duplicates nothing.
+        # Longer pauses are covered where it is cheap, by the idempotent raw producer.
+        "socket.timeout.ms": 300_000,
         "queue.buffering.max.messages": 1_000_000,
         "queue.buffering.max.kbytes": 1_048_576,
         "batch.size": 1_000_000,
@@ -303,64 +317,212 @@ class ConfluentDelivery:
 
 
 RAW_MAX_BYTES = 8 * 1024 * 1024  # a raw record holds one frame of up to 6 MiB (agents/connection.py)
+DEFAULT_SPOOL_MEMORY = 64 * 1024 * 1024
+SPOOL_DIRECTORY = "raw-spool"  # in the worker's data directory
+# Errors librdkafka reports when it stops (purge) or after a fatal error: the batch was not delivered
+# by this producer and is handed back to the spool.
+_HANDED_BACK = frozenset({KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT, KafkaError._FATAL})
+
+
+def raw_spool_limits(memory_bytes: int, disk_bytes: int) -> SpoolLimits:
+    """The spool's bounds. A quarter of the memory may be handed to librdkafka unacknowledged: ample
+    while the broker answers (15 MB/s of raw batches and a 20 ms round trip keep ~300 KB in flight),
+    while a paused broker's backlog stays in the spool, where it is bounded and spills to disk."""
+    return SpoolLimits(memory_bytes, disk_bytes, window_bytes=memory_bytes // 4)
+
+
+def raw_producer_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """librdkafka settings of the raw producer, from the common ones (`confluent_settings`)."""
+    return {
+        **settings,
+        # The sources batch frames already (agents/connection.py); lingering again only adds latency.
+        "linger.ms": 1,
+        "message.max.bytes": RAW_MAX_BYTES,
+        # Idempotent: a produce request that timed out while the broker was paused (after
+        # socket.timeout.ms, at most 5 minutes) and is sent again cannot be written twice, and the
+        # batches of a partition keep their order. On the embedded broker it costs nothing measurable
+        # here: raw batches span 8 partitions per exchange (docs/benchmarks.md).
+        "enable.idempotence": True,
+        "max.in.flight.requests.per.connection": 1,
+    }
 
 
 class RawProducer:
-    """A librdkafka producer for raw batches: the source hands a batch over and goes on reading.
+    """A librdkafka producer for raw batches behind a spool: the source hands a batch over and goes on
+    reading, whether the broker answers or not.
 
-    Nobody waits for a raw batch's acknowledgement (the normalize agents read it back from the
-    topic); librdkafka retries it within message.timeout.ms and a final failure is logged. One
-    request in flight per connection keeps a group's batches in order across those retries, which
-    the normalize agents' id checks rely on. lz4 runs in librdkafka's threads, not the event loop.
+    Every batch goes through the spool (streams/spool.py): the spool hands batches to librdkafka in
+    order per partition within its window, and forgets one only when the broker has acknowledged it.
+    While the broker is away the batches wait in the spool, in memory and then on disk; when it is
+    back they go out oldest first. A batch librdkafka gives up on goes back to the front of its
+    partition's queue and is sent again; one no broker can take (too large) is dropped and counted.
+    When the spool is full, new batches are dropped and counted, and the start and end of each such
+    episode logged: the dropped frames' sequence numbers are missing from the raw topic, so the
+    normalize agent sees the gap. Nothing is resent after a restart: the spool lives as long as the
+    producer.
     """
 
-    POLL_INTERVAL = 0.05  # only failures are reported, so reports are served rarely
+    POLL_INTERVAL = 0.05  # how often delivery reports are served and the spool's window refilled
 
-    def __init__(self, settings: dict[str, Any]) -> None:
-        self._producer = Producer(
-            {
-                **settings,
-                # The sources batch frames already (agents/connection.py); lingering again only adds latency.
-                "linger.ms": 1,
-                "message.max.bytes": RAW_MAX_BYTES,
-                "max.in.flight.requests.per.connection": 1,
-                "delivery.report.only.error": True,
-                "on_delivery": self._on_delivery,
-                "error_cb": self._on_client_error,
-            }
-        )
+    def __init__(
+        self,
+        settings: dict[str, Any],
+        limits: SpoolLimits | None = None,
+        directory: Path | None = None,
+    ) -> None:
+        self._settings = {**raw_producer_settings(settings), "error_cb": self._on_client_error}
+        limits = limits or raw_spool_limits(DEFAULT_SPOOL_MEMORY, 0)
+        if limits.disk_bytes and directory is None:
+            raise ValueError("a raw spool with disk_bytes needs a directory")
+        self._segments = FileSegments(directory) if limits.disk_bytes and directory is not None else None
+        self.spool = Spool(limits, self._segments)
+        self._producer = Producer(self._settings)
         self._poller: asyncio.Task[None] | None = None
-        self.failed = 0
+        self._fatal: KafkaError | None = None
+        self._said_handed_back: set[int] = set()  # error codes logged since the last acknowledgement
+        self.failed = 0  # batches librdkafka gave up on (handed back and sent again)
 
-    def _on_delivery(self, error: KafkaError | None, message: Message) -> None:
-        if error is not None:
-            self.failed += 1
-            log.error("raw batch for %s not delivered: %s", message.topic(), error)
-
-    def _on_client_error(self, error: KafkaError) -> None:
-        log.warning("kafka raw producer: %s", error)
+    @classmethod
+    def from_config(cls, settings: dict[str, Any], spool: SpoolConfig, datadir: Path) -> RawProducer:
+        """The raw producer `kafka.spool` asks for; its disk is `directory`, else raw-spool in `datadir`."""
+        directory = Path(spool.directory) if spool.directory else Path(datadir) / SPOOL_DIRECTORY
+        return cls(settings, raw_spool_limits(spool.memoryBytes, spool.diskBytes), directory)
 
     async def send(self, topic: str, key: bytes, value: bytes, partition: int = -1) -> None:
-        """Hand a batch over; `partition` -1 lets the key choose it."""
+        """Hand a batch over; `partition` -1 lets the key choose it. Never waits for the broker."""
         if self._poller is None or self._poller.done():
             self._poller = asyncio.ensure_future(self._poll())
-        while True:
+        dropping = self.spool.dropping
+        kept = self.spool.add((topic, partition), key, value)
+        if not kept and not dropping:
+            self._said_dropping()
+        elif kept and dropping:
+            self._said_kept_again()
+        self._pump()
+
+    def _pump(self) -> None:
+        """Hand over what the spool's window allows."""
+        outgoing = self.spool.take()
+        for index, batch in enumerate(outgoing):
+            topic, partition = batch.lane
+            report = functools.partial(self._on_delivery, batch.ticket, batch.key)
             try:
-                self._producer.produce(topic, value, key, partition=partition)
+                self._producer.produce(topic, batch.value, batch.key, partition=partition, on_delivery=report)
+            except BufferError:  # librdkafka's queue is full: the rest waits for the next round
+                self._hand_back(outgoing[index:])
                 return
-            except BufferError:  # librdkafka's queue is full: the reader waits, as TCP will make the exchange
-                await asyncio.sleep(self.POLL_INTERVAL)
+            except KafkaException as exc:  # refused before sending
+                error = exc.args[0]
+                if error.code() in UNDELIVERABLE:
+                    self.spool.undeliverable(batch.ticket)
+                    log.error("raw batch for %s can never be delivered (%s, %d bytes); dropped",
+                              topic, error, len(batch.value))  # fmt: skip
+                    continue
+                self._hand_back(outgoing[index:])
+                log.warning("raw batch for %s refused by the producer (%s); kept to send again", topic, error)
+                return
+
+    def _hand_back(self, batches: list[Outgoing]) -> None:
+        for batch in batches:
+            self.spool.hand_back(batch.ticket, batch.value, batch.key)
+
+    def _on_delivery(self, ticket: int, key: bytes, error: KafkaError | None, message: Message) -> None:
+        # Runs in the event loop thread: only this producer's poll serves delivery reports.
+        if error is None:
+            self.spool.acknowledged(ticket)
+            self._said_handed_back.clear()
+            return
+        if error.code() in UNDELIVERABLE:
+            self.spool.undeliverable(ticket)
+            log.error("raw batch for %s can never be delivered (%s, %d bytes); dropped",
+                      message.topic(), error, len(message.value() or b""))  # fmt: skip
+            return
+        self.failed += 1
+        self.spool.hand_back(ticket, message.value() or b"", key)
+        if error.code() not in self._said_handed_back and error.code() not in _HANDED_BACK:
+            self._said_handed_back.add(error.code())
+            log.warning("raw batch for %s not delivered (%s); kept and sent again", message.topic(), error)
+
+    def _on_client_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            self._fatal = error
+        log.warning("kafka raw producer: %s", error)
+
+    def _renew(self) -> None:
+        """After a fatal error (the idempotent producer's state cannot be recovered): every batch the
+        old producer holds goes back to the spool, and a new producer sends them again."""
+        log.error("kafka raw producer: fatal error %s; starting a new producer", self._fatal)
+        old, self._fatal = self._producer, None
+        with contextlib.suppress(KafkaException):
+            old.purge(in_queue=True, in_flight=True)
+        old.poll(0)  # serves the purged batches' reports: they are handed back
+        self._producer = Producer(self._settings)
+        if self.spool.in_flight:
+            log.error("kafka raw producer: %d batches still unaccounted for after the fatal error",
+                      self.spool.in_flight)  # fmt: skip
 
     async def _poll(self) -> None:
-        producer = self._producer
         while True:
-            producer.poll(0)
+            self._serve()
             await asyncio.sleep(self.POLL_INTERVAL)
 
+    def _serve(self) -> None:
+        self._producer.poll(0)
+        if self._fatal is not None:
+            self._renew()
+        self._pump()
+        self.report()
+
+    def report(self) -> None:
+        """Publish the spool's figures per exchange (metrics, flow summaries)."""
+        for topic, usage in self.spool.usage().items():
+            metrics.spool_reported(
+                topic.removeprefix("raw."),
+                QueueUsage(
+                    bytes=usage.held_bytes,
+                    memory_bytes=usage.memory_bytes,
+                    disk_bytes=usage.disk_bytes,
+                    in_flight_bytes=usage.in_flight_bytes,
+                    batches=usage.batches,
+                    dropped_batches=usage.dropped_batches,
+                    dropped_bytes=usage.dropped_bytes,
+                ),
+            )
+
+    def _said_dropping(self) -> None:
+        limits = self.spool.limits
+        log.error(
+            "raw spool full (%d MiB in memory and %d MiB on disk held for the broker): new raw batches"
+            " are dropped until it is down to %.0f%%; the normalize agents see the sequence gaps",
+            limits.memory_bytes >> 20, limits.disk_bytes >> 20, limits.resume_fraction * 100,
+        )  # fmt: skip
+
+    def _said_kept_again(self) -> None:
+        episode = self.spool.episode
+        assert episode is not None
+        dropped = ", ".join(
+            f"{topic}: {count} batches ({episode.bytes[topic]} bytes)"
+            for topic, count in episode.batches.items()
+        )
+        log.error("raw spool keeps batches again; dropped while full: %s", dropped)
+
     async def close(self, seconds: float = 10.0) -> None:
-        """Deliver what is queued (within `seconds`), then stop serving reports."""
-        left = await asyncio.get_running_loop().run_in_executor(None, self._producer.flush, seconds)
-        if left:
-            log.error("%d raw batches not delivered at stop", left)
+        """Deliver what is spooled and queued (within `seconds`), then stop; what is left is lost
+        (logged): a restarted worker repairs it from REST."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
         if self._poller is not None:
             self._poller.cancel()
+        while (self.spool.in_flight or self.spool.held_bytes) and loop.time() < deadline:
+            self._serve()
+            await asyncio.sleep(self.POLL_INTERVAL)
+        left = await loop.run_in_executor(None, self._producer.flush, max(deadline - loop.time(), 0.0))
+        self._producer.poll(0)
+        forgotten = self.spool.clear()
+        if left or forgotten:
+            spooled = sum(batches for batches, _ in forgotten.values())
+            log.error("%d raw batches not delivered at stop (%d in the spool, %d in the producer)",
+                      left + spooled, spooled, left)  # fmt: skip
+        self.report()
+        if self._segments is not None:
+            self._segments.close()

@@ -99,9 +99,21 @@ class ProducerConfig(_Strict):
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
 
 
+MIB = 1024 * 1024
+
+
+class SpoolConfig(_Strict):
+    """Raw batches the broker has not taken: kept in memory, then on disk, then dropped (newest first)."""
+
+    memoryBytes: Annotated[int, Field(ge=MIB)] = 64 * MIB
+    diskBytes: Annotated[int, Field(ge=0)] = 1024 * MIB  # 0: no disk, drop past memoryBytes
+    directory: str | None = None  # default: raw-spool in the worker's data directory
+
+
 class KafkaConfig(_Strict):
     brokers: list[str] | Literal["embedded"] = EMBEDDED
     producer: ProducerConfig = ProducerConfig()
+    spool: SpoolConfig = SpoolConfig()
 
     @field_validator("brokers")
     @classmethod
@@ -137,6 +149,8 @@ class AlertsConfig(_Strict):
     recoveryAttempts: Annotated[int, Field(ge=1, le=100)] = 3  # recoveries before recovery-failed
     # records trailing their connection's frames by longer than this: pipeline-behind
     behindAfterSeconds: Annotated[float, Field(gt=0)] = 10.0
+    # an exchange's raw spool holding more than this (bytes the broker has not taken): spool-growing
+    spoolAlertBytes: Annotated[int, Field(gt=0)] = 16 * MIB
 
     @field_validator("webhookUrl")
     @classmethod

@@ -13,6 +13,8 @@
 - A connected connector whose frames keep arriving while their records fall more than `behind_after`
   behind (the normalize agent or the broker cannot keep up) raises `pipeline-behind` instead of
   getting a recovery order: recycling a working connection would only add a backfill to the backlog.
+- An exchange whose raw spools hold more than `spool_alert_bytes` (batches the broker has not taken)
+  raises `spool-growing`, resolved once they are back under it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class ManagerSettings:
     stuck_after_ms: int = 60_000
     recovery_attempts: int = 3
     behind_after_ms: int = 10_000  # frames received but not normalized for longer: the pipeline is behind
+    spool_alert_bytes: int = 16 * 1024 * 1024  # raw batches the broker has not taken, per exchange
 
     @classmethod
     def from_alerts(cls, alerts: AlertsConfig) -> ManagerSettings:
@@ -43,6 +46,7 @@ class ManagerSettings:
             stuck_after_ms=int(alerts.stuckAfterSeconds * 1000),
             recovery_attempts=alerts.recoveryAttempts,
             behind_after_ms=int(alerts.behindAfterSeconds * 1000),
+            spool_alert_bytes=alerts.spoolAlertBytes,
         )
 
 
@@ -145,11 +149,13 @@ def evaluate(
     recently_ordered: Mapping[str, int],
     now: int,
     settings: ManagerSettings,
+    spool_bytes: Mapping[str, int] | None = None,
 ) -> Decisions:
     """Decide recoveries and alerts.
 
     `open_alerts` holds the keys of firing alerts; `recently_ordered` maps connector → when this
-    manager last ordered its recovery (the table may not show that order yet).
+    manager last ordered its recovery (the table may not show that order yet); `spool_bytes` maps
+    exchange → bytes its raw spools hold (tables/summary.py `spool_bytes`).
     """
     decisions = Decisions()
     coin_rows = list(coins)
@@ -172,7 +178,35 @@ def evaluate(
                 _alert(key, "coin-stale", "resolved", coin["exchange"], now,
                        f"{coin['exchange']} {coin['symbol']}: records flow again", {"symbol": coin["symbol"]})
             )  # fmt: skip
+    for exchange, held in (spool_bytes or {}).items():
+        _judge_spool(exchange, held, open_alerts, now, settings, decisions)
     return decisions
+
+
+def describe_bytes(size: int) -> str:
+    return f"{size / 1024 / 1024:.1f} MiB" if size >= 1024 * 1024 else f"{size / 1024:.0f} KiB"
+
+
+def _judge_spool(
+    exchange: str, held: int, open_alerts: Container[str], now: int, settings: ManagerSettings,
+    decisions: Decisions,
+) -> None:  # fmt: skip
+    """Raise `spool-growing` while an exchange's raw spools hold more than the threshold."""
+    key = f"spool-growing:{exchange}"
+    threshold = settings.spool_alert_bytes
+    detail: dict[str, object] = {"bytes": held, "thresholdBytes": threshold}
+    if held > threshold and key not in open_alerts:
+        decisions.alerts.append(
+            _alert(key, "spool-growing", "firing", exchange, now,
+                   f"{exchange}: the raw spool holds {describe_bytes(held)} the broker has not taken"
+                   f" (alert above {describe_bytes(threshold)}): the broker is unreachable or too slow",
+                   detail)
+        )  # fmt: skip
+    elif held <= threshold and key in open_alerts:
+        decisions.alerts.append(
+            _alert(key, "spool-growing", "resolved", exchange, now,
+                   f"{exchange}: the raw spool is down to {describe_bytes(held)}", detail)
+        )  # fmt: skip
 
 
 def _judge_connector(

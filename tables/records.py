@@ -20,6 +20,19 @@ class CoinFlow(msgspec.Struct, rename="camel"):
     last_event_at: int = 0  # the exchange's latest event time, epoch ms
 
 
+class QueueUsage(msgspec.Struct, rename="camel", frozen=True):
+    """One worker's raw spool for one exchange: batches the broker has not acknowledged (bytes of the
+    batches), and those it dropped since the worker started (agents/writer.py RawProducer)."""
+
+    bytes: int = 0  # memory + disk + in flight
+    memory_bytes: int = 0  # waiting in memory
+    disk_bytes: int = 0  # waiting on disk
+    in_flight_bytes: int = 0  # handed to the producer, not acknowledged
+    batches: int = 0
+    dropped_batches: int = 0
+    dropped_bytes: int = 0
+
+
 class FlowSummary(msgspec.Struct, rename="camel"):
     exchange: str
     worker: str  # which worker's normalize agent saw this
@@ -34,6 +47,8 @@ class FlowSummary(msgspec.Struct, rename="camel"):
     connections: dict[str, int] = msgspec.field(default_factory=dict)
     # Normalize side: connection id → receipt time (epoch ms) of the newest frame normalized from it.
     normalized: dict[str, int] = msgspec.field(default_factory=dict)
+    # Source side: this worker's raw spool for the exchange (None: it runs no raw producer).
+    queue_usage: QueueUsage | None = None
 
 
 class Alert(msgspec.Struct, rename="camel", omit_defaults=True):

@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from streams.events import CollectorEvent
 from streams.exchanges.base import DataType, ExchangeAdapter
 from tables.records import FlowSummary
@@ -383,6 +385,8 @@ def apply_flow(summary: FlowSummary, offset: int, tables: Tables) -> Changes:
             "latency": summary.latency,
             **summary.process,
         }
+        if summary.queue_usage is not None:
+            collector["workers"][summary.worker]["queueUsage"] = msgspec.to_builtins(summary.queue_usage)
         if total and collector["state"] == "ready":
             _enter(collector, "running", summary.ended_at)
         changes.collectors[exchange] = collector

@@ -6,8 +6,12 @@ than `FRESH_MS` is from a worker that stopped reporting and no longer counts tow
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+import msgspec
+
+from tables.records import QueueUsage
 from tables.state import Row
 
 # Seconds. Shared by the Prometheus histograms and the flow summaries' bucket counts.
@@ -49,12 +53,52 @@ def percentiles(counts: list[int]) -> dict[str, float | None]:
     return found
 
 
-def collector_overview(row: Row | None, exchange: str, now: int) -> dict[str, Any]:
-    """The collector's state with rates, latency percentiles (ms) and worker resources."""
+QUEUE_USAGE_FIELDS = tuple(msgspec.to_builtins(QueueUsage()))  # bytes, memoryBytes, ... (JSON names)
+
+
+def queue_usage(
+    row: Row | None, now: int, local: QueueUsage | None = None, worker: str | None = None
+) -> dict[str, int]:
+    """What the exchange's raw spools hold (`queueUsage`), summed over the workers that reported
+    within FRESH_MS. `local` is this worker's own figure, read live: it replaces what `worker`
+    reported, which during a broker outage cannot reach the table."""
+    reports: dict[str, Mapping[str, Any]] = {}
+    workers: Mapping[str, Row] = (row.get("workers") if row else None) or {}
+    for name, reported in workers.items():
+        if now - reported.get("at", 0) <= FRESH_MS and reported.get("queueUsage"):
+            reports[name] = reported["queueUsage"]
+    if local is not None and worker is not None:
+        reports[worker] = msgspec.to_builtins(local)
+    total = dict.fromkeys(QUEUE_USAGE_FIELDS, 0)
+    for usage in reports.values():
+        for field in QUEUE_USAGE_FIELDS:
+            total[field] += int(usage.get(field) or 0)
+    return total
+
+
+def spool_bytes(
+    rows: Mapping[str, Row], now: int, local: Mapping[str, QueueUsage], worker: str
+) -> dict[str, int]:
+    """Exchange → bytes its raw spools hold (see `queue_usage`), for every exchange with a row or a
+    local spool."""
+    exchanges = set(rows) | set(local)
+    return {e: queue_usage(rows.get(e), now, local.get(e), worker)["bytes"] for e in sorted(exchanges)}
+
+
+def collector_overview(
+    row: Row | None,
+    exchange: str,
+    now: int,
+    local_spool: QueueUsage | None = None,
+    this_worker: str | None = None,
+) -> dict[str, Any]:
+    """The collector's state with rates, latency percentiles (ms), the raw spool (`queueUsage`, with
+    this worker's live `local_spool`) and worker resources."""
+    usage = queue_usage(row, now, local_spool, this_worker)
     if row is None:
         return {"exchange": exchange, "state": "ready", "since": None, "rate": 0.0, "bytesPerSecond": 0.0,
                 "latencyMs": {}, "workers": {}, "recordsTotal": 0, "deadLetters": {}, "deadLettersTotal": 0,
-                "events": {}}  # fmt: skip
+                "events": {}, "queueUsage": usage}  # fmt: skip
     fresh = {name: w for name, w in row.get("workers", {}).items() if now - w.get("at", 0) <= FRESH_MS}
     merged: dict[str, list[int]] = {}
     for worker in fresh.values():
@@ -72,8 +116,12 @@ def collector_overview(row: Row | None, exchange: str, now: int) -> dict[str, An
         "bytesPerSecond": round(sum(w.get("bytesPerSecond", 0.0) for w in fresh.values()), 1),
         "deadLettersPerSecond": round(sum(w.get("deadLettersPerSecond", 0.0) for w in fresh.values()), 3),
         "latencyMs": {stage: percentiles(counts) for stage, counts in merged.items()},
+        "queueUsage": usage,
         "workers": {
-            name: {key: w.get(key) for key in ("at", "rate", "bytesPerSecond", "cpuPercent", "rssBytes")}
+            name: {
+                key: w.get(key)
+                for key in ("at", "rate", "bytesPerSecond", "cpuPercent", "rssBytes", "queueUsage")
+            }
             for name, w in row.get("workers", {}).items()
         },
         "recordsTotal": row["recordsTotal"],

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -25,14 +25,16 @@ from streams.config import CollectorConfig
 from tables.manager import (
     ManagerSettings,
     coin_age_ms,
+    describe_bytes,
     describe_lag,
     is_stale,
     pipeline_behind_ms,
     pipeline_lag_ms,
 )
+from tables.records import QueueUsage
 from tables.state import CONNECTOR_UP, Row, coin_key, success_rate
 from tables.store import StateStore, rows
-from tables.summary import collector_overview
+from tables.summary import collector_overview, spool_bytes
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,10 @@ _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[web.Response]])
 
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _no_spool() -> Mapping[str, QueueUsage]:
+    return {}
 
 
 def public(row: Row) -> Row:
@@ -88,7 +94,11 @@ async def broker_reachable(app: faust.App) -> tuple[bool, str]:
         return False, "the producer has not started"
     try:
         await asyncio.wait_for(client.fetch_all_metadata(), BROKER_CHECK_TIMEOUT)
-    except (KafkaError, TimeoutError, OSError) as exc:
+    except TimeoutError:
+        # A paused or overloaded broker keeps the connection open and answers nothing.
+        log.warning("health: no answer to a metadata request within %.0f s", BROKER_CHECK_TIMEOUT)
+        return False, f"no answer to a metadata request within {BROKER_CHECK_TIMEOUT:.0f} s"
+    except (KafkaError, OSError) as exc:
         log.warning("health: broker metadata request failed: %r", exc)
         return False, f"{type(exc).__name__}: {exc}"
     return True, "metadata received"
@@ -97,10 +107,19 @@ async def broker_reachable(app: faust.App) -> tuple[bool, str]:
 class StateViews:
     """What the JSON views answer, from this worker's state tables."""
 
-    def __init__(self, app: faust.App, config: CollectorConfig, store: StateStore) -> None:
+    def __init__(
+        self,
+        app: faust.App,
+        config: CollectorConfig,
+        store: StateStore,
+        local_spool: Callable[[], Mapping[str, QueueUsage]] | None = None,
+    ) -> None:
         self.app = app
         self.config = config
         self.store = store
+        # This worker's raw spools, read live (agents/metrics.py spool_usage): while the broker is
+        # away, its flow reports cannot reach the collectors table.
+        self.local_spool = local_spool or _no_spool
         # The config does not change after start; views read the thresholds per coin.
         self.settings = ManagerSettings.from_alerts(config.monitoring.alerts)
         # Any exchange routes to partition 0 of the one-partition state tables.
@@ -158,6 +177,11 @@ class StateViews:
         }
         for name, lag in sorted(behind.items()):
             reasons.append(f"records of {name} are {describe_lag(lag)} behind its frames")
+        spools = self.spools(now)
+        for exchange, held in spools.items():
+            if held > settings.spool_alert_bytes:
+                held_text = describe_bytes(held)
+                reasons.append(f"the raw spool of {exchange} holds {held_text} the broker has not taken")
         body = {
             "status": "ok" if not reasons else "unhealthy",
             "reasons": reasons,
@@ -165,10 +189,16 @@ class StateViews:
             "collectors": collector_states,
             "staleCoins": stale,
             "pipelineBehindMs": behind,
+            "spoolBytes": spools,
             "time": now,
             "servedBy": store.worker,
         }
         return (200 if not reasons else 503), body
+
+    def spools(self, now: int) -> dict[str, int]:
+        """Exchange → bytes its raw spools hold, this worker's read live."""
+        collectors = {row["exchange"]: row for row in rows(self.store.collectors)}
+        return spool_bytes(collectors, now, self.local_spool(), self.store.worker)
 
     def coins(self, exchange: str | None) -> dict[str, Any]:
         now = _wall_ms()
@@ -194,10 +224,13 @@ class StateViews:
         by_exchange = {row["exchange"]: row for row in rows(store.collectors)}
         connectors = list(rows(store.connectors))
         coins = list(rows(store.coins))
+        local = self.local_spool()
         found = []
         for exchange in sorted(set(self.config.exchanges) | set(by_exchange)):
             mine = [c for c in connectors if c["exchange"] == exchange]
-            overview = collector_overview(by_exchange.get(exchange), exchange, now)
+            overview = collector_overview(
+                by_exchange.get(exchange), exchange, now, local.get(exchange), store.worker
+            )
             overview["connectors"] = len(mine)
             overview["connectorsUp"] = sum(1 for c in mine if c["state"] in CONNECTOR_UP)
             overview["coins"] = sum(1 for c in coins if c["exchange"] == exchange)
