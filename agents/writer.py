@@ -18,7 +18,8 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections import deque
+import time
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ from typing import Any, Protocol
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from agents import metrics
+from agents.indoubt import InDoubt, read_back, still_missing
 from agents.metrics import now_ms
 from agents.spool import FileSegments
 from streams.config import SpoolConfig
@@ -183,6 +185,10 @@ def confluent_settings(
         # a stalled disk) then writes both copies: so a pause shorter than this duplicates nothing.
         # Longer pauses are covered where it is cheap, by the idempotent raw producer.
         "socket.timeout.ms": 300_000,
+        # A timed-out request (a metadata request during a long pause) does not close the connection:
+        # that would fail the produce requests still in flight on it, and librdkafka would send them
+        # again on a new one while the paused broker still holds the first copies.
+        "socket.max.fails": 0,
         "queue.buffering.max.messages": 1_000_000,
         "queue.buffering.max.kbytes": 1_048_576,
         "batch.size": 1_000_000,
@@ -200,12 +206,16 @@ def confluent_settings(
 class _Handover:
     """The records of one `hand_over`, counted down by librdkafka's delivery reports."""
 
-    __slots__ = ("_delivery", "acknowledged_at", "done", "error", "failed", "remaining")
+    __slots__ = (
+        "_delivery", "acknowledged_at", "done", "error", "failed", "in_doubt", "look_from", "remaining",
+    )  # fmt: skip
 
     def __init__(self, delivery: ConfluentDelivery, count: int, done: asyncio.Future[Outcome]) -> None:
         self._delivery = delivery
         self.remaining = count
         self.failed: list[Record] = []
+        self.in_doubt: list[InDoubt] = []  # purged in flight: the broker may have written them
+        self.look_from: dict[tuple[str, int], int | None] = {}  # where to look for them (None: the tail)
         self.error: BaseException | None = None
         self.acknowledged_at: dict[str, int] = {}
         self.done = done
@@ -214,7 +224,18 @@ class _Handover:
         # Runs in the event loop thread: only ConfluentDelivery's poll serves delivery reports.
         if error is None:
             # Reports arrive in a partition's order, so the topic's last report covers all its records.
-            self.acknowledged_at[message.topic() or ""] = self._delivery.polled_at
+            topic = message.topic() or ""
+            self.acknowledged_at[topic] = self._delivery.polled_at
+            self._delivery.acknowledged_offsets[topic, message.partition() or 0] = message.offset() or 0
+        elif error.code() == KafkaError._PURGE_INFLIGHT:
+            where = (message.topic() or "", message.partition() or 0)
+            self.in_doubt.append((*where, message.key() or b"", message.value() or b""))
+            # Where it would be: after what was acknowledged before the purge (acknowledgements that
+            # came after it are of later requests).
+            acknowledged = self._delivery.acknowledged_at_purge.get(where)
+            start = None if acknowledged is None else acknowledged + 1
+            earlier = self.look_from.get(where, start)
+            self.look_from[where] = None if start is None or earlier is None else min(start, earlier)
         elif not self._delivery.undeliverable(error, message.topic(), message.value()):
             self.failed.append((message.topic() or "", message.key() or b"", message.value() or b""))
             self.error = KafkaException(error)
@@ -229,8 +250,14 @@ class _Handover:
     def settle(self, count: int) -> None:
         self.remaining -= count
         if self.remaining == 0 and not self.done.done():
-            self._delivery.handovers_open -= 1
-            self.done.set_result((self.failed, self.error, self.acknowledged_at))
+            if self.in_doubt:
+                self._delivery.look_up(self)
+            else:
+                self.finish()
+
+    def finish(self) -> None:
+        self._delivery.handovers_open -= 1
+        self.done.set_result((self.failed, self.error, self.acknowledged_at))
 
 
 class ConfluentDelivery:
@@ -240,16 +267,35 @@ class ConfluentDelivery:
     collects acknowledgements in its own threads. Delivery reports are served by `poll`, which a
     task of this delivery calls on the event loop every POLL_INTERVAL while any hand-over is open,
     so the report callbacks never race the loop.
+
+    A broker that answers nothing for STALL_PURGE_SECONDS (paused, not gone: its connection stays
+    open) gets its requests in flight taken back before librdkafka's 5-minute request timeout would
+    send them again: they are in doubt (agents/indoubt.py), looked up on their partitions once the
+    broker answers, and only those missing there are retried, so a long pause writes no record twice.
     """
 
     POLL_INTERVAL = 0.002
+    # Under socket.timeout.ms (300 s, when librdkafka sends a request again), with room to spare.
+    STALL_PURGE_SECONDS = 240.0
+    READ_BACK_ATTEMPTS = 5  # a purged request may be written just after the broker first answers
+    READ_BACK_TIMEOUT = 60.0
 
     def __init__(self, settings: dict[str, Any]) -> None:
+        self._settings = settings
         self._producer = Producer({**settings, "error_cb": self._on_client_error})
         self.handovers_open = 0
         self.polled_at = 0  # ms since the epoch of the latest poll: when its delivery reports arrived
         self._poller: asyncio.Task[None] | None = None
         self.undeliverable_records = 0
+        # Per partition, the offset of the newest record acknowledged: where an in-doubt record would be.
+        self.acknowledged_offsets: dict[tuple[str, int], int] = {}
+        self.acknowledged_at_purge: dict[tuple[str, int], int] = {}  # the same, when the last purge began
+        self._answered_at = time.monotonic()  # when a report last came (or a hand-over began after none)
+        self._to_look_up: list[_Handover] = []  # hand-overs whose in-doubt records wait for the broker
+        self._looker: asyncio.Task[None] | None = None
+        self.purges = 0
+        self.found_in_doubt = 0  # purged records found on their partitions (not sent again)
+        self.resent_in_doubt = 0  # purged records not found there (sent again)
 
     def undeliverable(self, error: KafkaError, topic: str | None, value: bytes | None) -> bool:
         """True (counted and logged) when no retry can deliver the record: it is dropped."""
@@ -271,6 +317,8 @@ class ConfluentDelivery:
             done.set_result(([], None, {}))
             return done
         handover = _Handover(self, len(records), done)
+        if not self.handovers_open:
+            self._answered_at = time.monotonic()  # nothing was outstanding: the stall clock starts now
         self.handovers_open += 1
         self._keep_polling()
         producer, on_delivery = self._producer, handover.on_delivery
@@ -298,7 +346,87 @@ class ConfluentDelivery:
     async def _poll(self) -> None:
         while self.handovers_open:
             self._serve_reports()
+            # Only records librdkafka holds count: hand-overs waiting for a look-up hold none.
+            if len(self._producer) and time.monotonic() - self._answered_at > self.STALL_PURGE_SECONDS:
+                self._purge_in_flight()
             await asyncio.sleep(self.POLL_INTERVAL)
+
+    def _purge_in_flight(self) -> None:
+        """Take back the requests the silent broker holds: their records come back in doubt."""
+        self._answered_at = time.monotonic()
+        self.purges += 1
+        self.acknowledged_at_purge = dict(self.acknowledged_offsets)
+        log.warning(
+            "kafka producer: no answer for %.0f s; taking back the requests in flight before they time"
+            " out and are sent again (a paused broker would write them twice): their records are looked"
+            " up once the broker answers", self.STALL_PURGE_SECONDS,
+        )  # fmt: skip
+        self._producer.purge(in_queue=False, in_flight=True)
+
+    def look_up(self, handover: _Handover) -> None:
+        """Settle a hand-over with in-doubt records once they have been looked up. Every hand-over
+        waiting when the broker answers is looked up in one read."""
+        self._to_look_up.append(handover)
+        if self._looker is None or self._looker.done():
+            self._looker = asyncio.ensure_future(self._look_up_waiting())
+
+    async def _look_up_waiting(self) -> None:
+        await self._until_the_broker_answers()
+        while self._to_look_up:
+            handovers, self._to_look_up = self._to_look_up, []
+            in_doubt = [record for handover in handovers for record in handover.in_doubt]
+            starts: dict[tuple[str, int], int | None] = {}
+            for handover in handovers:
+                for where, start in handover.look_from.items():
+                    earlier = starts.get(where, start)
+                    starts[where] = None if start is None or earlier is None else min(start, earlier)
+            try:
+                missing = await self._still_missing(in_doubt, starts)
+            except Exception:  # the broker boundary: sent again, a possible duplicate rather than a loss
+                log.exception("kafka producer: %d records in doubt could not be looked up; sending them"
+                              " again", len(in_doubt))  # fmt: skip
+                missing = in_doubt
+            self.found_in_doubt += len(in_doubt) - len(missing)
+            self.resent_in_doubt += len(missing)
+            left = Counter(missing)
+            for handover in handovers:
+                for record in handover.in_doubt:
+                    if left[record]:
+                        left[record] -= 1
+                        topic, _, key, value = record
+                        handover.failed.append((topic, key, value))
+                        handover.error = KafkaException(KafkaError(KafkaError._PURGE_INFLIGHT))
+                handover.in_doubt = []
+                handover.finish()
+
+    async def _until_the_broker_answers(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(None, functools.partial(self._producer.list_topics, timeout=5))
+                return
+            except KafkaException:  # still no answer
+                await asyncio.sleep(1.0)
+
+    async def _still_missing(
+        self, in_doubt: list[InDoubt], starts: dict[tuple[str, int], int | None]
+    ) -> list[InDoubt]:
+        loop = asyncio.get_running_loop()
+        read_settings = {"logger": _LIBRDKAFKA_LOG, "log.connection.close": False}
+        missing = in_doubt
+        for attempt in range(self.READ_BACK_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(1.0)
+            bootstrap = self._settings["bootstrap.servers"]
+            read = await loop.run_in_executor(
+                None, functools.partial(read_back, bootstrap, starts, self.READ_BACK_TIMEOUT, **read_settings)
+            )
+            missing = still_missing(in_doubt, read)
+            if not missing:
+                break
+        log.warning("kafka producer: %d records in doubt: %d on their partitions, %d sent again",
+                    len(in_doubt), len(in_doubt) - len(missing), len(missing))  # fmt: skip
+        return missing
 
     async def _wait_for_room(self) -> None:
         producer = self._producer
@@ -309,7 +437,8 @@ class ConfluentDelivery:
 
     def _serve_reports(self) -> None:
         self.polled_at = now_ms()
-        self._producer.poll(0)
+        if self._producer.poll(0):
+            self._answered_at = time.monotonic()
 
     def close(self, timeout: float = 5.0) -> None:
         self.polled_at = now_ms()

@@ -9,11 +9,13 @@ import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from agents import metrics
 from agents.embedded_broker import EmbeddedBroker
 from agents.metrics import now_ms
 from agents.writer import (
@@ -23,7 +25,10 @@ from agents.writer import (
     Record,
     TopicWriter,
     confluent_settings,
+    raw_spool_limits,
 )
+from streams.spool import SpoolLimits
+from tests.harness import broker_paused
 
 pytestmark = pytest.mark.e2e
 
@@ -213,3 +218,105 @@ async def test_the_raw_producer_keeps_a_key_in_order_carries_big_frames_and_deli
         assert producer.failed == 0
         found = _read_all(broker.bootstrap, ["raw.test"], 501, timeout=20)["raw.test"]
         assert found == [*values[:250], big, *values[250:]]
+
+
+# -- a paused broker (SIGSTOP): it keeps every connection open and answers nothing until continued ----
+# librdkafka gives a produce attempt socket.timeout.ms (at most 5 minutes) and then sends it again, and
+# the woken broker writes both copies. These tests shrink that to seconds.
+
+
+async def _produce_steadily(writer: TopicWriter, topic: str, until: asyncio.Event, sent: list[bytes]) -> None:
+    n = 0
+    while not until.is_set():
+        for _ in range(20):
+            value = f"m{n:06d}".encode()
+            writer.send(topic, b"k", value)
+            sent.append(value)
+            n += 1
+        await writer.commit()
+        await asyncio.sleep(0.005)
+
+
+async def test_market_records_in_flight_through_a_pause_past_the_request_timeout_are_written_once() -> None:
+    topic = "market.trade.test.paused"
+    with EmbeddedBroker() as broker:
+        declare = _declarer(broker.bootstrap)
+        await declare(topic)
+        delivery = ConfluentDelivery(_settings(broker.bootstrap, **{"socket.timeout.ms": 6000}))
+        delivery.STALL_PURGE_SECONDS = 3.0  # before the 6 s request timeout, as 240 s is before 300 s
+        writer = TopicWriter(None, declare, delivery=delivery)
+        sent: list[bytes] = []
+        stop = asyncio.Event()
+        producing = asyncio.ensure_future(_produce_steadily(writer, topic, stop, sent))
+        await asyncio.sleep(1.0)
+        with broker_paused(broker):
+            await asyncio.sleep(9.0)  # the pause itself: past the purge and the request timeout
+        await asyncio.sleep(1.0)
+        stop.set()
+        await asyncio.wait_for(producing, timeout=60)
+        await asyncio.wait_for(writer.flush(), timeout=60)
+        found = _read_all(broker.bootstrap, [topic], len(sent) + 1, timeout=5)[topic]  # one more: none
+        assert delivery.purges >= 1 and delivery.found_in_doubt > 0  # records were in flight: in doubt
+        assert len(found) == len(sent) and found == sent  # each once, in order
+        delivery.close()
+
+
+async def test_raw_batches_through_a_pause_wait_in_the_spool_on_disk_and_go_out_once_in_order(
+    tmp_path: Path,
+) -> None:
+    with EmbeddedBroker() as broker:
+        _create_topic(broker.bootstrap, "raw.test")
+        settings = _settings(broker.bootstrap, **{"socket.timeout.ms": 4000})
+        producer = RawProducer(settings, raw_spool_limits(64 * 1024, 64 * 1024 * 1024), tmp_path)
+        values = [f"r{n:06d}".encode() * 50 for n in range(3000)]  # 350 bytes each
+        for value in values[:500]:
+            await producer.send("raw.test", b"binance:0", value, partition=0)
+        await asyncio.sleep(0.5)
+        with broker_paused(broker):
+            for value in values[500:2500]:  # while the broker answers nothing: 700 KB, past memory
+                await producer.send("raw.test", b"binance:0", value, partition=0)
+                await asyncio.sleep(0.002)
+            await asyncio.sleep(6.0)  # past the request timeout: the request in flight is sent again
+            usage = producer.spool.usage()["raw.test"]
+            assert usage.disk_bytes > 0 and usage.held_bytes > 600_000
+            assert files_in(tmp_path)  # spilled to the worker's directory
+        for value in values[2500:]:
+            await producer.send("raw.test", b"binance:0", value, partition=0)
+        await asyncio.wait_for(producer.close(), timeout=60)
+        found = _read_all(broker.bootstrap, ["raw.test"], len(values) + 1, timeout=5)["raw.test"]
+        assert found == values  # none lost, none twice, in order
+        assert producer.spool.usage()["raw.test"].dropped_batches == 0
+        assert files_in(tmp_path) == []
+
+
+async def test_a_full_raw_spool_drops_the_newest_batches_counts_them_and_logs_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with EmbeddedBroker() as broker:
+        _create_topic(broker.bootstrap, "raw.full")
+        producer = RawProducer(
+            _settings(broker.bootstrap), SpoolLimits(200_000, 0, 50_000, resume_fraction=0.5)
+        )
+        values = [f"f{n:06d}".encode() * 1000 for n in range(100)]  # 7 KB each
+        with broker_paused(broker):
+            for value in values:
+                await producer.send("raw.full", b"binance:0", value, partition=0)
+            usage = producer.spool.usage()["raw.full"]
+            kept = 100 - usage.dropped_batches
+            assert 0 < kept < 100 and usage.dropped_bytes == 7000 * usage.dropped_batches
+            assert producer.spool.dropping
+            producer.report()
+            exposition = metrics.exposition().decode()
+        assert (
+            f'collector_spool_dropped_batches_total{{exchange="full"}} {usage.dropped_batches}.0'
+            in exposition
+        )
+        await asyncio.wait_for(producer.close(), timeout=60)
+        found = _read_all(broker.bootstrap, ["raw.full"], kept, timeout=20)["raw.full"]
+        assert found == values[:kept]  # the oldest kept, in order; the newest dropped
+        full = [r for r in caplog.records if "raw spool full" in r.getMessage()]
+        assert len(full) == 1
+
+
+def files_in(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir())
