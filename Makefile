@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-deps run demo simulate test test-unit lint format clean bench bench-soak
+.PHONY: help install system-deps run demo simulate test test-unit test-soak lint format clean bench bench-soak
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,11 +40,14 @@ demo: install ## Run simulator + embedded broker + worker together and print whe
 simulate: install ## Run only the exchange simulator
 	$(VENV)/bin/collector simulate
 
-test: install system-deps ## Run the whole test suite (unit + end-to-end)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: install system-deps ## Run the whole test suite (unit + end-to-end; not the soak tests)
+	$(PY) -m pytest -m "not soak" $(PYTEST_ARGS)
 
 test-unit: install system-deps ## Run the tests that need no broker, simulator or worker
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
+
+test-soak: install ## End-to-end tests too long for `make test` (the broker paused 6 minutes; ~8 min)
+	$(PY) -m pytest -m soak $(PYTEST_ARGS)
 
 bench: install ## Throughput/latency ladder (simulator → worker → broker); writes docs/benchmarks.md (~15 min)
 	$(PY) -m bench $(BENCH_ARGS)

@@ -197,7 +197,7 @@ class FlowMeter:
         # it is), bounded to the most recent connections.
         self._normalized: dict[str, int] = {}
         self._normalized_changed = False
-        self._queue_usage_sent: QueueUsage | None = None
+        self._queue_usage_sent: QueueUsage | None = QueueUsage()  # an empty spool is no news
 
     def record(self, record: MarketRecord, topic: str) -> None:
         """Called once per normalized record: keep it cheap."""
@@ -356,6 +356,20 @@ def spool_reported(exchange: str, usage: QueueUsage) -> None:
 def spool_usage() -> dict[str, QueueUsage]:
     """This worker's raw spool per exchange, as last reported (empty: no raw producer runs here)."""
     return dict(_spools)
+
+
+_unanswered_since = 0
+
+
+def broker_unanswered(since: int) -> None:
+    """The raw producer has waited since `since` (epoch ms) for the broker to acknowledge anything
+    (0: nothing waits, or it answers)."""
+    global _unanswered_since
+    _unanswered_since = since
+
+
+def broker_unanswered_since() -> int:
+    return _unanswered_since
 
 
 # ---- connections, frames, events ----------------------------------------------------------------

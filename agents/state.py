@@ -31,7 +31,14 @@ from streams.config import CollectorConfig
 from streams.events import CollectorEvent, decode_event, encode_event
 from streams.exchanges.base import ExchangeAdapter
 from streams.topics import COMMANDS
-from tables.manager import Decisions, ManagerSettings, apply_alert, evaluate, recovery_command
+from tables.manager import (
+    BROKER_GRACE_MS,
+    Decisions,
+    ManagerSettings,
+    apply_alert,
+    evaluate,
+    recovery_command,
+)
 from tables.records import Alert, decode_alert, decode_flow, encode
 from tables.state import COIN_STATES, CONNECTOR_STATES, Changes, apply_event, apply_flow, stream_index
 from tables.store import RECENT_ALERTS, StateStore, rows
@@ -43,6 +50,9 @@ log = logging.getLogger(__name__)
 
 FLOW_INTERVAL = 2.0  # seconds between a worker's flow summaries
 MANAGER_INTERVAL = 1.0
+# Raw batches unacknowledged this long (ms): the broker is silent, and the tables, which its records
+# keep current, are stale.
+BROKER_SILENT_MS = 5_000
 WEBHOOK_TIMEOUT = 5.0
 
 AdapterGetter = Callable[[str], Awaitable[ExchangeAdapter]]
@@ -170,6 +180,7 @@ class Manager:
         self.webhook_url = webhook_url
         self.ordered: dict[str, int] = {}  # connector → when its recovery was last ordered
         self.raised: dict[str, str] = {}  # alert key → status sent, until the alerts table shows it
+        self.broker_silent_at: int | None = None  # when this worker last saw the broker silent
         self._webhooks: set[asyncio.Task[None]] = set()
 
     def open_alert_keys(self) -> set[str]:
@@ -189,6 +200,12 @@ class Manager:
         # the table, and that is when the spool grows.
         collectors = {row["exchange"]: row for row in rows(self.store.collectors)}
         spools = spool_bytes(collectors, now, metrics.spool_usage(), self.store.worker)
+        unanswered_since = metrics.broker_unanswered_since()
+        if unanswered_since and now - unanswered_since > BROKER_SILENT_MS:
+            if self.broker_silent_at is None or now - self.broker_silent_at > BROKER_GRACE_MS:
+                log.warning("manager: the broker has acknowledged nothing for %.0f s; coins and connectors"
+                            " are not judged until it answers", (now - unanswered_since) / 1000)  # fmt: skip
+            self.broker_silent_at = now
         decisions = evaluate(
             rows(self.store.coins),
             rows(self.store.connectors),
@@ -197,6 +214,7 @@ class Manager:
             now,
             self.settings,
             spools,
+            self.broker_silent_at,
         )
         for order in decisions.recoveries:
             self.ordered[order.connector] = now

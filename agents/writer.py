@@ -510,6 +510,8 @@ class RawProducer:
         self._fatal: KafkaError | None = None
         self._said_handed_back: set[int] = set()  # error codes logged since the last acknowledgement
         self.failed = 0  # batches librdkafka gave up on (handed back and sent again)
+        # When the broker last acknowledged a batch, or nothing was waiting for it (epoch ms).
+        self._answered_at = now_ms()
 
     @classmethod
     def from_config(cls, settings: dict[str, Any], spool: SpoolConfig, datadir: Path) -> RawProducer:
@@ -560,6 +562,7 @@ class RawProducer:
         if error is None:
             self.spool.acknowledged(ticket)
             self._said_handed_back.clear()
+            self._answered_at = now_ms()
             return
         if error.code() in UNDELIVERABLE:
             self.spool.undeliverable(ticket)
@@ -603,7 +606,13 @@ class RawProducer:
         self.report()
 
     def report(self) -> None:
-        """Publish the spool's figures per exchange (metrics, flow summaries)."""
+        """Publish the spool's figures per exchange (metrics, flow summaries), and since when the
+        broker has acknowledged nothing while batches wait (the manager holds its judgement then)."""
+        if not (self.spool.in_flight or self.spool.held_bytes):
+            self._answered_at = now_ms()
+            metrics.broker_unanswered(0)
+        else:
+            metrics.broker_unanswered(self._answered_at)
         for topic, usage in self.spool.usage().items():
             metrics.spool_reported(
                 topic.removeprefix("raw."),

@@ -15,6 +15,9 @@
   getting a recovery order: recycling a working connection would only add a backfill to the backlog.
 - An exchange whose raw spools hold more than `spool_alert_bytes` (batches the broker has not taken)
   raises `spool-growing`, resolved once they are back under it.
+- While the broker does not answer, and for `BROKER_GRACE_MS` after it answers again, the coin and
+  connector rows are not judged: the reports that keep them current travel through the broker, so
+  every coin looks silent, and recovering healthy connections would only add REST backfills.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ from tables.records import Alert
 from tables.state import Row
 
 STUCK_STATES = frozenset({"connecting", "recovering", "subscription-requesting", "failed"})
+# How long after the broker answers again its backlog of events and flow reports takes to reach the
+# tables (the spool drains, the state agents apply what waited).
+BROKER_GRACE_MS = 20_000
 
 
 @dataclass(frozen=True)
@@ -150,14 +156,21 @@ def evaluate(
     now: int,
     settings: ManagerSettings,
     spool_bytes: Mapping[str, int] | None = None,
+    broker_answered_at: int | None = None,
 ) -> Decisions:
     """Decide recoveries and alerts.
 
     `open_alerts` holds the keys of firing alerts; `recently_ordered` maps connector → when this
     manager last ordered its recovery (the table may not show that order yet); `spool_bytes` maps
-    exchange → bytes its raw spools hold (tables/summary.py `spool_bytes`).
+    exchange → bytes its raw spools hold (tables/summary.py `spool_bytes`); `broker_answered_at` is
+    when the broker last answered while it was being waited for (None: it is not known to have
+    been silent), and `now` while it still is silent.
     """
     decisions = Decisions()
+    for exchange, held in (spool_bytes or {}).items():
+        _judge_spool(exchange, held, open_alerts, now, settings, decisions)
+    if broker_answered_at is not None and now - broker_answered_at < BROKER_GRACE_MS:
+        return decisions
     coin_rows = list(coins)
     by_key = {f"{coin['exchange']}:{coin['symbol']}": coin for coin in coin_rows}
     for connector in connectors:
@@ -178,8 +191,6 @@ def evaluate(
                 _alert(key, "coin-stale", "resolved", coin["exchange"], now,
                        f"{coin['exchange']} {coin['symbol']}: records flow again", {"symbol": coin["symbol"]})
             )  # fmt: skip
-    for exchange, held in (spool_bytes or {}).items():
-        _judge_spool(exchange, held, open_alerts, now, settings, decisions)
     return decisions
 
 

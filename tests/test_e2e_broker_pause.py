@@ -58,10 +58,12 @@ class PauseReport:
     health: list[tuple[float, int, dict[str, Any]]] = field(default_factory=list)  # (seconds, status, body)
 
     def line(self) -> str:
+        slowest = max((seconds for seconds, _, _ in self.health), default=0.0)
         return (
             f"paused {self.seconds:.0f} s: spool peak {self.peak_bytes / 1e6:.1f} MB"
             f" ({self.peak_disk_bytes / 1e6:.1f} MB on disk, {self.peak_batches} batches),"
-            f" drained {self.drain_seconds:.1f} s after the broker was continued"
+            f" drained {self.drain_seconds:.1f} s after the broker was continued;"
+            f" /health answered {len(self.health)} times while paused, in at most {slowest:.1f} s"
         )
 
 
