@@ -492,6 +492,13 @@ class RawProducer:
     """
 
     POLL_INTERVAL = 0.05  # how often delivery reports are served and the spool's window refilled
+    # Batches in flight and no acknowledgement for this long: does the broker answer anything?
+    WEDGE_SUSPECT_MS = 60_000
+    # It answered a metadata request this long ago and still acknowledges no batch: the producer is
+    # wedged (an embedded broker that restarted empty no longer knows its producer id, and librdkafka
+    # retries forever), and a new one takes over.
+    WEDGE_CONFIRM_MS = 30_000
+    PROBE_EVERY_MS = 10_000
 
     def __init__(
         self,
@@ -512,6 +519,11 @@ class RawProducer:
         self.failed = 0  # batches librdkafka gave up on (handed back and sent again)
         # When the broker last acknowledged a batch, or nothing was waiting for it (epoch ms).
         self._answered_at = now_ms()
+        self._metadata_answered_at: int | None = None  # while suspected wedged: a metadata answer came
+        self._probe: asyncio.Future[Any] | None = None
+        self._probed_at = 0
+        self._retired: list[Producer] = []  # replaced producers whose batches are still coming back
+        self.renewals = 0
 
     @classmethod
     def from_config(cls, settings: dict[str, Any], spool: SpoolConfig, datadir: Path) -> RawProducer:
@@ -580,18 +592,47 @@ class RawProducer:
             self._fatal = error
         log.warning("kafka raw producer: %s", error)
 
-    def _renew(self) -> None:
-        """After a fatal error (the idempotent producer's state cannot be recovered): every batch the
-        old producer holds goes back to the spool, and a new producer sends them again."""
-        log.error("kafka raw producer: fatal error %s; starting a new producer", self._fatal)
+    def _check_wedged(self) -> None:
+        """A broker that answers metadata but acknowledges no batch for long gets a new producer."""
+        now = now_ms()
+        if not self.spool.in_flight or now - self._answered_at < self.WEDGE_SUSPECT_MS:
+            self._metadata_answered_at = None
+            return
+        if self._metadata_answered_at is None:
+            if (self._probe is None or self._probe.done()) and now - self._probed_at > self.PROBE_EVERY_MS:
+                self._probed_at = now
+                self._probe = asyncio.get_running_loop().run_in_executor(
+                    None, functools.partial(self._producer.list_topics, timeout=5)
+                )
+                self._probe.add_done_callback(self._probed)
+            return
+        if now - self._metadata_answered_at > self.WEDGE_CONFIRM_MS:
+            silent = (now - self._answered_at) / 1000
+            self._renew(f"the broker answers but has acknowledged no raw batch for {silent:.0f} s")
+
+    def _probed(self, probe: asyncio.Future[Any]) -> None:
+        if not probe.cancelled() and probe.exception() is None and self._metadata_answered_at is None:
+            self._metadata_answered_at = now_ms()
+
+    def _renew(self, reason: str) -> None:
+        """After a fatal error or a wedge (the idempotent producer's state cannot be recovered): every
+        batch the old producer holds goes back to the spool, and a new producer sends them again."""
+        log.error("kafka raw producer: %s; starting a new producer", reason)
+        self.renewals += 1
+        self._answered_at = now_ms()
+        self._metadata_answered_at = None
         old, self._fatal = self._producer, None
         with contextlib.suppress(KafkaException):
-            old.purge(in_queue=True, in_flight=True)
-        old.poll(0)  # serves the purged batches' reports: they are handed back
+            old.purge(in_queue=True, in_flight=True, blocking=False)
+        # Polled until its purged batches' reports have handed them back to the spool.
+        self._retired.append(old)
         self._producer = Producer(self._settings)
-        if self.spool.in_flight:
-            log.error("kafka raw producer: %d batches still unaccounted for after the fatal error",
-                      self.spool.in_flight)  # fmt: skip
+
+    def _serve_retired(self) -> None:
+        for old in list(self._retired):
+            old.poll(0)
+            if not len(old):
+                self._retired.remove(old)
 
     async def _poll(self) -> None:
         while True:
@@ -600,8 +641,10 @@ class RawProducer:
 
     def _serve(self) -> None:
         self._producer.poll(0)
+        self._serve_retired()
         if self._fatal is not None:
-            self._renew()
+            self._renew(f"fatal error {self._fatal}")
+        self._check_wedged()
         self._pump()
         self.report()
 
@@ -655,12 +698,17 @@ class RawProducer:
             self._serve()
             await asyncio.sleep(self.POLL_INTERVAL)
         left = await loop.run_in_executor(None, self._producer.flush, max(deadline - loop.time(), 0.0))
-        self._producer.poll(0)
+        if left:  # the broker is still away: what librdkafka holds comes back to the spool
+            with contextlib.suppress(KafkaException):
+                self._producer.purge(in_queue=True, in_flight=True)
+            self._producer.poll(0)
         forgotten = self.spool.clear()
-        if left or forgotten:
-            spooled = sum(batches for batches, _ in forgotten.values())
-            log.error("%d raw batches not delivered at stop (%d in the spool, %d in the producer)",
-                      left + spooled, spooled, left)  # fmt: skip
+        if forgotten:
+            batches = sum(count for count, _ in forgotten.values())
+            size = sum(size for _, size in forgotten.values())
+            log.error("%d raw batches (%d bytes) not delivered at stop: the broker did not take them"
+                      " within %.0f s; a restarted worker repairs them from REST",
+                      batches, size, seconds)  # fmt: skip
         self.report()
         if self._segments is not None:
             self._segments.close()

@@ -320,3 +320,47 @@ async def test_a_full_raw_spool_drops_the_newest_batches_counts_them_and_logs_on
 
 def files_in(directory: Path) -> list[str]:
     return sorted(path.name for path in directory.iterdir())
+
+
+async def test_closing_while_the_broker_is_paused_gives_up_after_the_wait_and_says_what_was_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with EmbeddedBroker() as broker:
+        _create_topic(broker.bootstrap, "raw.stop")
+        producer = RawProducer(_settings(broker.bootstrap), raw_spool_limits(1 << 20, 1 << 20), tmp_path)
+        with broker_paused(broker):
+            for n in range(200):
+                await producer.send("raw.stop", b"binance:0", f"{n:05d}".encode() * 2000, partition=0)
+            assert files_in(tmp_path)  # past memory: on disk
+            await asyncio.wait_for(producer.close(seconds=1.0), timeout=15)
+        [lost] = [r.getMessage() for r in caplog.records if "not delivered at stop" in r.getMessage()]
+        assert lost.startswith("200 raw batches (2000000 bytes) not delivered at stop")
+        assert producer.spool.held_bytes == 0 and files_in(tmp_path) == []
+
+
+async def test_after_the_broker_restarted_empty_a_wedged_raw_producer_is_replaced_and_delivers() -> None:
+    # The restarted embedded broker no longer knows the idempotent producer's id, and librdkafka
+    # retries forever: the raw producer sees the broker answer metadata but acknowledge nothing.
+    broker = EmbeddedBroker().start()
+    port = broker.port
+    _create_topic(broker.bootstrap, "raw.restart")
+    settings = _settings(broker.bootstrap, **{"reconnect.backoff.max.ms": 200, "log_level": 0})
+    producer = RawProducer(settings, raw_spool_limits(1 << 20, 0))
+    producer.WEDGE_SUSPECT_MS, producer.WEDGE_CONFIRM_MS, producer.PROBE_EVERY_MS = 4000, 2000, 500
+    await producer.send("raw.restart", b"k", b"before", partition=0)
+    await asyncio.sleep(1.0)
+    broker.stop()
+    values = [f"v{n}".encode() for n in range(50)]
+    for value in values[:25]:  # while no broker runs
+        await producer.send("raw.restart", b"k", value, partition=0)
+    revived = EmbeddedBroker(port=port).start()
+    try:
+        _create_topic(revived.bootstrap, "raw.restart")
+        for value in values[25:]:
+            await producer.send("raw.restart", b"k", value, partition=0)
+        await asyncio.wait_for(producer.close(seconds=40), timeout=60)
+        assert producer.renewals >= 1
+        found = _read_all(revived.bootstrap, ["raw.restart"], len(values) + 1, timeout=5)["raw.restart"]
+        assert found == values  # the revived broker is empty: everything sent since, in order
+    finally:
+        revived.stop()
