@@ -18,13 +18,15 @@ from mode import Service
 
 from agents.adapters import AdapterDirectory
 from agents.connection import SendRaw
-from agents.lastseen import last_trade_ids
-from agents.normalize import Normalizer
+from agents.lastseen import RECENT_TRADES, read_seeds
+from agents.metrics import now_ms
+from agents.normalize import Normalizer, RawInput
 from agents.ownership import GroupOwnership
 from agents.source import ExchangeSource
 from agents.writer import ConfluentDelivery, RawProducer, TopicWriter, confluent_settings
 from streams.app import RAW_PARTITIONS
 from streams.config import CollectorConfig
+from streams.continuity import FetchTrades, Seed
 from streams.events import CollectorEvent
 from streams.topics import raw_topic
 from tables.subscription_rules import group_partition
@@ -38,6 +40,7 @@ MARKET_PARTITIONS = 1  # one partition per market topic keeps each symbol's reco
 TAKE_MAX = 64
 TAKE_WITHIN = 0.002
 STOP_FLUSH_SECONDS = 10.0
+TICK_INTERVAL = 0.25  # seconds between the continuity engines' clock ticks
 
 EmitEvent = Callable[[CollectorEvent], Awaitable[None]]
 
@@ -75,7 +78,7 @@ class Pipeline:
             for name in config.exchanges
         }
         self.sources: dict[str, ExchangeSource] = {}
-        self.normalizers: list[Normalizer] = []
+        self.normalizers: dict[str, Normalizer] = {}
         self.raw_producer: RawProducer | None = None  # made when the sources start, with librdkafka's threads
 
     def confluent_settings(self) -> dict[str, Any]:
@@ -93,13 +96,44 @@ class Pipeline:
 
         return send_raw
 
-    def last_trade_ids(self, exchange: str) -> Callable[[Collection[str]], Awaitable[dict[str, int]]]:
-        async def read(symbols: Collection[str]) -> dict[str, int]:
+    def seed_reader(self, exchange: str) -> Callable[[Collection[str]], Awaitable[dict[str, Seed]]]:
+        async def read(symbols: Collection[str]) -> dict[str, Seed]:
             adapter = await self.adapters.get(exchange)
-            position = getattr(adapter, "trade_position", None)  # where ids are unique but unordered
-            return await last_trade_ids(self.bootstrap_servers, exchange, symbols, position)
+            if adapter.trade_ids == "none":
+                return {}
+            unique = adapter.trade_ids == "unique"
+            position = getattr(adapter, "trade_position", None) if unique else None
+            recent = RECENT_TRADES if unique else 1
+            return await read_seeds(self.bootstrap_servers, exchange, symbols, recent, position)
 
         return read
+
+    # The continuity engine and the source meet here, on the worker that runs the group and
+    # normalizes its raw partition (they are assigned together: streams/app.py).
+
+    def fetch_history(self, exchange: str) -> Callable[[FetchTrades], None]:
+        def fetch(command: FetchTrades) -> None:
+            source = self.sources.get(exchange)
+            if source is not None:
+                source.fetch_history(command)
+
+        return fetch
+
+    def stream_changed(self, exchange: str) -> Callable[[str, list[str], bool], None]:
+        def changed(group: str, symbols: list[str], down: bool) -> None:
+            normalizer = self.normalizers.get(exchange)
+            if normalizer is not None:
+                (normalizer.stream_down if down else normalizer.stream_up)(group, symbols, now_ms())
+
+        return changed
+
+    def history_refused(self, exchange: str) -> Callable[[str, str, int], None]:
+        def refused(symbol: str, request_id: str, retry_after_ms: int) -> None:
+            normalizer = self.normalizers.get(exchange)
+            if normalizer is not None:
+                normalizer.refused(symbol, request_id, retry_after_ms, now_ms())
+
+        return refused
 
     async def declare_topic(self, name: str) -> None:
         await self.app.topic(name, partitions=MARKET_PARTITIONS).maybe_declare()
@@ -117,7 +151,8 @@ class Pipeline:
             await self.raw_topics[exchange].maybe_declare()
             source = ExchangeSource(
                 exchange, settings, functools.partial(self.adapters.get, exchange), self.raw_sender(exchange),
-                self.emit_event, self.last_trade_ids(exchange), loop=service.loop,
+                self.emit_event, self.stream_changed(exchange), self.history_refused(exchange),
+                loop=service.loop,
             )  # fmt: skip
             self.sources[exchange] = source
             self.frames_heard[exchange] = source.frames_heard
@@ -133,33 +168,44 @@ class Pipeline:
         adapter = await self.adapters.get(exchange)
         normalizer = Normalizer(
             adapter, TopicWriter(None, self.declare_topic, delivery=self.market_delivery()),
-            self.config.validation.clockSkewSeconds, self.last_trade_ids(exchange),
+            self.config.validation.clockSkewSeconds, self.seed_reader(exchange), self.fetch_history(exchange),
         )  # fmt: skip
-        self.normalizers.append(normalizer)
+        self.normalizers[exchange] = normalizer
         try:
             async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
-                # take_events acks its events when this body returns; the extra reference keeps their
-                # offsets uncommitted until the broker has acknowledged what they produced.
-                messages = [event.message for event in events]
-                for message in messages:
+                # take_events acks its events when this body returns; the extra reference keeps each
+                # offset uncommitted until everything its raw record produced is safe with the broker.
+                inputs = []
+                for event in events:
+                    message = event.message
                     message.incref()
-                await normalizer.handle([event.value for event in events], self._acker(messages))
+                    group = f"{exchange}:{message.partition}"
+                    inputs.append(RawInput(event.value, group, self._acker(message)))
+                await normalizer.handle(inputs, _nothing)
         finally:
-            self.normalizers.remove(normalizer)
+            self.normalizers.pop(exchange, None)
             await _flush_on_stop(normalizer)
 
-    def _acker(self, messages: list[Any]) -> Callable[[], None]:
+    def _acker(self, message: Any) -> Callable[[], None]:
         def ack() -> None:
-            consumer = self.app.consumer
-            for message in messages:
-                message.ack(consumer)
+            message.ack(self.app.consumer)
 
         return ack
 
-    def forget_published(self) -> None:
-        # Another worker may publish these partitions' trades now: reread the market topics' ends later.
-        for normalizer in self.normalizers:
-            normalizer.published.forget()
+    async def tick(self) -> None:
+        now = now_ms()
+        for normalizer in list(self.normalizers.values()):
+            await normalizer.tick(now)
+
+    def forget(self) -> None:
+        # Another worker may publish these partitions' trades now: what the engines hold is dropped
+        # (its raw records are read again by whoever owns them) and the market topics read again.
+        for normalizer in self.normalizers.values():
+            normalizer.forget()
+
+
+def _nothing() -> None:
+    """A step's acknowledgement needs no action of its own: each raw record settles itself."""
 
 
 async def _flush_on_stop(normalizer: Normalizer) -> None:
@@ -197,7 +243,11 @@ def install_pipeline(app: faust.App, pipeline: Pipeline) -> None:
         normalize.__name__ = normalize.__qualname__ = name
         app.agent(topic, name=f"normalize.{exchange}")(normalize)
 
-    async def forget_published(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-        pipeline.forget_published()
+    async def forget(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        pipeline.forget()
 
-    app.on_partitions_revoked.connect(forget_published)
+    async def tick() -> None:
+        await pipeline.tick()
+
+    app.on_partitions_revoked.connect(forget)
+    app.timer(TICK_INTERVAL, name="normalize.tick")(tick)

@@ -192,7 +192,7 @@ async def test_the_collectors_link_sends_whole_sets_and_keeps_the_connection_ali
         events.append(kind)
 
     link = Link(adapter, f"{sim.ws_url}/upbit/websocket/v1", "upbit-test", "upbit-0", send_raw, emit,
-                silence_timeout=5.0, on_trade=lambda symbol, trade_id: None, held=False)  # fmt: skip
+                silence_timeout=5.0)  # fmt: skip
     await link.open()
 
     async def subscriptions() -> list[list[str]]:
