@@ -32,11 +32,8 @@ _SCALE = [10 ** (PRICE_DECIMALS - decimals) for decimals in range(PRICE_DECIMALS
 
 def price_key(price: str) -> int:
     """The exact integer order of a plain decimal price (`"0.3513"` → 351300000000000000)."""
-    point = price.find(".")
-    if point < 0:
-        digits, decimals = price, 0
-    else:
-        digits, decimals = price[:point] + price[point + 1 :], len(price) - point - 1
+    whole, _, fraction = price.partition(".")
+    digits, decimals = whole + fraction, len(fraction)
     if decimals > PRICE_DECIMALS or not (digits.isdigit() and digits.isascii()):
         raise ValueError(f"price {price!r} is not a plain decimal with at most {PRICE_DECIMALS} decimals")
     return int(digits) * _SCALE[decimals]
