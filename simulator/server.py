@@ -13,6 +13,8 @@ Control endpoints, for tests and demos:
     POST /_sim/inject                  send raw bytes as one frame on every open connection, or on
                                        those subscribed to a stream: {"data": base64, "binary": false,
                                        "stream": "btcusdt@trade"} (hostile-input tests)
+    GET  /_sim/book?symbol=BTCUSDT     the ground-truth order book, now or as of a recent update id;
+                                       depth faults (skipped diffs, stale snapshots): simulator/book.py
 
 Every dialect other than Binance spot runs its own market (its own symbols and trade tape) on the
 same port: Binance USD-M futures under `/public`, `/market` and `/fapi/v1` (its real paths), Upbit and
@@ -37,7 +39,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from simulator import binance_format
+from simulator import binance_format, book
 from simulator.binance import BinanceSpot
 from simulator.binance_futures import BinanceFutures
 from simulator.market import Market
@@ -132,6 +134,7 @@ class Simulator:
         app.router.add_get("/_sim/trades", self._trades)
         app.router.add_post("/_sim/disconnect", self._disconnect)
         app.router.add_post("/_sim/inject", self._inject)
+        book.add_routes(app, self.venues, self.binance.name)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.port)
