@@ -4,7 +4,8 @@ WebSocket `<prefix>/websocket/v1` (exchange-protocols.md §3.1, §4.1):
 - A request is a JSON array `[{ticket}, {type, codes, is_only_snapshot?, is_only_realtime?}...,
   {format}]`; it **replaces** the connection's whole subscription set (the simulator's answer to the
   documentation's silence) and is never acknowledged. Types: trade, ticker, orderbook (codes may carry
-  a `.N` level count), candle.1s … candle.240m (not candle.10m). Format DEFAULT or SIMPLE.
+  a `.N` level count: 1, 5, 15 or 30 on Upbit, 1 to 30 on Bithumb, else 30), candle.1s …
+  candle.240m (not candle.10m). Format DEFAULT or SIMPLE.
 - Errors are `{"error": {"name": "NO_TICKET" | "NO_TYPE" | "NO_CODES" | "WRONG_FORMAT" |
   "INVALID_PARAM", "message": ...}}`; more than 5 requests in a second closes the connection (1008).
 - Every server frame is a **binary** frame of UTF-8 JSON; numbers are JSON numbers.
@@ -104,10 +105,13 @@ class Flavor:
     empty_429: bool
     block_after: int | None  # 429 rejections after which a client is blocked, None: never blocked
     block_seconds: float = 600.0
+    # Orderbook counts served as asked (`KRW-BTC.15`); any other count gets 30 levels.
+    book_counts: frozenset[str] = frozenset({"1", "5", "15", "30"})
 
 
 UPBIT = Flavor("upbit", "/upbit", False, False, True, 5, 10, False, None)
-BITHUMB = Flavor("bithumb", "/bithumb", True, True, False, 10, 150, True, 10)
+BITHUMB = Flavor("bithumb", "/bithumb", True, True, False, 10, 150, True, 10,
+                 book_counts=frozenset(str(count) for count in range(1, 31)))  # fmt: skip
 
 
 class UpbitConnection(Connection):
@@ -308,7 +312,7 @@ class UpbitStyle:
                 if kind == "orderbook":
                     levels = (
                         int(count)
-                        if count in ("1", "5", "15", "30")
+                        if count in self.flavor.book_counts
                         else 30
                         if count
                         else DEFAULT_BOOK_LEVELS

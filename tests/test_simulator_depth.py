@@ -221,7 +221,7 @@ async def test_a_stale_snapshot_is_older_than_the_buffered_diffs(sim: Simulator)
 
 
 @pytest.mark.parametrize(
-    ("exchange", "adapter_type", "levels"), [("upbit", UpbitAdapter, 15), ("bithumb", BithumbAdapter, 5)]
+    ("exchange", "adapter_type", "levels"), [("upbit", UpbitAdapter, 15), ("bithumb", BithumbAdapter, 3)]
 )
 async def test_whole_books_are_the_ground_truth_at_their_timestamp(
     sim: Simulator, exchange: str, adapter_type: type[UpbitAdapter], levels: int
