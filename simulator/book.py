@@ -23,7 +23,8 @@ BASE/QUOTE):
          `lastUpdateId`; Upbit's orderbook timestamp; Bithumb's µs timestamp string), levels
          formatted as the dialect sends them: {"exchange", "symbol", "updateId", "time", "bids", "asks"}
     POST /_sim/faults/depth-skip      {"count": 1, "symbol": "BTCUSDT"}  the next `count` diff events of
-         the symbol's diff streams (every symbol's without `symbol`) are not sent, on live connections
+         the symbol (of any symbol without `symbol`) are not sent, on live connections: the next event
+         sent on that stream does not continue the previous one
     POST /_sim/faults/stale-snapshot  {"count": 1, "seconds": 2}  the next `count` REST snapshots show
          the book as it was `seconds` ago: older than diffs already sent
 """
