@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from mode import Service
 
 from agents import metrics
@@ -47,7 +45,6 @@ __all__ = [
     "ExchangeSource",
     "FrameBatcher",
     "GroupStatus",
-    "fetch_instruments",
     "now_ms",
 ]
 
@@ -58,30 +55,6 @@ ReadLastTradeIds = Callable[[Collection[str]], Awaitable[dict[str, int]]]  # sym
 AdapterGetter = Callable[[], Awaitable[ExchangeAdapter]]
 
 ROLLOVER_MARGIN = 15 * 60.0  # roll over this long before the exchange's connection lifetime ends
-
-
-async def fetch_instruments(
-    adapter_type: type[ExchangeAdapter], rest_endpoint: str, attempts: int = 8
-) -> list[Instrument]:
-    """The exchange's markets, retried with backoff: a worker must not die on a REST hiccup."""
-    url = rest_endpoint + adapter_type.instruments_path
-    delay = 1.0
-    timeout = aiohttp.ClientTimeout(total=20)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        for attempt in range(1, attempts + 1):
-            try:
-                async with session.get(url) as response:
-                    body = await response.read()
-                    metrics.rest_weight_reported(adapter_type.name, response.headers)
-                    if response.status == 200:
-                        return adapter_type.parse_instruments(body)
-                    problem = f"HTTP {response.status}"
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                problem = repr(exc)
-            log.warning("instrument list %s failed (attempt %d): %s", url, attempt, problem)
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 30.0)
-    raise RuntimeError(f"could not load instruments from {url}")
 
 
 @dataclass

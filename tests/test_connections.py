@@ -10,10 +10,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
+import aiohttp
 import pytest
 
+from agents.adapters import fetch_instruments
 from agents.normalize import Normalizer
-from agents.source import ExchangeSource, fetch_instruments
+from agents.source import ExchangeSource
 from agents.writer import TopicWriter
 from simulator.server import Simulator, SimulatorConfig
 from streams.config import ExchangeConfig
@@ -117,7 +119,8 @@ async def sim() -> AsyncIterator[Simulator]:
 
 @pytest.fixture
 async def adapter(sim: Simulator) -> BinanceAdapter:
-    return BinanceAdapter(await fetch_instruments(BinanceAdapter, sim.url))
+    async with aiohttp.ClientSession() as session:
+        return BinanceAdapter(await fetch_instruments(BinanceAdapter, sim.url, session))
 
 
 async def test_live_changes_subscribe_and_unsubscribe_without_reconnecting_anything(

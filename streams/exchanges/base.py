@@ -136,6 +136,8 @@ class ExchangeAdapter(ABC):
     trade_ids: ClassVar[TradeIdPolicy] = "unique"
     # True when the adapter implements the REST history methods below (backfill and REST fallback).
     rest_history: ClassVar[bool] = False
+    # Public mirrors of the exchange's endpoints, named to the operator when the exchange is unreachable.
+    public_mirrors: ClassVar[tuple[str, ...]] = ()
     # Order books: the level counts and diff speeds the exchange offers, and its defaults
     # (README, "Order books"). Speeds are names such as `100ms`; `realtime` where there is one speed.
     depth_levels: ClassVar[Collection[int]] = ()

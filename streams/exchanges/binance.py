@@ -397,6 +397,10 @@ class BinanceAdapter(ExchangeAdapter):
     kline_intervals = _KLINE_INTERVALS
     data_kinds = frozenset(_CHANNELS)
     instruments_path = "/api/v3/exchangeInfo"
+    public_mirrors: ClassVar[tuple[str, ...]] = (
+        "restEndpoint https://data-api.binance.vision",
+        "wsEndpoint wss://data-stream.binance.vision",
+    )
     trade_ids = "increasing"  # trade (and aggTrade) ids rise by one per trade and symbol
     rest_history = True
     depth_levels = range(1, 5001)
