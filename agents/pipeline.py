@@ -2,7 +2,9 @@
 
 `Pipeline` holds what the path shares (raw topics, the raw producer, the sources, the normalizers);
 `install_pipeline` registers its service, the normalize agents and the rebalance handler on the app.
-The composition root (agents/worker.py) builds it only on workers that collect.
+The composition root (agents/worker.py) builds it only on workers that collect. On a worker that runs
+its own embedded broker, the raw batches reach the normalizer in-process instead of through the
+raw topic (agents/handoff.py says why); they are still written to it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from mode import Service
 
 from agents.adapters import AdapterDirectory
 from agents.connection import SendRaw
+from agents.handoff import RawHandoff, normalize_handed_over
 from agents.lastseen import RECENT_TRADES, read_seeds
 from agents.metrics import now_ms
 from agents.normalize import Normalizer, RawInput
@@ -57,10 +60,13 @@ class Pipeline:
         ownership: GroupOwnership,
         frames_heard: dict[str, Callable[[], dict[str, int]]],
         bootstrap_servers: list[str],
+        in_process: bool = False,
     ) -> None:
         self.app = app
         self.config = config
         self.bootstrap_servers = bootstrap_servers
+        # exchange → the in-process handoff, on a worker that runs its own embedded broker
+        self.handoffs = {name: RawHandoff(name) for name in config.exchanges} if in_process else {}
         self.adapters = adapters
         self.emit_event = emit_event
         self.ownership = ownership
@@ -93,7 +99,10 @@ class Pipeline:
             # partition, the one the worker running the group also normalizes (streams/app.py).
             assert self.raw_producer is not None
             await self.raw_producer.send(name, group.encode(), value, group_partition(group))
+            if handoff is not None:
+                handoff.put(group, value)
 
+        handoff = self.handoffs.get(exchange)
         return send_raw
 
     def seed_reader(self, exchange: str) -> Callable[[Collection[str]], Awaitable[dict[str, Seed]]]:
@@ -163,14 +172,26 @@ class Pipeline:
         if self.raw_producer is not None:
             await self.raw_producer.close()
 
-    async def normalize(self, exchange: str, stream_of_raw: faust.StreamT[bytes]) -> None:
-        stream = cast(faust.Stream[bytes], stream_of_raw)  # the protocol lacks take_events
+    async def _normalizer(self, exchange: str) -> Normalizer:
         adapter = await self.adapters.get(exchange)
         normalizer = Normalizer(
             adapter, TopicWriter(None, self.declare_topic, delivery=self.market_delivery()),
             self.config.validation.clockSkewSeconds, self.seed_reader(exchange), self.fetch_history(exchange),
         )  # fmt: skip
         self.normalizers[exchange] = normalizer
+        return normalizer
+
+    async def normalize_in_process(self, exchange: str) -> None:
+        normalizer = await self._normalizer(exchange)
+        try:
+            await normalize_handed_over(self.handoffs[exchange], normalizer)
+        finally:
+            self.normalizers.pop(exchange, None)
+            await _flush_on_stop(normalizer)
+
+    async def normalize(self, exchange: str, stream_of_raw: faust.StreamT[bytes]) -> None:
+        stream = cast(faust.Stream[bytes], stream_of_raw)  # the protocol lacks take_events
+        normalizer = await self._normalizer(exchange)
         try:
             async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
                 # take_events acks its events when this body returns; the extra reference keeps each
@@ -226,6 +247,8 @@ class SourceService(Service):
 
     async def on_start(self) -> None:
         await self.pipeline.start_sources(self)
+        for exchange in self.pipeline.handoffs:
+            self.add_future(self.pipeline.normalize_in_process(exchange))
 
     async def on_shutdown(self) -> None:  # after the sources stopped and flushed their batches
         await self.pipeline.close_raw_producer()
@@ -235,6 +258,8 @@ def install_pipeline(app: faust.App, pipeline: Pipeline) -> None:
     """The source service, one normalize agent per exchange and the rebalance handler."""
     app.service(SourceService(pipeline))  # type: ignore[arg-type]  # an instance: Faust starts it as is
     for exchange, topic in pipeline.raw_topics.items():
+        if exchange in pipeline.handoffs:
+            continue  # normalized in-process: nothing reads the raw topic back
 
         async def normalize(stream: faust.StreamT[bytes], exchange: str = exchange) -> None:
             await pipeline.normalize(exchange, stream)

@@ -129,6 +129,15 @@ def build_app(config: CollectorConfig) -> CollectorApp:
     install_views(app, StateViews(app, config, store))
 
     if control is not None:
-        pipeline = Pipeline(app, config, adapters, emit_event, control.ownership, frames_heard, bootstrap)
+        pipeline = Pipeline(
+            app,
+            config,
+            adapters,
+            emit_event,
+            control.ownership,
+            frames_heard,
+            bootstrap,
+            embedded is not None,
+        )
         install_pipeline(app, pipeline)
     return app
