@@ -98,8 +98,9 @@ class SinkConsumer:
         for message in received:
             error = message.error()
             if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
-                    log.warning("sink consumer %s: %s", self.group_id, error)
+                # No market topic yet is normal for a new deployment: the pattern picks them up later.
+                quiet = error.code() in (KafkaError._PARTITION_EOF, KafkaError.UNKNOWN_TOPIC_OR_PART)
+                (log.debug if quiet else log.warning)("sink consumer %s: %s", self.group_id, error)
                 continue
             messages.append(
                 SinkMessage(
