@@ -19,11 +19,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install the collector with its test tools
 
-# Debian packages the tests use: chromium (dashboard test) and prometheus (promtool). Installed only
-# when missing, so a machine that has them is left alone and nothing is printed.
-SYSTEM_PACKAGES := chromium prometheus
-system-deps: ## Install chromium and promtool (Debian packages) when missing
-	@if ! command -v chromium >/dev/null || ! command -v promtool >/dev/null; then \
+# Debian packages the tests use: chromium (dashboard test), prometheus (promtool), postgresql and
+# redis-server (the sinks' tests, demo and bench run these binaries as their own throwaway servers,
+# never the system services the packages set up). Installed only when missing, so a machine that has
+# them is left alone and nothing is printed.
+SYSTEM_PACKAGES := chromium prometheus postgresql redis-server
+system-deps: ## Install chromium, promtool, PostgreSQL and Redis (Debian packages) when missing
+	@if ! command -v chromium >/dev/null || ! command -v promtool >/dev/null \
+		|| ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v redis-server >/dev/null; then \
 		SUDO=; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
 		echo "installing Debian packages: $(SYSTEM_PACKAGES)"; \
 		$$SUDO apt-get update -qq && \

@@ -280,3 +280,10 @@ async def _forget_published(sender: Any, /, *args: Any, signal: Any, **kwargs: A
 
 for _exchange in config.exchanges:
     _normalize_agent(_exchange)
+
+
+# composition: sinks (the integrator moves this block into the composition root)
+from agents.sinks import build_sinks  # noqa: E402
+
+sinks = build_sinks(config, config.kafka.bootstrap_servers, app.conf.id)
+app.service(sinks)  # type: ignore[arg-type]  # Faust starts an instance as it does a class

@@ -35,20 +35,33 @@ async def test_the_sink_creates_its_schema_once_with_a_version_table(postgres_ds
         await writer.close()
     versions = query(postgres_dsn, "SELECT version, description FROM collector_schema_version")
     assert versions == [(m.version, m.description) for m in MIGRATIONS]
-    tables = {row[0] for row in query(postgres_dsn, "SELECT tablename FROM pg_tables WHERE schemaname='public'")}
+    tables = {
+        row[0] for row in query(postgres_dsn, "SELECT tablename FROM pg_tables WHERE schemaname='public'")
+    }
     assert {"trades", "klines", "tickers", "bbo", "collector_schema_version"} <= tables
-    types = dict(query(postgres_dsn, "SELECT column_name, data_type FROM information_schema.columns "
-                                     "WHERE table_name = 'trades'"))  # fmt: skip
+    types = dict(
+        query(
+            postgres_dsn,
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'trades'",
+        )
+    )
     assert types == {
-        "exchange": "text", "symbol": "text", "trade_id": "text", "price": "numeric", "quantity": "numeric",
-        "side": "text", "trade_time": "timestamp with time zone", "received_at": "timestamp with time zone",
-    }  # fmt: skip
+        "exchange": "text",
+        "symbol": "text",
+        "trade_id": "text",
+        "price": "numeric",
+        "quantity": "numeric",
+        "side": "text",
+        "trade_time": "timestamp with time zone",
+        "received_at": "timestamp with time zone",
+    }
 
 
 async def test_every_type_is_stored_exactly_and_replays_change_nothing(postgres_dsn: str) -> None:
     writer = PostgresWriter(postgres_dsn, ["trade", "kline", "ticker", "bbo"])
-    batch = items(trade("1", "16578.50000000", T0 + 136), trade("2", "0.00000001"), kline(True, T0),
-                  ticker(), bbo("77"))  # fmt: skip
+    batch = items(
+        trade("1", "16578.50000000", T0 + 136), trade("2", "0.00000001"), kline(True, T0), ticker(), bbo("77")
+    )
     try:
         for _ in range(3):
             result = await writer.write(batch)
@@ -56,16 +69,23 @@ async def test_every_type_is_stored_exactly_and_replays_change_nothing(postgres_
             assert dict(result.stored) == {"trade": 2, "kline": 1, "ticker": 1, "bbo": 1}
     finally:
         await writer.close()
-    trades = query(postgres_dsn, "SELECT trade_id, price::text, quantity, side, "
-                                 "(extract(epoch from trade_time) * 1000)::bigint FROM trades ORDER BY trade_id")  # fmt: skip
-    assert trades == [("1", "16578.50000000", Decimal("0.25"), "buy", T0 + 136),
-                      ("2", "0.00000001", Decimal("0.25"), "buy", T0)]  # fmt: skip
+    trades = query(
+        postgres_dsn,
+        "SELECT trade_id, price::text, quantity, side, "
+        "(extract(epoch from trade_time) * 1000)::bigint FROM trades ORDER BY trade_id",
+    )
+    assert trades == [
+        ("1", "16578.50000000", Decimal("0.25"), "buy", T0 + 136),
+        ("2", "0.00000001", Decimal("0.25"), "buy", T0),
+    ]
     assert query(postgres_dsn, "SELECT count(*) FROM klines") == [(1,)]
     assert query(postgres_dsn, "SELECT change::text, ask_price FROM tickers") == [("-1.5", None)]
     assert query(postgres_dsn, "SELECT update_id, bid_price::text FROM bbo") == [("77", "99.9")]
 
 
-async def test_a_closed_kline_is_never_overwritten_by_an_open_one_that_arrives_later(postgres_dsn: str) -> None:
+async def test_a_closed_kline_is_never_overwritten_by_an_open_one_that_arrives_later(
+    postgres_dsn: str,
+) -> None:
     writer = PostgresWriter(postgres_dsn, ["kline"])
     try:
         await writer.write(items(kline(False, T0 + 10, "100.1")))
@@ -157,4 +177,6 @@ async def test_writers_report_an_unreachable_server_as_an_outage() -> None:
     with pytest.raises(SinkUnavailable):
         await PostgresWriter(f"postgresql://u@127.0.0.1:{port}/db", ["trade"]).write(items(trade()))
     with pytest.raises(SinkUnavailable):
-        await asyncio.wait_for(RedisWriter(f"redis://127.0.0.1:{port}/0", None, None).write(items(trade())), 30)
+        await asyncio.wait_for(
+            RedisWriter(f"redis://127.0.0.1:{port}/0", None, None).write(items(trade())), 30
+        )

@@ -73,23 +73,31 @@ def trades(symbol: str, ids: range, at: int = T0) -> list[MarketRecord]:
 
 
 def sinks_for(bootstrap: str, app_id: str, **sinks: dict[str, Any]) -> Sinks:
-    config = parse_config({
-        "exchanges": {"binance": {"wsEndpoint": "ws://127.0.0.1:1", "restEndpoint": "http://127.0.0.1:1",
-                                  "symbols": ["BTC/USDT"], "dataTypes": ["trade"]}},
-        "kafka": {"brokers": [bootstrap]},
-        "sinks": {name: {"batchMs": 100, **settings} for name, settings in sinks.items()},
-    })  # fmt: skip
+    config = parse_config(
+        {
+            "exchanges": {
+                "binance": {
+                    "wsEndpoint": "ws://127.0.0.1:1",
+                    "restEndpoint": "http://127.0.0.1:1",
+                    "symbols": ["BTC/USDT"],
+                    "dataTypes": ["trade"],
+                }
+            },
+            "kafka": {"brokers": [bootstrap]},
+            "sinks": {name: {"batchMs": 100, **settings} for name, settings in sinks.items()},
+        }
+    )
     return build_sinks(config, [bootstrap], app_id)
 
 
-async def until(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
+async def until(condition: Callable[[], Any], seconds: float, what: str) -> Any:
+    deadline = time.monotonic() + seconds
     while True:
         value = await asyncio.to_thread(condition)
         if value:
             return value
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+            raise TimeoutError(f"timed out after {seconds:.0f} s waiting for {what}")
         await asyncio.sleep(0.2)
 
 
@@ -126,20 +134,35 @@ async def test_rows_are_exact_after_replays_a_restart_of_the_sinks_and_new_topic
     app_id = f"sinks-test-{next(_apps)}"
     market.send(trades("BTC/USDT", range(1, 301)) + trades("ETH/USDT", range(1, 201)))
     market.send(trades("BTC/USDT", range(100, 151)))  # a replay, as after a rebalance upstream
-    market.send([kline(False, T0 + 10, "100.1"), kline(True, T0 + 59_999, "100.9"),
-                 kline(False, T0 + 60_100, "555")])  # an open update after the close  # fmt: skip
-    hostile = msgspec.structs.replace(trades("BTC/USDT", range(9000, 9001))[0], data=msgspec.structs.replace(
-        trade().data, trade_id="9000", price="1e400"))  # fmt: skip
+    market.send(
+        [kline(False, T0 + 10, "100.1"), kline(True, T0 + 59_999, "100.9"), kline(False, T0 + 60_100, "555")]
+    )  # an open update after the close
+    hostile = msgspec.structs.replace(
+        trades("BTC/USDT", range(9000, 9001))[0],
+        data=msgspec.structs.replace(trade().data, trade_id="9000", price="1e400"),
+    )
     market.send([hostile])
-    sinks = sinks_for(broker.bootstrap, app_id, postgres={"dsn": postgres_dsn},
-                      redis={"url": redis_url, "streamMaxLen": 100_000})  # fmt: skip
+    sinks = sinks_for(
+        broker.bootstrap,
+        app_id,
+        postgres={"dsn": postgres_dsn},
+        redis={"url": redis_url, "streamMaxLen": 100_000},
+    )
     await sinks.start()
     try:
-        await until(lambda: trade_ids(postgres_dsn).get("ETH/USDT", []) == [str(i) for i in range(1, 201)]
-                    and len(trade_ids(postgres_dsn).get("BTC/USDT", [])) == 300, 60, "the first rows")  # fmt: skip
+        await until(
+            lambda: (
+                trade_ids(postgres_dsn).get("ETH/USDT", []) == [str(i) for i in range(1, 201)]
+                and len(trade_ids(postgres_dsn).get("BTC/USDT", [])) == 300
+            ),
+            60,
+            "the first rows",
+        )
         # A symbol subscribed at runtime: its topic appears after the sinks started.
         market.send(trades("BNB/USDT", range(1, 51)))
-        await until(lambda: len(trade_ids(postgres_dsn).get("BNB/USDT", [])) == 50, 30, "the new topic's rows")
+        await until(
+            lambda: len(trade_ids(postgres_dsn).get("BNB/USDT", [])) == 50, 30, "the new topic's rows"
+        )
         await until(lambda: drained(market, f"{app_id}-sinks-postgres"), 30, "postgres offsets committed")
         await until(lambda: drained(market, f"{app_id}-sinks-redis"), 30, "redis offsets committed")
     finally:
@@ -149,8 +172,12 @@ async def test_rows_are_exact_after_replays_a_restart_of_the_sinks_and_new_topic
     # While the sinks are down: new trades and another replay. A new sinks service (a worker restart)
     # starts from the committed offsets.
     market.send(trades("BTC/USDT", range(301, 401)) + trades("BTC/USDT", range(1, 101)))
-    restarted = sinks_for(broker.bootstrap, app_id, postgres={"dsn": postgres_dsn},
-                          redis={"url": redis_url, "streamMaxLen": 100_000})  # fmt: skip
+    restarted = sinks_for(
+        broker.bootstrap,
+        app_id,
+        postgres={"dsn": postgres_dsn},
+        redis={"url": redis_url, "streamMaxLen": 100_000},
+    )
     await restarted.start()
     try:
         await until(lambda: drained(market, f"{app_id}-sinks-postgres"), 60, "postgres caught up again")
@@ -159,19 +186,26 @@ async def test_rows_are_exact_after_replays_a_restart_of_the_sinks_and_new_topic
         await restarted.stop()
 
     stored = trade_ids(postgres_dsn)
-    assert stored == {"BTC/USDT": [str(i) for i in range(1, 401)], "ETH/USDT": [str(i) for i in range(1, 201)],
-                      "BNB/USDT": [str(i) for i in range(1, 51)]}  # fmt: skip
-    assert rows(postgres_dsn, "SELECT price::text FROM trades WHERE symbol = 'BTC/USDT' AND trade_id = '7'") == [
-        ("107.5",)
-    ]
+    assert stored == {
+        "BTC/USDT": [str(i) for i in range(1, 401)],
+        "ETH/USDT": [str(i) for i in range(1, 201)],
+        "BNB/USDT": [str(i) for i in range(1, 51)],
+    }
+    assert rows(
+        postgres_dsn, "SELECT price::text FROM trades WHERE symbol = 'BTC/USDT' AND trade_id = '7'"
+    ) == [("107.5",)]
     assert rows(postgres_dsn, "SELECT close::text, closed FROM klines") == [("100.9", True)]
     assert rows(postgres_dsn, "SELECT count(*) FROM trades WHERE trade_id = '9000'") == [(0,)]
     with redis.Redis.from_url(redis_url) as client:
         latest = client.hgetall("collector:latest:binance:btc-usdt")
-        assert msgspec.json.decode(latest[b"trade"])["data"]["tradeId"] == "400"  # newest event, not last sent
+        assert (
+            msgspec.json.decode(latest[b"trade"])["data"]["tradeId"] == "400"
+        )  # newest event, not last sent
         assert msgspec.json.decode(latest[b"kline:1m"])["data"]["closed"] is True
-        streamed = {msgspec.json.decode(fields[b"record"])["data"].get("tradeId")
-                    for _, fields in client.xrange("collector:stream:binance:btc-usdt")}  # fmt: skip
+        streamed = {
+            msgspec.json.decode(fields[b"record"])["data"].get("tradeId")
+            for _, fields in client.xrange("collector:stream:binance:btc-usdt")
+        }
         assert {str(i) for i in range(1, 401)} <= streamed
         assert "9000" not in streamed
     assert sample("collector_sink_rows_total", sink="postgres", type="trade") >= 650
@@ -223,7 +257,9 @@ async def test_a_postgres_restart_in_the_middle_of_a_run_loses_and_duplicates_no
     broker: EmbeddedBroker, private_postgres: LocalPostgres
 ) -> None:
     dsn = private_postgres.create_database("outage")
-    sinks = sinks_for(broker.bootstrap, f"sinks-test-{next(_apps)}", postgres={"dsn": dsn, "types": ["trade"]})
+    sinks = sinks_for(
+        broker.bootstrap, f"sinks-test-{next(_apps)}", postgres={"dsn": dsn, "types": ["trade"]}
+    )
     seen_down: list[list[str]] = []
 
     def restart() -> None:
@@ -247,8 +283,11 @@ async def test_a_postgres_restart_in_the_middle_of_a_run_loses_and_duplicates_no
 async def test_a_redis_restart_in_the_middle_of_a_run_loses_nothing(
     broker: EmbeddedBroker, private_redis: LocalRedis
 ) -> None:
-    sinks = sinks_for(broker.bootstrap, f"sinks-test-{next(_apps)}",
-                      redis={"url": private_redis.url, "types": ["trade"], "streamMaxLen": 100_000})  # fmt: skip
+    sinks = sinks_for(
+        broker.bootstrap,
+        f"sinks-test-{next(_apps)}",
+        redis={"url": private_redis.url, "types": ["trade"], "streamMaxLen": 100_000},
+    )
 
     def restart() -> None:
         private_redis.stop()

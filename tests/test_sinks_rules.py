@@ -22,6 +22,7 @@ from agents.sinks.pg_tables import (
     hypertable_statements,
     pending_migrations,
     rows_by_table,
+    split_lanes,
 )
 from agents.sinks.redis_latest import (
     latest_field,
@@ -46,14 +47,35 @@ def trade(trade_id: str = "1", price: str = "100.5", at: int = T0, **fields: obj
 
 
 def kline(closed: bool, at: int, close: str = "101", start: int = T0, interval: str = "1m") -> MarketRecord:
-    data = Kline(interval=interval, start_time=start, end_time=start + 59_999, open="100", high="102",
-                 low="99", close=close, volume="3", quote_volume="300", trades=7, closed=closed)  # fmt: skip
+    data = Kline(
+        interval=interval,
+        start_time=start,
+        end_time=start + 59_999,
+        open="100",
+        high="102",
+        low="99",
+        close=close,
+        volume="3",
+        quote_volume="300",
+        trades=7,
+        closed=closed,
+    )
     return MarketRecord("binance", "BTC/USDT", "kline", at, at + 2, data)
 
 
 def ticker(change: str = "-1.5", at: int = T0) -> MarketRecord:
-    data = Ticker(last="100", open="101.5", high="103", low="99", volume="10", quote_volume="1000",
-                  change=change, change_percent="-1.47", bid_price="99.9", bid_quantity="1")  # fmt: skip
+    data = Ticker(
+        last="100",
+        open="101.5",
+        high="103",
+        low="99",
+        volume="10",
+        quote_volume="1000",
+        change=change,
+        change_percent="-1.47",
+        bid_price="99.9",
+        bid_quantity="1",
+    )
     return MarketRecord("binance", "BTC/USDT", "ticker", at, at + 1, data)
 
 
@@ -72,9 +94,27 @@ def test_plain_decimals_are_accepted(text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", ".", "-1", "+1", "1e5", "1E-8", "NaN", "nan", "Infinity", "-Infinity", "1.2.3", " 1", "1 ", "0x10",
-     "١٢", "1,5", "1" * 65, "1\x00"],
-)  # fmt: skip
+    [
+        "",
+        ".",
+        "-1",
+        "+1",
+        "1e5",
+        "1E-8",
+        "NaN",
+        "nan",
+        "Infinity",
+        "-Infinity",
+        "1.2.3",
+        " 1",
+        "1 ",
+        "0x10",
+        "١٢",
+        "1,5",
+        "1" * 65,
+        "1\x00",
+    ],
+)
 def test_anything_else_is_not_a_decimal(text: str) -> None:
     assert not is_decimal(text)
 
@@ -100,11 +140,20 @@ def test_only_signed_fields_take_a_minus() -> None:
         (trade(timestamp=-1), "bad-time"),
         (trade(received_at=10**16), "bad-time"),
         (trade(at=10**18), "bad-time"),
-        (MarketRecord("binance", "BTC/USDT", "kline", T0, T0, msgspec.structs.replace(kline(True, T0).data,
-                                                                                      trades=-1)), "bad-count"),
+        (
+            MarketRecord(
+                "binance",
+                "BTC/USDT",
+                "kline",
+                T0,
+                T0,
+                msgspec.structs.replace(kline(True, T0).data, trades=-1),
+            ),
+            "bad-count",
+        ),
         (bbo(bid="Infinity"), "not-a-decimal"),
     ],
-)  # fmt: skip
+)
 def test_hostile_values_are_rejected_with_a_reason(record: MarketRecord, reason: str) -> None:
     rejected = check_record(record)
     assert rejected is not None and rejected.reason == reason
@@ -136,8 +185,9 @@ def test_a_batch_keeps_one_row_per_trade_id_the_first() -> None:
 
 
 def test_a_closed_kline_in_a_batch_beats_a_later_open_update_of_its_bar() -> None:
-    rows = rows_by_table([kline(False, T0 + 1, "100.1"), kline(True, T0 + 2, "100.2"),
-                          kline(False, T0 + 3, "100.3")])  # fmt: skip
+    rows = rows_by_table(
+        [kline(False, T0 + 1, "100.1"), kline(True, T0 + 2, "100.2"), kline(False, T0 + 3, "100.3")]
+    )
     (row,) = rows["kline"]
     assert (row[8], row[12]) == ("100.2", "t")  # close, closed
 
@@ -156,6 +206,16 @@ def test_rows_carry_exact_strings_and_epoch_milliseconds() -> None:
     assert ticker_row[-3:] == (None, None, str(T0 + 1))  # no ask side: NULL
 
 
+def test_lanes_split_a_batch_by_symbol_so_no_two_transactions_share_a_row() -> None:
+    records = [msgspec.structs.replace(trade(str(i)), symbol=f"S{i % 7}/USDT") for i in range(70)]
+    lanes = split_lanes(records, 2)
+    assert sum(map(len, lanes)) == 70
+    symbols = [{r.symbol for r in lane} for lane in lanes]
+    assert not symbols[0] & symbols[1]
+    assert all(symbols)  # seven symbols spread over both lanes
+    assert split_lanes(records, 1) == [records]
+
+
 def test_copy_text_escapes_what_copy_would_misread_and_writes_null() -> None:
     text = copy_text([("a\tb", "c\\d", "e\nf", None, "g\rh"), ("1", "2", "3", "4", "5")])
     assert text == b"a\\tb\tc\\\\d\te\\nf\t\\N\tg\\rh\n1\t2\t3\t4\t5\n"
@@ -172,18 +232,26 @@ def test_the_write_rules_are_insert_if_absent_and_closed_klines_are_final() -> N
         "WHERE NOT klines.closed AND (EXCLUDED.closed OR EXCLUDED.event_time >= klines.event_time)"
     )
     for spec in TABLES.values():  # staging columns line up with the rows and the select list
-        assert len(spec.stage) == len(spec.row({"trade": trade(), "kline": kline(True, T0),
-                                                "ticker": ticker(), "bbo": bbo()}[spec.kind]))  # fmt: skip
+        assert len(spec.stage) == len(
+            spec.row(
+                {"trade": trade(), "kline": kline(True, T0), "ticker": ticker(), "bbo": bbo()}[spec.kind]
+            )
+        )
         assert len(spec.columns) == len(spec.select)
         assert "ON COMMIT DELETE ROWS" in spec.create_stage()
 
 
 def test_the_schema_has_the_issue_tables_and_keys() -> None:
     created = " ".join(MIGRATIONS[0].statements)
-    for table, key in {"trades": "(exchange, symbol, trade_id)", "klines": '(exchange, symbol, "interval", '
-                       "start_time)", "tickers": "(exchange, symbol, event_time)",
-                       "bbo": "(exchange, symbol, update_id)"}.items():  # fmt: skip
-        assert re.search(rf"CREATE TABLE IF NOT EXISTS {table} \(.*PRIMARY KEY {re.escape(key)}", created, re.S)
+    for table, key in {
+        "trades": "(exchange, symbol, trade_id)",
+        "klines": '(exchange, symbol, "interval", start_time)',
+        "tickers": "(exchange, symbol, event_time)",
+        "bbo": "(exchange, symbol, update_id)",
+    }.items():
+        assert re.search(
+            rf"CREATE TABLE IF NOT EXISTS {table} \(.*PRIMARY KEY {re.escape(key)}", created, re.S
+        )
     assert "price numeric NOT NULL, quantity numeric NOT NULL" in created
 
 
@@ -211,8 +279,11 @@ def test_keys_and_fields_follow_the_contract() -> None:
     assert rank_key("upbit", "BTC/KRW") == "collector:latest-rank:upbit:btc-krw"
     assert stream_key("binance", "ETH/USDT") == "collector:stream:binance:eth-usdt"
     assert [latest_field(r) for r in (trade(), kline(True, T0, interval="5m"), ticker(), bbo())] == [
-        "trade", "kline:5m", "ticker", "bbo",
-    ]  # fmt: skip
+        "trade",
+        "kline:5m",
+        "ticker",
+        "bbo",
+    ]
 
 
 def test_latest_is_by_event_time_never_by_arrival() -> None:
@@ -243,8 +314,11 @@ def test_a_batch_becomes_one_script_call_per_symbol_in_arrival_order() -> None:
     writes = plan_writes(items, ttl_seconds=60, stream_max_len=None)
     assert [(w.symbol, w.records) for w in writes] == [("BTC/USDT", 3), ("ETH/USDT", 1)]
     btc = writes[0]
-    assert btc.keys == ["collector:latest:binance:btc-usdt", "collector:latest-rank:binance:btc-usdt",
-                        "collector:stream:binance:btc-usdt"]  # fmt: skip
+    assert btc.keys == [
+        "collector:latest:binance:btc-usdt",
+        "collector:latest-rank:binance:btc-usdt",
+        "collector:stream:binance:btc-usdt",
+    ]
     assert btc.args[:2] == ["60", "0"]
     assert btc.args[2:8] == ["trade", "market.trade.binance.btc-usdt", "trade", str(T0), "1", b"t1"]
     assert btc.args[8:11] == ["kline", "market.kline.binance.btc-usdt", "kline:1m"]
@@ -262,9 +336,13 @@ def test_a_stored_batch_commits_the_offset_after_its_highest_record_per_partitio
     batch = [message("a", 0, 5), message("a", 0, 7), message("a", 0, 6), message("b", 0, 0)]
     assert next_offsets(batch) == {("a", 0): 8, ("b", 0): 1}
     assert merge_offsets({("a", 0): 9, ("c", 0): 2}, {("a", 0): 8, ("b", 0): 1}) == {
-        ("a", 0): 9, ("b", 0): 1, ("c", 0): 2,
-    }  # fmt: skip
-    assert oldest_timestamp([message("a", 0, 1, T0 + 5), message("a", 0, 2, T0), message("a", 0, 3, -1)]) == T0
+        ("a", 0): 9,
+        ("b", 0): 1,
+        ("c", 0): 2,
+    }
+    assert (
+        oldest_timestamp([message("a", 0, 1, T0 + 5), message("a", 0, 2, T0), message("a", 0, 3, -1)]) == T0
+    )
 
 
 def test_the_pattern_takes_only_the_market_topics_of_the_stored_types() -> None:
@@ -331,16 +409,29 @@ def test_addresses_lose_their_passwords() -> None:
 # ---- configuration ---------------------------------------------------------------------------------
 
 BASE = {
-    "exchanges": {"binance": {"wsEndpoint": "ws://127.0.0.1:1", "restEndpoint": "http://127.0.0.1:1",
-                              "symbols": ["BTC/USDT"], "dataTypes": ["trade"]}},
+    "exchanges": {
+        "binance": {
+            "wsEndpoint": "ws://127.0.0.1:1",
+            "restEndpoint": "http://127.0.0.1:1",
+            "symbols": ["BTC/USDT"],
+            "dataTypes": ["trade"],
+        }
+    },
     "kafka": {"brokers": ["127.0.0.1:9092"]},
-}  # fmt: skip
+}
 
 
 def test_sinks_are_optional_and_take_their_defaults() -> None:
     assert parse_config(BASE).sinks.postgres is None
-    config = parse_config({**BASE, "sinks": {"postgres": {"dsn": "postgresql://u@h/db"},
-                                             "redis": {"url": "redis://h:6379/0", "streamMaxLen": 1000}}})  # fmt: skip
+    config = parse_config(
+        {
+            **BASE,
+            "sinks": {
+                "postgres": {"dsn": "postgresql://u@h/db"},
+                "redis": {"url": "redis://h:6379/0", "streamMaxLen": 1000},
+            },
+        }
+    )
     assert config.sinks.postgres is not None and config.sinks.redis is not None
     assert config.sinks.postgres.types == ["trade", "kline", "ticker", "bbo"]
     assert (config.sinks.postgres.batchRows, config.sinks.postgres.batchMs) == (10_000, 500)
@@ -356,11 +447,14 @@ def test_sinks_are_optional_and_take_their_defaults() -> None:
         ({"postgres": {"dsn": "postgresql://h", "types": ["depth"]}}, "sinks.postgres.types.0"),
         ({"postgres": {"dsn": "postgresql://h", "batchMs": 0}}, "sinks.postgres.batchMs"),
         ({"redis": {"url": "http://h"}}, "sinks.redis.url: must be a redis://"),
-        ({"redis": {"url": "redis://h", "types": ["trade", "trade"]}}, "sinks.redis.types: types are listed twice"),
+        (
+            {"redis": {"url": "redis://h", "types": ["trade", "trade"]}},
+            "sinks.redis.types: types are listed twice",
+        ),
         ({"redis": {"url": "redis://h", "streamMaxLen": 0}}, "sinks.redis.streamMaxLen"),
         ({"kafka": {}}, "sinks.kafka: unknown key"),
     ],
-)  # fmt: skip
+)
 def test_bad_sink_settings_are_refused_by_key(sinks: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config({**BASE, "sinks": sinks})
@@ -368,9 +462,16 @@ def test_bad_sink_settings_are_refused_by_key(sinks: dict, message: str) -> None
 
 def test_the_environment_supplies_the_addresses(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({**BASE, "sinks": {"postgres": {"dsn": "postgresql://file/db", "batchMs": 50}}}))
-    config = load_config({"COLLECTOR_CONFIG": str(path), "COLLECTOR_POSTGRES_DSN": "postgresql://env:pw@h/db",
-                          "COLLECTOR_REDIS_URL": "redis://env:6379/1"})  # fmt: skip
+    path.write_text(
+        yaml.safe_dump({**BASE, "sinks": {"postgres": {"dsn": "postgresql://file/db", "batchMs": 50}}})
+    )
+    config = load_config(
+        {
+            "COLLECTOR_CONFIG": str(path),
+            "COLLECTOR_POSTGRES_DSN": "postgresql://env:pw@h/db",
+            "COLLECTOR_REDIS_URL": "redis://env:6379/1",
+        }
+    )
     assert config.sinks.postgres is not None and config.sinks.postgres.dsn == "postgresql://env:pw@h/db"
     assert config.sinks.postgres.batchMs == 50  # the file's other settings stay
     assert config.sinks.redis is not None and config.sinks.redis.url == "redis://env:6379/1"
@@ -378,12 +479,20 @@ def test_the_environment_supplies_the_addresses(tmp_path: Path) -> None:
 
 
 def test_building_the_sinks_makes_one_service_per_configured_sink_in_its_own_group() -> None:
-    config = parse_config({**BASE, "sinks": {"postgres": {"dsn": "postgresql://u:pw@h/db", "types": ["trade"]},
-                                             "redis": {"url": "redis://h"}}})  # fmt: skip
+    config = parse_config(
+        {
+            **BASE,
+            "sinks": {
+                "postgres": {"dsn": "postgresql://u:pw@h/db", "types": ["trade"]},
+                "redis": {"url": "redis://h"},
+            },
+        }
+    )
     sinks = build_sinks(config, ["127.0.0.1:9092"], "exchange-collector")  # builds, connects nothing
     assert [s.consumer.group_id for s in sinks.services] == [
-        "exchange-collector-sinks-postgres", "exchange-collector-sinks-redis",
-    ]  # fmt: skip
+        "exchange-collector-sinks-postgres",
+        "exchange-collector-sinks-redis",
+    ]
     assert sinks.services[0].consumer.pattern == market_pattern(["trade"])
     assert sinks.health.report(T0)["postgres"]["target"] == "postgresql://u:***@h/db"
     assert sink_group("x", "redis") == "x-sinks-redis"

@@ -57,11 +57,12 @@ class SinkConsumer:
     def __init__(self, bootstrap_servers: Sequence[str], group_id: str, pattern: str) -> None:
         self.group_id = group_id
         self.pattern = pattern
-        self._settings = consumer_settings(bootstrap_servers, group_id)
+        self._settings = {**consumer_settings(bootstrap_servers, group_id), "on_commit": self._on_commit}
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sink-{group_id}")
         self._consumer: Consumer | None = None
         self._lock = threading.Lock()
         self.assigned: set[tuple[str, int]] = set()
+        self._refused: dict[tuple[str, int], int] = {}
 
     async def _call(self, function: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
@@ -86,13 +87,23 @@ class SinkConsumer:
         with self._lock:
             return set(self.assigned)
 
-    async def poll(self, max_records: int, wait_seconds: float) -> list[SinkMessage]:
-        """Up to `max_records` records, waiting at most `wait_seconds` for them to gather."""
-        messages: list[SinkMessage] = await self._call(self._poll, max_records, wait_seconds)
-        return messages
+    def poll(
+        self, max_records: int, wait_seconds: float, commit: dict[tuple[str, int], int] | None = None
+    ) -> asyncio.Future[list[SinkMessage]]:
+        """Up to `max_records` records, waiting at most `wait_seconds` for them to gather. `commit`:
+        offsets of records already stored, committed first (asynchronously: a refused commit comes
+        back from `refused_commits`). The read starts on the consumer's thread at once; the caller
+        awaits the future when it wants the records."""
+        return asyncio.get_running_loop().run_in_executor(
+            self._thread, self._poll, max_records, wait_seconds, commit
+        )
 
-    def _poll(self, max_records: int, wait_seconds: float) -> list[SinkMessage]:
+    def _poll(
+        self, max_records: int, wait_seconds: float, commit: dict[tuple[str, int], int] | None
+    ) -> list[SinkMessage]:
         assert self._consumer is not None
+        if commit:
+            self._consumer.commit(offsets=_partitions(commit), asynchronous=True)
         received = self._consumer.consume(num_messages=max_records, timeout=wait_seconds)
         messages = []
         for message in received:
@@ -110,25 +121,41 @@ class SinkConsumer:
             )  # fmt: skip
         return messages
 
-    async def commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        """Commit synchronously; raises KafkaException when the broker refuses or cannot be reached."""
-        if offsets:
-            await self._call(self._commit, offsets)
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's answer to an asynchronous commit, served inside `consume` on our thread."""
+        failed = {(p.topic, p.partition): p.offset for p in partitions if error is not None or p.error}
+        if failed:
+            log.warning("sink consumer %s: committing %d offsets failed: %s", self.group_id, len(failed),
+                        error or next(p.error for p in partitions if p.error))  # fmt: skip
+            with self._lock:
+                for key, offset in failed.items():
+                    self._refused[key] = max(offset, self._refused.get(key, -1))
 
-    def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        assert self._consumer is not None
-        partitions = [TopicPartition(topic, part, offset) for (topic, part), offset in offsets.items()]
-        for result in self._consumer.commit(offsets=partitions, asynchronous=False) or []:
-            if result.error is not None:
-                raise KafkaException(result.error)
+    def refused_commits(self) -> dict[tuple[str, int], int]:
+        """Offsets whose commit failed since the last call: the caller commits them again."""
+        with self._lock:
+            refused, self._refused = self._refused, {}
+        return refused
 
-    async def close(self) -> None:
+    async def close(self, commit: dict[tuple[str, int], int] | None = None) -> None:
+        """Commit `commit` (synchronously) and leave the group."""
         try:
-            await self._call(self._close)
+            await self._call(self._close, commit)
         finally:
             self._thread.shutdown(wait=False)
 
-    def _close(self) -> None:
-        if self._consumer is not None:
+    def _close(self, commit: dict[tuple[str, int], int] | None) -> None:
+        if self._consumer is None:
+            return
+        try:
+            if commit:
+                self._consumer.commit(offsets=_partitions(commit), asynchronous=False)
+        except KafkaException as exc:  # the records are stored: the next owner reads them again
+            log.warning("sink consumer %s: the last commit failed: %s", self.group_id, exc)
+        finally:
             self._consumer.close()  # leaves the group: another sink worker takes the partitions at once
             self._consumer = None
+
+
+def _partitions(offsets: dict[tuple[str, int], int]) -> list[TopicPartition]:
+    return [TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()]

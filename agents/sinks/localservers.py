@@ -153,7 +153,9 @@ class LocalRedis:
     def __init__(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise ServerMissing("Redis is not installed: run `make system-deps` (Debian package redis-server)")
+            raise ServerMissing(
+                "Redis is not installed: run `make system-deps` (Debian package redis-server)"
+            )
         self.binary = binary
         self.port = free_port()
         self.folder = Path(tempfile.mkdtemp(prefix="collector-redis-"))

@@ -11,6 +11,7 @@ creating its table; `checks.check_record` learns its values.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +46,8 @@ MIGRATIONS: tuple[Migration, ...] = (
                 price numeric NOT NULL, quantity numeric NOT NULL, side text NOT NULL,
                 trade_time timestamptz NOT NULL, received_at timestamptz NOT NULL,
                 PRIMARY KEY (exchange, symbol, trade_id))""",
-            "CREATE INDEX IF NOT EXISTS trades_by_time ON trades (exchange, symbol, trade_time)",
+            # BRIN: trades arrive in time order, and a B-tree on time cost a third of the write time.
+            "CREATE INDEX IF NOT EXISTS trades_by_time ON trades USING brin (trade_time)",
             """CREATE TABLE IF NOT EXISTS klines (
                 exchange text NOT NULL, symbol text NOT NULL, "interval" text NOT NULL,
                 start_time timestamptz NOT NULL, end_time timestamptz NOT NULL,
@@ -243,6 +245,15 @@ def rows_by_table(
         if held is None or (spec.rank is not None and spec.rank(record) >= spec.rank(held)):
             per_key[key] = record
     return {kind: [tables[kind].row(r) for r in per_key.values()] for kind, per_key in chosen.items()}
+
+
+def split_lanes(records: Iterable[MarketRecord], lanes: int) -> list[list[MarketRecord]]:
+    """Records split into `lanes` groups by exchange and symbol: every row key of a symbol falls in one
+    lane, so transactions of different lanes never wait for each other's rows."""
+    split: list[list[MarketRecord]] = [[] for _ in range(lanes)]
+    for record in records:
+        split[zlib.crc32(f"{record.exchange}|{record.symbol}".encode()) % lanes].append(record)
+    return split
 
 
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})

@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from confluent_kafka import KafkaException
 from mode import Service
 
 from agents.sinks.batch import SinkMessage, merge_offsets, next_offsets, oldest_timestamp
@@ -63,7 +62,8 @@ class SinkService(Service):
         self.batch_rows = batch_rows
         self.batch_ms = batch_ms
         self._clock = clock
-        self._uncommitted: dict[tuple[str, int], int] = {}
+        self._uncommitted: dict[tuple[str, int], int] = {}  # stored, to be committed with the next read
+        self._reading: asyncio.Future[list[SinkMessage]] | None = None
         self._lag = SINK_LAG.labels(writer.name)
 
     @property
@@ -75,15 +75,33 @@ class SinkService(Service):
 
     async def on_shutdown(self) -> None:  # after the loop below has been stopped
         self.status.state = "stopped"
-        await self.consumer.close()
+        if self._reading is not None:
+            self._reading.cancel()  # its records were never stored: they are read again next time
+        await self.consumer.close(commit=self._stored_offsets())
         await self.writer.close()
+
+    def _stored_offsets(self) -> dict[tuple[str, int], int]:
+        """Offsets of stored records not committed yet, with those whose commit was refused."""
+        assigned = self.consumer.assigned_now()
+        refused = {k: v for k, v in self.consumer.refused_commits().items() if k in assigned}
+        offsets, self._uncommitted = merge_offsets(refused, self._uncommitted), {}
+        return offsets
+
+    def _read_next(self) -> asyncio.Future[list[SinkMessage]]:
+        """Start reading the next batch, committing what is stored so far on the way: the read runs on
+        the consumer's thread while this batch is written, so waiting for records and writing them
+        overlap."""
+        self._reading = self.consumer.poll(self.batch_rows, self.batch_ms / 1000, self._stored_offsets())
+        return self._reading
 
     @Service.task
     async def _run(self) -> None:
         log.info("%s: reading %s as group %s into %s", self.label, self.consumer.pattern,
                  self.consumer.group_id, self.status.target)  # fmt: skip
+        reading = self._read_next()
         while not self.should_stop:
-            messages = await self.consumer.poll(self.batch_rows, self.batch_ms / 1000)
+            messages = await reading
+            reading = self._read_next()
             if not messages:
                 self.status.caught_up()
                 self._lag.set(self.status.lag_seconds(self._clock()))
@@ -92,7 +110,8 @@ class SinkService(Service):
             items = await self._decode(messages)
             if not await self._store(items):
                 return  # stopping: the batch is neither stored nor committed, and is read again
-            await self._commit(next_offsets(messages))
+            # Committed with the next read: only now, after the database commit.
+            self._uncommitted = merge_offsets(self._uncommitted, next_offsets(messages))
             self._lag.set(self.status.lag_seconds(self._clock()))
 
     async def _decode(self, messages: Sequence[SinkMessage]) -> list[Item]:
@@ -145,17 +164,3 @@ class SinkService(Service):
             self.status.stored(stored, self._clock())
             return True
         return False
-
-    async def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        self._uncommitted = merge_offsets(self._uncommitted, offsets)
-        try:
-            await self.consumer.commit(self._uncommitted)
-        except KafkaException as exc:
-            # Stored but not committed: the next commit carries these offsets too, and a replay
-            # before then changes nothing.
-            SINK_ERRORS.labels(self.writer.name).inc()
-            log.warning("%s: committing offsets failed: %s", self.label, exc)
-            assigned = self.consumer.assigned_now()
-            self._uncommitted = {key: offset for key, offset in self._uncommitted.items() if key in assigned}
-            return
-        self._uncommitted = {}
