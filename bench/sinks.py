@@ -112,6 +112,7 @@ class SinkRun:
     sink: str
     mode: str  # steady, drain
     records: int
+    stored: int  # records the sink stored: all of them, or the run is broken
     target_rate: float
     written_rate: float  # what the producer managed (steady)
     stored_rate: float
@@ -213,8 +214,10 @@ async def _run(sink: str, mode: str, args: argparse.Namespace) -> SinkRun:
             finish = finished - wall0
             passed = stored >= records
         target_rate = args.rate if mode == "steady" else 0
-        return SinkRun(sink, mode, records, target_rate, written_rate, stored_rate, max_lag, end_lag, finish,
-                       cpu, db_cpu, broker_cpu, passed)  # fmt: skip
+        return SinkRun(
+            sink, mode, records, stored, target_rate, written_rate, stored_rate, max_lag, end_lag, finish,
+            cpu, db_cpu, broker_cpu, passed,
+        )  # fmt: skip
 
 
 def _db_cpu(sink: str, pid: int) -> float:
