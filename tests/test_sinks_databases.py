@@ -4,7 +4,10 @@ schema and migrations, exact values, write rules across batches, refusals, the R
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 from decimal import Decimal
+from pathlib import Path
 
 import msgspec
 import psycopg
@@ -180,3 +183,59 @@ async def test_writers_report_an_unreachable_server_as_an_outage() -> None:
         await asyncio.wait_for(
             RedisWriter(f"redis://127.0.0.1:{port}/0", None, None).write(items(trade())), 30
         )
+
+
+def readme_block(marker: str) -> str:
+    """A ready query of README "Sinks", by its first line (`-- ohlcv-1m`) or the command it starts with."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for block in re.findall(r"```(?:sql|sh)\n(.*?)```", readme, re.S):
+        if block.startswith(marker):
+            return block
+    raise AssertionError(f"README has no block starting with {marker!r}")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def test_the_readme_queries_answer_from_what_the_sinks_stored(
+    postgres_dsn: str, redis_url: str
+) -> None:
+    minute = now_ms() // 60_000 * 60_000 - 120_000  # two minutes ago, on the minute
+    stored = [
+        trade("1", "10.5", minute + 1000),
+        trade("2", "12", minute + 2000),
+        trade("3", "9.25", minute + 3000),
+        trade("4", "11", minute + 59_000),  # the first minute: open 10.5, high 12, low 9.25, close 11
+        trade("7", "13", minute + 61_000),  # the next minute; ids 5 and 6 are missing
+        trade("9", "14", minute + 62_000),  # and 8
+    ]
+    writer = PostgresWriter(postgres_dsn, ["trade"])
+    try:
+        await writer.write(items(*stored))
+    finally:
+        await writer.close()
+    ohlcv = query(postgres_dsn, readme_block("-- ohlcv-1m"))
+    assert [row[3:] for row in ohlcv] == [
+        (Decimal("10.5"), Decimal("12"), Decimal("9.25"), Decimal("11"), Decimal("1.00"), 4),
+        (Decimal("13"), Decimal("14"), Decimal("13"), Decimal("14"), Decimal("0.50"), 2),
+    ]
+    assert ohlcv[0][:2] == ("binance", "BTC/USDT")
+    missing = query(postgres_dsn, readme_block("-- missing-trade-ids"))
+    assert missing == [("binance", "BTC/USDT", 5, 6, 2), ("binance", "BTC/USDT", 8, 8, 1)]
+
+    redis_writer = RedisWriter(redis_url, None, None)
+    eth = msgspec.structs.replace(trade("5", "2500.25"), symbol="ETH/USDT")
+    try:
+        await redis_writer.write(items(*stored, eth))
+    finally:
+        await redis_writer.close()
+    command = readme_block("redis-cli EVAL")
+    script = re.match(r'redis-cli EVAL "(.*)" 0\s*$', command, re.S)
+    assert script is not None
+    client = redis_asyncio.Redis.from_url(redis_url)
+    try:
+        prices = sorted(await client.eval(script[1], 0))
+    finally:
+        await client.aclose()
+    assert prices == [b"binance:btc-usdt 14", b"binance:eth-usdt 2500.25"]
