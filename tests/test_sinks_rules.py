@@ -319,10 +319,16 @@ def test_a_batch_becomes_one_script_call_per_symbol_in_arrival_order() -> None:
         "collector:latest-rank:binance:btc-usdt",
         "collector:stream:binance:btc-usdt",
     ]
-    assert btc.args[:2] == ["60", "0"]
-    assert btc.args[2:8] == ["trade", "market.trade.binance.btc-usdt", "trade", str(T0), "1", b"t1"]
-    assert btc.args[8:11] == ["kline", "market.kline.binance.btc-usdt", "kline:1m"]
-    assert btc.args[-1] == b"t2"
+    ttl, max_len, suffix, fields, *payloads = btc.args
+    assert (ttl, max_len, suffix) == ("60", "0", ".binance.btc-usdt")
+    closed_rank = str(2**43 + T0)
+    assert msgspec.json.decode(fields) == [
+        ["trade", str(T0), "1"],
+        ["kline:1m", str(T0), closed_rank],
+        ["trade", str(T0), "2"],
+    ]
+    assert payloads == [b"t1", b"k", b"t2"]
+    assert btc.types() == {"trade": 2, "kline": 1}
 
 
 # ---- offsets, pattern, backoff -----------------------------------------------------------------------

@@ -42,6 +42,9 @@ def consumer_settings(bootstrap_servers: Sequence[str], group_id: str) -> dict[s
         "fetch.max.bytes": 64 << 20,
         "max.partition.fetch.bytes": 8 << 20,
         "queued.max.messages.kbytes": QUEUED_KBYTES,
+        # When that prefetch queue is full librdkafka pauses fetching for 1 s by default: a stall of two
+        # fetch waits for a sink that is only catching up.
+        "fetch.queue.backoff.ms": 50,
         "topic.metadata.refresh.interval.ms": METADATA_REFRESH_MS,
         # The embedded broker holds a group join for session_timeout / 2 (reference/platform.md).
         "session.timeout.ms": 6000,

@@ -13,11 +13,14 @@ batch to one symbol's keys. Pure code: no I/O (the script runs inside Redis, ato
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from streams.records import Bbo, Kline, MarketRecord, Trade
-from streams.topics import market_topic, symbol_token
+from streams.topics import symbol_token
 
 LATEST_PREFIX = "collector:latest:"
 RANK_PREFIX = "collector:latest-rank:"
@@ -71,12 +74,21 @@ def latest_rank(record: MarketRecord) -> tuple[int, int]:
 
 @dataclass
 class SymbolWrite:
-    """One script call: every record of a batch for one exchange and symbol, in arrival order."""
+    """One script call: every record of a batch for one exchange and symbol, in arrival order.
+
+    Arguments: ttl, stream MAXLEN, the channel suffix `.<exchange>.<symbol>`, a JSON list of
+    `[field, rank high, rank low]` per record, then the records' JSON, one argument each. (Six
+    arguments per record cost more in redis-py's packing than everything else in the sink.)"""
 
     exchange: str
     symbol: str
-    args: list[str | bytes] = field(default_factory=list)
-    records: int = 0
+    head: list[str]
+    fields: list[tuple[str, str, str]] = field(default_factory=list)
+    payloads: list[bytes] = field(default_factory=list)
+
+    @property
+    def records(self) -> int:
+        return len(self.payloads)
 
     @property
     def keys(self) -> list[str]:
@@ -86,24 +98,32 @@ class SymbolWrite:
             stream_key(self.exchange, self.symbol),
         ]
 
+    @property
+    def args(self) -> list[str | bytes]:
+        return [*self.head, _encoder.encode(self.fields).decode(), *self.payloads]
+
+    def types(self) -> Counter[str]:
+        return Counter(name.partition(":")[0] for name, _, _ in self.fields)
+
+
+_encoder = msgspec.json.Encoder()
+
 
 def plan_writes(
     items: Iterable[tuple[MarketRecord, bytes]], ttl_seconds: int | None, stream_max_len: int | None
 ) -> list[SymbolWrite]:
     """Group a batch's (record, its JSON as read from Kafka) by symbol into script calls."""
-    head: list[str | bytes] = [str(ttl_seconds or 0), str(stream_max_len or 0)]
     writes: dict[tuple[str, str], SymbolWrite] = {}
     for record, payload in items:
         key = (record.exchange, record.symbol)
         write = writes.get(key)
         if write is None:
-            write = writes[key] = SymbolWrite(record.exchange, record.symbol, list(head))
+            suffix = f".{record.exchange}.{symbol_token(record.symbol)}"
+            head = [str(ttl_seconds or 0), str(stream_max_len or 0), suffix]
+            write = writes[key] = SymbolWrite(record.exchange, record.symbol, head)
         high, low = latest_rank(record)
-        write.args += [
-            record.type, market_topic(record.type, record.exchange, record.symbol), latest_field(record),
-            str(high), str(low), payload,
-        ]  # fmt: skip
-        write.records += 1
+        write.fields.append((latest_field(record), str(high), str(low)))
+        write.payloads.append(payload)
     return list(writes.values())
 
 
@@ -117,16 +137,19 @@ def newest(ranked: Iterable[tuple[tuple[int, int], bytes]]) -> bytes | None:
     return None if best is None else best[1]
 
 
-# KEYS: latest hash, rank hash, stream. ARGV: ttl seconds (0: none), stream MAXLEN (0: no stream), then
-# six per record: type, channel, field, rank high, rank low, payload.
+# KEYS: latest hash, rank hash, stream. ARGV: ttl seconds (0: none), stream MAXLEN (0: no stream),
+# channel suffix, JSON [[field, rank high, rank low], ...], then each record's JSON. The record's type is
+# its field up to a colon (`kline:1m` → kline); its channel `market.<type><suffix>`.
 APPLY_SCRIPT = """
 local ttl = tonumber(ARGV[1])
 local maxlen = tonumber(ARGV[2])
+local suffix = ARGV[3]
+local fields = cjson.decode(ARGV[4])
 local high, low, payload, rank = {}, {}, {}, {}
-for i = 3, #ARGV, 6 do
-  local kind, channel, field = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local h, l, body = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), ARGV[i + 5]
-  redis.call('PUBLISH', channel, body)
+for n, entry in ipairs(fields) do
+  local field, h, l, body = entry[1], tonumber(entry[2]), tonumber(entry[3]), ARGV[4 + n]
+  local kind = string.match(field, '^[^:]+')
+  redis.call('PUBLISH', 'market.' .. kind .. suffix, body)
   if maxlen > 0 then
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', maxlen, '*', 'type', kind, 'record', body)
   end
@@ -141,7 +164,7 @@ for i = 3, #ARGV, 6 do
   if h > high[field] or (h == high[field] and l >= low[field]) then
     high[field], low[field] = h, l
     payload[field] = body
-    rank[field] = ARGV[i + 3] .. ':' .. ARGV[i + 4]
+    rank[field] = entry[2] .. ':' .. entry[3]
   end
 end
 local changed = 0

@@ -63,7 +63,7 @@ class SinkService(Service):
         self.batch_ms = batch_ms
         self._clock = clock
         self._uncommitted: dict[tuple[str, int], int] = {}  # stored, to be committed with the next read
-        self._reading: asyncio.Future[list[SinkMessage]] | None = None
+        self._reading: asyncio.Future[tuple[list[SinkMessage], list[Item]]] | None = None
         self._lag = SINK_LAG.labels(writer.name)
 
     @property
@@ -87,12 +87,17 @@ class SinkService(Service):
         offsets, self._uncommitted = merge_offsets(refused, self._uncommitted), {}
         return offsets
 
-    def _read_next(self) -> asyncio.Future[list[SinkMessage]]:
-        """Start reading the next batch, committing what is stored so far on the way: the read runs on
-        the consumer's thread while this batch is written, so waiting for records and writing them
-        overlap."""
-        self._reading = self.consumer.poll(self.batch_rows, self.batch_ms / 1000, self._stored_offsets())
+    def _read_next(self) -> asyncio.Future[tuple[list[SinkMessage], list[Item]]]:
+        """Start reading and decoding the next batch, committing what is stored so far on the way. The
+        read runs on the consumer's thread and the decoding while the database works on this batch,
+        so the three overlap."""
+        read = self.consumer.poll(self.batch_rows, self.batch_ms / 1000, self._stored_offsets())
+        self._reading = asyncio.ensure_future(self._decoded(read))
         return self._reading
+
+    async def _decoded(self, read: asyncio.Future[list[SinkMessage]]) -> tuple[list[SinkMessage], list[Item]]:
+        messages = await read
+        return messages, await self._decode(messages)
 
     @Service.task
     async def _run(self) -> None:
@@ -100,14 +105,13 @@ class SinkService(Service):
                  self.consumer.group_id, self.status.target)  # fmt: skip
         reading = self._read_next()
         while not self.should_stop:
-            messages = await reading
+            messages, items = await reading
             reading = self._read_next()
             if not messages:
                 self.status.caught_up()
                 self._lag.set(self.status.lag_seconds(self._clock()))
                 continue
             self.status.read(oldest_timestamp(messages))
-            items = await self._decode(messages)
             if not await self._store(items):
                 return  # stopping: the batch is neither stored nor committed, and is read again
             # Committed with the next read: only now, after the database commit.

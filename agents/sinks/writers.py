@@ -271,6 +271,5 @@ class RedisWriter:
             # e.g. WRONGTYPE: someone else's value at our key. Retrying would never end.
             log.warning("redis sink: %s refused %d records: %s", write.keys[0], write.records, text)
             result.rejected += [("refused-by-database", text[:200])] * write.records
-            per_type = Counter(str(write.args[i]) for i in range(2, len(write.args), 6))
-            result.stored -= per_type
+            result.stored -= write.types()
         return result
