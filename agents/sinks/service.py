@@ -3,7 +3,11 @@
 The offsets of a batch are committed only after its database commit, so a crash or a rebalance
 replays records rather than losing them; the natural keys (PostgreSQL) and event-time ranks (Redis)
 make the replay change nothing. While the database is down the batch is retried with backoff and
-nothing more is read: collection, which has its own consumer group, does not notice.
+nothing more is read (beyond the one batch read ahead): collection, which has its own consumer group,
+does not notice.
+
+Three things overlap: librdkafka fetching (its threads), reading and decoding the next batch (the
+consumer's thread, then the event loop between the database's round trips), and writing this one.
 """
 
 from __future__ import annotations
