@@ -76,6 +76,7 @@ class LocalPostgres:
         self.log_path = self.folder / "postgres.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._run_as: dict[str, Any] = {}
+        # Run from the folder: the server's user may not be allowed into the caller's directory.
         if os.geteuid() == 0:
             account = pwd.getpwnam("postgres")  # created by Debian's postgresql package
             os.chown(self.folder, account.pw_uid, account.pw_gid)
@@ -89,7 +90,7 @@ class LocalPostgres:
             subprocess.run(
                 [str(self.bin / "initdb"), "-D", str(self.data), "-U", self.USER, "--auth=trust",
                  "-E", "UTF8", "--locale=C", "--no-sync"],
-                check=True, capture_output=True, **self._run_as,
+                check=True, capture_output=True, cwd=self.folder, **self._run_as,
             )  # fmt: skip
         with contextlib.suppress(FileNotFoundError):
             self.log_path.unlink()
@@ -110,7 +111,7 @@ class LocalPostgres:
         try:
             self.process = subprocess.Popen(
                 [str(self.bin / "postgres"), "-D", str(self.data), *options],
-                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.folder,
                 preexec_fn=die_with_parent(signal.SIGQUIT), **self._run_as,
             )  # fmt: skip
         finally:
