@@ -81,6 +81,14 @@ def test_a_worker_stores_every_trade_once_with_its_exact_values_across_a_restart
         assert status == 200
         assert 'collector_sink_rows_total{sink="postgres",type="trade"}' in metrics
         assert 'collector_sink_lag_seconds{sink="redis"}' in metrics
+        status, sinks = worker.request("/sinks")
+        assert status == 200, sinks
+        assert sinks["sinks"]["postgres"]["reachable"] is True
+        assert sinks["sinks"]["postgres"]["group"] == "exchange-collector-sinks-postgres"
+        assert sinks["sinks"]["redis"]["rows"]["trade"] >= 200
+        _, health = worker.request("/health")
+        assert health["sinks"]["postgres"]["state"] == "running", health
+        assert not [reason for reason in health["reasons"] if reason.startswith("sink ")], health
     finally:
         code = worker.stop()
     assert_clean_exit(worker, code)

@@ -3,7 +3,8 @@
 `build_sinks(config, bootstrap_servers, app_id)` makes one `Sinks` service holding a `SinkService`
 per configured sink, each reading the market topics in its own consumer group `<app_id>-sinks-<sink>`,
 and a `SinkHealth` the web views read. Nothing here reads module globals of the app: the caller
-registers the service with the Faust app (`app.service(sinks)`) and hands `sinks.health` to the views.
+registers the service with the Faust app (`app.service(sinks)`) and hands `sinks.health` to the views
+(agents/worker.py does both; `install_sink_views` adds `GET /sinks`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from agents.sinks.batch import market_pattern
 from agents.sinks.consumer import SinkConsumer
 from agents.sinks.health import SinkHealth, SinkStatus, redact
 from agents.sinks.service import SinkService
+from agents.sinks.views import install_sink_views
 from agents.sinks.writers import PostgresWriter, RedisWriter, Writer
 from streams.config import CollectorConfig
 
-__all__ = ["SinkHealth", "SinkService", "Sinks", "build_sinks", "sink_group"]
+__all__ = ["SinkHealth", "SinkService", "Sinks", "build_sinks", "install_sink_views", "sink_group"]
 
 
 def sink_group(app_id: str, sink: str) -> str:
