@@ -11,6 +11,7 @@ import msgspec
 import psycopg
 import pytest
 import redis
+import yaml
 
 from agents.embedded_broker import EmbeddedBroker
 from tests.harness import Simulator, Worker, assert_clean_exit, trades_made_until, wait_for, write_config
@@ -113,3 +114,32 @@ def test_a_worker_stores_every_trade_once_with_its_exact_values_across_a_restart
         code = restarted.stop()
         simulator.stop()
     assert_clean_exit(restarted, code)
+
+
+def test_a_worker_that_only_stores_runs_its_sinks_without_collecting(
+    broker: EmbeddedBroker, tmp_path: Path, postgres_dsn: str
+) -> None:
+    """`collection: false` plus `sinks`: no exchange is contacted, the market topics are stored."""
+    from tests.test_sinks_e2e import Market, trades
+
+    config = tmp_path / "store-only.yaml"
+    config.write_text(yaml.safe_dump({
+        "collection": False,
+        "exchanges": {"binance": {"wsEndpoint": "ws://127.0.0.1:9", "restEndpoint": "http://127.0.0.1:9",
+                                  "symbols": ["BTC/USDT"], "dataTypes": ["trade"]}},
+        "sinks": {"postgres": {"dsn": postgres_dsn, "types": ["trade"], "batchMs": 100}},
+        "logging": {"level": "info", "format": "json"},
+    }))  # fmt: skip
+    Market(broker.bootstrap).send(trades("DOGE/USDT", range(1, 101)))
+    worker = Worker(config, broker.bootstrap, tmp_path, name="store-only")
+    try:
+        worker.wait_ready()
+        every_trade = {str(i) for i in range(1, 101)}
+        wait_for(lambda: set(stored_trades(postgres_dsn).get("DOGE/USDT", {})) == every_trade,
+                 60, "the trades stored by a worker that collects nothing")  # fmt: skip
+        status, body = worker.request("/sinks")
+        assert status == 200 and body["sinks"]["postgres"]["rows"]["trade"] >= 100
+    finally:
+        code = worker.stop()
+    assert_clean_exit(worker, code)
+    assert "wsEndpoint" not in worker.log() and "connecting" not in worker.log()
