@@ -122,14 +122,15 @@ class PostgresWriter:
             await self.open()
         result = WriteResult(stored=_count(items))
         lanes = split_lanes((record for record, _ in items), len(self._connections))
-        try:
-            await asyncio.gather(*(
-                self._write_lane(connection, rows_by_table(records), result)
-                for connection, records in zip(self._connections, lanes, strict=True) if records
-            ))  # fmt: skip
-        except SinkUnavailable:
-            await self.close()  # the next attempt opens every lane again
-            raise
+        outcomes = await asyncio.gather(*(
+            self._write_lane(connection, rows_by_table(records), result)
+            for connection, records in zip(self._connections, lanes, strict=True) if records
+        ), return_exceptions=True)  # fmt: skip
+        # Every lane has finished (committed or not) before any connection is closed.
+        failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        if failures:
+            await self.close()  # the next attempt opens every lane again and rewrites the whole batch
+            raise failures[0]
         return result
 
     async def _write_lane(
