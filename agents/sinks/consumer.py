@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 FETCH_WAIT_MS = 500
 FETCH_MIN_BYTES = 1 << 20
 METADATA_REFRESH_MS = 5000  # how soon a new symbol's topic is picked up by the pattern
-QUEUED_KBYTES = 16 * 1024  # what librdkafka prefetches per partition ahead of the sink
+QUEUED_KBYTES = 16 * 1024  # what librdkafka prefetches ahead of the sink, all partitions together
 
 
 def consumer_settings(bootstrap_servers: Sequence[str], group_id: str) -> dict[str, Any]:
