@@ -17,8 +17,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from streams.depth import DepthSettings
 from streams.exchanges import adapter_class
-from streams.exchanges.base import DataType
+from streams.exchanges.base import DataType, DepthSettingError
 
 DEFAULT_CONFIG_PATH = Path("config/default.yaml")
 EMBEDDED: Literal["embedded"] = "embedded"
@@ -48,12 +49,21 @@ class ConnectionsConfig(_Strict):
     lifetimeSeconds: Annotated[float | None, Field(gt=0)] = None
 
 
+class DepthConfig(_Strict):
+    """Order books; each key left out takes the exchange's default (README, "Order books")."""
+
+    levels: Annotated[int | None, Field(ge=1)] = None  # levels per side in depth records
+    speed: str | None = None  # the diff stream's speed, e.g. 100ms
+    snapshotIntervalSeconds: Annotated[float | None, Field(gt=0)] = None  # a snapshot record this often
+
+
 class ExchangeConfig(_Strict):
     wsEndpoint: str
     restEndpoint: str
     symbols: Annotated[list[str], Field(min_length=1)]
     dataTypes: Annotated[list[str], Field(min_length=1)]
     connections: ConnectionsConfig = ConnectionsConfig()
+    depth: DepthConfig = DepthConfig()
 
     @field_validator("wsEndpoint")
     @classmethod
@@ -249,7 +259,18 @@ class CollectorConfig(_Strict):
                     ("exchanges", name, "connections", "streamsPerConnection"),
                     f"{name} allows at most {limit} streams per connection",
                 )
+            if exchange.depth != DepthConfig():
+                try:
+                    self.depth_settings(name)
+                except DepthSettingError as exc:
+                    raise _KeyedError(("exchanges", name, "depth", exc.key), str(exc)) from None
         return self
+
+    def depth_settings(self, exchange: str) -> DepthSettings:
+        """The exchange's depth settings: the config's values, the exchange's defaults for the rest."""
+        depth = self.exchanges[exchange].depth
+        adapter = adapter_class(exchange)
+        return adapter.depth_settings(depth.levels, depth.speed, depth.snapshotIntervalSeconds)
 
 
 class _KeyedError(ValueError):

@@ -11,8 +11,16 @@ it. A record that breaks a rule is refused with a `Rejection` whose reason is th
                            from the receive time (only the future side is checked for REST input,
                            whose records may legitimately be old)
     inconsistent-kline     high < max(open, close), low > min(open, close), or endTime < startTime
-    crossed-book           a bbo or ticker whose bid is not below its ask
+    crossed-book           a bbo or ticker whose bid is not below its ask; an order book snapshot whose
+                           best bid is not below its best ask
     invalid-trade-id       a trade id that is not an integer on an exchange with increasing ids
+    invalid-update-id      a depth record or diff whose update ids are not non-negative integers, or
+                           whose first id is past its last
+
+Order book levels (`depth_problem` for what adapters parse, the same rules for depth records): a price
+must be a positive plain decimal of at most 18 decimals (invalid-price); a quantity a plain decimal,
+zero only in a diff or update, where it removes the level (invalid-quantity: negative, not a number,
+or zero in a snapshot).
 
 Continuity (repeats, gaps, ids that do not follow) is not checked here: the continuity engine
 (streams/continuity/) does that for every trade that passes these checks.
@@ -27,7 +35,9 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Literal, NamedTuple
 
-from streams.records import Bbo, Kline, MarketRecord, Ticker, Trade
+from streams.book import PRICE_DECIMALS, price_key
+from streams.depth import DepthBook, DepthDiff, DepthSnapshot
+from streams.records import Bbo, Depth, Kline, MarketRecord, Ticker, Trade
 
 TradeIdPolicy = Literal["increasing", "unique", "none"]
 """How an exchange's trade ids behave, declared by each adapter (`ExchangeAdapter.trade_ids`) and
@@ -115,6 +125,8 @@ class Validator:
             return _kline(data)
         if type(data) is Ticker:
             return _ticker(data)
+        if type(data) is Depth:
+            return _depth_record(data)
         return None
 
 
@@ -176,3 +188,51 @@ def _ticker(ticker: Ticker) -> Rejection | None:
     if bid is not None and ask is not None and _positive(bid) and _positive(ask) and not _less(bid, ask):
         return Rejection("crossed-book", f"bid {bid} is not below ask {ask}")
     return None
+
+
+def depth_problem(item: DepthDiff | DepthBook | DepthSnapshot) -> Rejection | None:
+    """Why an adapter's order book item must not touch a book, or None. A diff's levels may have
+    quantity zero (removal); a whole book or snapshot's may not, and must not be crossed."""
+    if isinstance(item, DepthDiff):
+        first, last = item.first_update_id, item.last_update_id
+        if first < 0 or first > last or (item.prev_update_id is not None and item.prev_update_id < 0):
+            previous = item.prev_update_id
+            return Rejection("invalid-update-id", f"update ids {first}..{last} (previous {previous})")
+        return _levels_problem(item.bids, False) or _levels_problem(item.asks, False)
+    update_id = item.update_id if isinstance(item, DepthBook) else item.last_update_id
+    if update_id < 0:
+        return Rejection("invalid-update-id", f"update id {update_id}")
+    return _whole_book_problem(item.bids, item.asks)
+
+
+def _levels_problem(levels: list[tuple[str, str]], whole_book: bool) -> Rejection | None:
+    for price, quantity in levels:
+        point = price.find(".")
+        if not _positive(price) or (point >= 0 and len(price) - point - 1 > PRICE_DECIMALS):
+            return Rejection("invalid-price", f"level price {price!r}")
+        if not (_positive(quantity) if whole_book else _unsigned(quantity)):
+            what = "zero in a whole book" if whole_book and _unsigned(quantity) else "not a size"
+            return Rejection("invalid-quantity", f"level quantity {quantity!r} at {price} ({what})")
+    return None
+
+
+def _whole_book_problem(bids: list[tuple[str, str]], asks: list[tuple[str, str]]) -> Rejection | None:
+    problem = _levels_problem(bids, True) or _levels_problem(asks, True)
+    if problem is None and bids and asks:
+        best_bid = max(bids, key=lambda level: price_key(level[0]))[0]
+        best_ask = min(asks, key=lambda level: price_key(level[0]))[0]
+        if price_key(best_bid) >= price_key(best_ask):
+            return Rejection("crossed-book", f"best bid {best_bid} is not below best ask {best_ask}")
+    return problem
+
+
+def _depth_record(depth: Depth) -> Rejection | None:
+    ids = (depth.first_update_id, depth.last_update_id, depth.prev_update_id or "0")
+    if not all(text.isdigit() and text.isascii() and len(text) <= 20 for text in ids):
+        return Rejection("invalid-update-id", f"update ids {ids}")
+    if int(depth.first_update_id) > int(depth.last_update_id):
+        first, last = depth.first_update_id, depth.last_update_id
+        return Rejection("invalid-update-id", f"first update id {first} past last {last}")
+    if depth.snapshot:
+        return _whole_book_problem(depth.bids, depth.asks)
+    return _levels_problem(depth.bids, False) or _levels_problem(depth.asks, False)

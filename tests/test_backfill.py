@@ -108,7 +108,7 @@ async def test_where_trade_ids_are_not_ordered_new_ids_are_published_whatever_th
 
 
 @pytest.mark.parametrize(("source", "reason"), [
-    ("rest:depth/BTCUSDT", "unknown-source"),
+    ("rest:orderbook/BTCUSDT", "unknown-source"),
     ("rest:trades/XYZUSDT", "unknown-symbol"),
 ])  # fmt: skip
 async def test_rest_records_the_normalizer_cannot_route_or_read_are_dead_lettered(

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from streams.depth import DepthBook
 from streams.exchanges import adapter_class
 from streams.exchanges.base import DataType, FrameError, Instrument
 from streams.exchanges.bithumb import BithumbAdapter
@@ -65,10 +66,14 @@ def test_trade_with_a_string_sequential_id(adapter: BithumbAdapter) -> None:
 
 
 def test_orderbook_microsecond_string_timestamp(adapter: BithumbAdapter) -> None:
-    record = contract(adapter.parse_frame(DOC_ORDERBOOK, RECEIVED_AT))
+    bbo, book = adapter.parse_frame(DOC_ORDERBOOK, RECEIVED_AT)
+    record = contract([bbo])
     assert record["timestamp"] == 1783657882348  # µs string → ms
     assert record["data"] == {"bidPrice": "95339000", "bidQuantity": "0.0024", "askPrice": "95340000",
                               "askQuantity": "0.0007", "updateId": "1783657882348968"}  # fmt: skip
+    # The same message is the whole book; its id is the µs timestamp.
+    assert book == DepthBook("BTC/KRW", 1783657882348, RECEIVED_AT, 1783657882348968,
+                             [("95339000", "0.0024")], [("95340000", "0.0007")])  # fmt: skip
 
 
 def test_ticker(adapter: BithumbAdapter) -> None:
@@ -109,7 +114,7 @@ def test_rest_history_pages_back_from_the_newest_trades(adapter: BithumbAdapter)
 
 def test_what_bithumb_offers(adapter: BithumbAdapter) -> None:
     assert adapter_class("bithumb") is BithumbAdapter and issubclass(BithumbAdapter, UpbitAdapter)
-    assert BithumbAdapter.data_kinds == {"trade", "ticker", "bbo"}
+    assert BithumbAdapter.data_kinds == {"trade", "ticker", "bbo", "depth"}
     assert not BithumbAdapter.supports(DataType.parse("kline_1m"))  # no candles on the public WebSocket
     assert (
         BithumbAdapter.limits.max_connection_attempts,

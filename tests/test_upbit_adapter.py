@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams.continuity import Settings
+from streams.depth import DepthBook
 from streams.exchanges import adapter_class
 from streams.exchanges.base import DataType, ErrorReply, FrameError, Instrument, SubscriptionList
 from streams.exchanges.upbit import UpbitAdapter, millis, plain
@@ -79,7 +80,16 @@ def test_fixture_is_binary_simple_trades_and_orderbooks() -> None:
 def test_recorded_frame(adapter: UpbitAdapter, received_at: int, frame: bytes) -> None:
     source = json.loads(frame, parse_float=Decimal)
     assert adapter.control_events(frame) == []
-    [record] = contract(adapter.parse_frame(frame, received_at))
+    items = adapter.parse_frame(frame, received_at)
+    if source["ty"] == "orderbook":  # the bbo record, then the whole book (the depth engine's input)
+        items, book = items[:1], items[1]
+        units = source["obu"]
+        assert book == DepthBook(
+            f"{source['cd'].split('-')[1]}/{source['cd'].split('-')[0]}", source["tms"], received_at,
+            source["tms"], [(exact(u["bp"]), exact(u["bs"])) for u in units],
+            [(exact(u["ap"]), exact(u["as"])) for u in units],
+        )  # fmt: skip
+    [record] = contract(items)
     quote, base = source["cd"].split("-")
     common = {"exchange": "upbit", "symbol": f"{base}/{quote}", "timestamp": source["tms"],
               "receivedAt": received_at}  # fmt: skip
@@ -151,7 +161,7 @@ def test_documented_ticker(adapter: UpbitAdapter) -> None:
 
 
 def test_documented_orderbook_top_is_the_bbo(adapter: UpbitAdapter) -> None:
-    assert contract(adapter.parse_frame(DOC_ORDERBOOK, RECEIVED_AT))[0]["data"] == {
+    assert contract(adapter.parse_frame(DOC_ORDERBOOK, RECEIVED_AT)[:1])[0]["data"] == {
         "bidPrice": "100465000", "bidQuantity": "0.02", "askPrice": "100473000", "askQuantity": "0.43",
         "updateId": "1730336862082"}  # fmt: skip
 
