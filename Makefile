@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-deps run demo simulate test test-unit lint format clean bench bench-soak
+.PHONY: help install system-deps run demo simulate test test-unit lint format clean bench bench-soak bench-sinks
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -19,11 +19,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install the collector with its test tools
 
-# Debian packages the tests use: chromium (dashboard test) and prometheus (promtool). Installed only
-# when missing, so a machine that has them is left alone and nothing is printed.
-SYSTEM_PACKAGES := chromium prometheus
-system-deps: ## Install chromium and promtool (Debian packages) when missing
-	@if ! command -v chromium >/dev/null || ! command -v promtool >/dev/null; then \
+# Debian packages the tests use: chromium (dashboard test), prometheus (promtool), postgresql and
+# redis-server (the sinks' tests, demo and bench run these binaries as their own throwaway servers,
+# never the system services the packages set up). Installed only when missing, so a machine that has
+# them is left alone and nothing is printed.
+SYSTEM_PACKAGES := chromium prometheus postgresql redis-server
+system-deps: ## Install chromium, promtool, PostgreSQL and Redis (Debian packages) when missing
+	@if ! command -v chromium >/dev/null || ! command -v promtool >/dev/null \
+		|| ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v redis-server >/dev/null; then \
 		SUDO=; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
 		echo "installing Debian packages: $(SYSTEM_PACKAGES)"; \
 		$$SUDO apt-get update -qq && \
@@ -46,8 +49,12 @@ test: install system-deps ## Run the whole test suite (unit + end-to-end)
 test-unit: install system-deps ## Run the tests that need no broker, simulator or worker
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)
 
-bench: install ## Throughput/latency ladder (simulator → worker → broker); writes docs/benchmarks.md (~15 min)
+bench: install system-deps ## Throughput/latency ladder, then the sinks' bench; writes docs/benchmarks.md (~20 min)
 	$(PY) -m bench $(BENCH_ARGS)
+	$(PY) -m bench.sinks $(BENCH_SINKS_ARGS)
+
+bench-sinks: install system-deps ## Kafka → PostgreSQL and → Redis: 30,000 trades/s steady, and a backlog drain (~4 min)
+	$(PY) -m bench.sinks $(BENCH_SINKS_ARGS)
 
 bench-soak: install ## One worker for 6 min at 10,000 events/s, every 30 s: how the embedded broker ages
 	$(PY) -m bench --symbols 100 --soak 360 $(BENCH_ARGS)

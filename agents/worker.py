@@ -21,6 +21,7 @@ from agents.adapters import AdapterDirectory
 from agents.control import Control, install_control
 from agents.embedded_broker import EmbeddedBroker, free_port
 from agents.pipeline import Pipeline, install_pipeline
+from agents.sinks import Sinks, build_sinks, install_sink_views
 from agents.state import Manager, StateAgents, event_emitter, install_state, recovery_sender
 from streams.app import APP_ID, faust_settings
 from streams.config import EMBEDDED_BROKER_PORT, CollectorConfig
@@ -55,6 +56,7 @@ class CollectorApp(faust.App):
         super().__init__(APP_ID, autodiscover=False, **settings)
         self.collector_config = config
         self.embedded_broker = embedded
+        self.sinks: Sinks | None = None  # set by build_app; its `health` feeds /health and /sinks
         # host:port list every other Kafka client of this worker connects to (the embedded broker's
         # actual address when it runs one).
         self.bootstrap_servers = (
@@ -97,7 +99,7 @@ def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 def build_app(config: CollectorConfig) -> CollectorApp:
     """A complete worker: state tables and views, subscriptions and control, sources and normalize
-    agents (unless `collection` is off), metrics."""
+    agents (unless `collection` is off), the configured sinks, metrics."""
     faust_patches.apply()
     embedded = embedded_broker_for(config)
     bootstrap = [embedded.bootstrap] if embedded is not None else config.kafka.bootstrap_servers
@@ -126,7 +128,11 @@ def build_app(config: CollectorConfig) -> CollectorApp:
         recovery_sender(app, subscriptions), config.monitoring.alerts.webhookUrl,
     )  # fmt: skip
     install_state(app, state_agents, manager)
-    install_views(app, StateViews(app, config, store))
+    sinks = build_sinks(config, bootstrap, APP_ID)  # none configured: an empty service
+    app.sinks = sinks
+    app.service(sinks)  # type: ignore[arg-type]  # an instance: Faust starts it as is
+    install_sink_views(app, sinks.health)
+    install_views(app, StateViews(app, config, store, sinks.health if sinks.services else None))
 
     if control is not None:
         pipeline = Pipeline(

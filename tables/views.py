@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import aiohttp
 import faust
@@ -94,13 +94,24 @@ async def broker_reachable(app: faust.App) -> tuple[bool, str]:
     return True, "metadata received"
 
 
+class SinksHealth(Protocol):
+    """What /health reads of the worker's sinks (agents/sinks/health.py: SinkHealth)."""
+
+    def reasons(self, now: int) -> list[str]: ...
+
+    def report(self, now: int) -> dict[str, dict[str, Any]]: ...
+
+
 class StateViews:
     """What the JSON views answer, from this worker's state tables."""
 
-    def __init__(self, app: faust.App, config: CollectorConfig, store: StateStore) -> None:
+    def __init__(
+        self, app: faust.App, config: CollectorConfig, store: StateStore, sinks: SinksHealth | None = None
+    ) -> None:
         self.app = app
         self.config = config
         self.store = store
+        self.sinks = sinks  # the answering worker's sinks, when it runs any
         # The config does not change after start; views read the thresholds per coin.
         self.settings = ManagerSettings.from_alerts(config.monitoring.alerts)
         # Any exchange routes to partition 0 of the one-partition state tables.
@@ -158,7 +169,9 @@ class StateViews:
         }
         for name, lag in sorted(behind.items()):
             reasons.append(f"records of {name} are {describe_lag(lag)} behind its frames")
-        body = {
+        if self.sinks is not None:
+            reasons += self.sinks.reasons(now)
+        body: dict[str, Any] = {
             "status": "ok" if not reasons else "unhealthy",
             "reasons": reasons,
             "broker": {"reachable": reachable, "detail": broker_detail},
@@ -168,6 +181,8 @@ class StateViews:
             "time": now,
             "servedBy": store.worker,
         }
+        if self.sinks is not None:
+            body["sinks"] = self.sinks.report(now)
         return (200 if not reasons else 503), body
 
     def coins(self, exchange: str | None) -> dict[str, Any]:
