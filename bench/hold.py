@@ -107,7 +107,8 @@ def hold(minutes: float, rate: int, symbols: list[str], data_types: list[str], s
             rows.append(HoldSlice(
                 minute=(began - started) / 60, worker_cpu=meters[0].percent(ended),
                 worker_rss=memory_mb(worker.process.pid)[0], broker_cpu=meters[1].percent(ended),
-                broker_rss=memory_mb(broker_pid)[0], records_per_second=(_sent(worker) - sent) / (ended - began),
+                broker_rss=memory_mb(broker_pid)[0],
+                records_per_second=(_sent(worker) - sent) / (ended - began),
                 p99_ms=p99, lag_ms=_lag(worker),
             ))  # fmt: skip
             print(_row(rows[-1]), flush=True)
@@ -182,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slice", type=float, default=5.0, help="minutes per reported slice")
     parser.add_argument("--rate", type=int, default=1000, help="trades/s over all symbols")
     parser.add_argument("--symbols", type=int, default=100)
-    parser.add_argument("--default-load", action="store_true", help="the default config's 3 symbols and streams")
+    parser.add_argument(
+        "--default-load", action="store_true", help="the default config's 3 symbols and streams"
+    )
     args = parser.parse_args(argv)
     if args.default_load:
         symbols, data_types = DEFAULT_LOAD_SYMBOLS, DEFAULT_LOAD_TYPES
