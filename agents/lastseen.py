@@ -91,6 +91,7 @@ def seed_of(tail: list[MarketRecord], position: Callable[[Trade], int] | None) -
         last_price=last.price,
         last_time=last.trade_time,
         recent_ids=tuple(trade.trade_id for trade in trades),
+        recent_from=min(map(position, trades)) if position is not None else None,
     )
 
 

@@ -110,6 +110,7 @@ class Normalizer:
             position=getattr(adapter, "trade_position", None),
             consistent=adapter.trade_id_consistent,
             settings=settings,
+            audits_per_second=adapter.history_audits_per_second,
         )
         self._read_seeds = read_seeds
         self.seeded = read_seeds is None

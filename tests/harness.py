@@ -732,8 +732,9 @@ class FaultTally:
         """Every trade each symbol's market made, oldest first."""
         truth = {}
         for symbol in self.symbols:
-            rows = self.market.trades_made(symbol)
+            # Counted first: a running market makes more trades between the two requests.
             generated = self.market.trades_generated()[symbol]
+            rows = self.market.trades_made(symbol)
             if len(rows) < generated and rows:
                 raise RuntimeError("the simulator forgot trades (--history-limit): the tally needs them all")
             truth[symbol] = [truth_key(self.exchange, row) for row in rows]

@@ -428,3 +428,49 @@ def test_while_the_stream_is_down_unique_id_history_is_polled_too() -> None:
     run.tick(T0 + 1_000)
     run.history([timed(T0 + 600), timed(T0 + 900)], now=T0 + 1_000)
     assert run.published[-1] == str(upbit_id(T0 + 900))
+
+
+# ---- audits: where ids cannot show a gap, history is compared routinely ---------------------------
+
+
+def audited(**settings: Any) -> Run:
+    engine = ContinuityEngine(
+        "unique",
+        position=lambda t: int(t.trade_id),
+        consistent=lambda t: True,
+        settings=Settings(**settings),
+        audits_per_second=1.0,
+    )
+    return Run(engine)
+
+
+def test_an_audit_finds_trades_a_healthy_stream_skipped_and_publishes_them_late() -> None:
+    run = audited(audit_min_ms=5_000)
+    for at in (T0 + 1, T0 + 2, T0 + 5, T0 + 6):  # T0+3 and T0+4 were never delivered
+        run.live(timed(at), now=T0)
+    run.tick(T0)
+    run.tick(T0 + 5_000)  # one audit a second across the exchange, each symbol every 5 s at most
+    [request] = run.requests
+    assert (request.cursor, request.reason) == (None, "audit")
+    run.live(timed(T0 + 7), now=T0 + 5_000)  # trades keep flowing during the audit
+    run.history([timed(T0 + i) for i in range(1, 9)], now=T0 + 5_100)
+    later = [str(upbit_id(T0 + i)) for i in (3, 4)]
+    assert run.published[-2:] == later  # late, but not lost; T0+8 is left to the stream
+    assert str(upbit_id(T0 + 8)) not in run.published
+    [gap] = run.gaps
+    assert (gap.outcome, gap.reason, gap.missing) == ("repaired", "audit", 2)
+
+
+def test_an_audit_never_republishes_and_never_reaches_before_the_line_began() -> None:
+    run = audited()
+    for at in (T0 + 10, T0 + 11):
+        run.live(timed(at), now=T0)
+    run.tick(T0)
+    run.tick(T0 + 5_000)
+    run.history([timed(T0 + i) for i in range(5, 12)], now=T0 + 5_000)  # history older than the start
+    assert run.published == [str(upbit_id(T0 + 10)), str(upbit_id(T0 + 11))] and run.gaps == []
+
+
+def test_exchanges_whose_ids_count_trades_are_never_audited() -> None:
+    engine = ContinuityEngine("increasing", audits_per_second=5.0)
+    assert engine.audits_per_second == 0.0

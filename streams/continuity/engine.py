@@ -48,8 +48,14 @@ class ContinuityEngine:
         position: Callable[[Trade], int] | None = None,
         consistent: Callable[[Trade], bool] | None = None,
         settings: Settings | None = None,
+        audits_per_second: float = 0.0,
     ) -> None:
         self.rule = rule
+        # Where ids cannot show a gap, history is compared routinely, at most this many symbols a second
+        # across the exchange (its REST budget is shared with repairs).
+        self.audits_per_second = audits_per_second if rule == "unique" else 0.0
+        self._audit_credit = 0.0
+        self._last_tick: int | None = None
         self.settings = settings or Settings()
         self._position = position or (lambda trade: trade.trade_time)
         self._consistent = consistent or (lambda trade: True)
@@ -161,6 +167,22 @@ class ContinuityEngine:
         for line in self._lines.values():
             if line.repair is not None:
                 line.tick(now)
+        if self.audits_per_second > 0:
+            self._audit(now)
+
+    def _audit(self, now: int) -> None:
+        elapsed = 0 if self._last_tick is None else max(0, now - self._last_tick)
+        self._last_tick = now
+        self._audit_credit = min(self._audit_credit + elapsed / 1000 * self.audits_per_second, 2.0)
+        due = [
+            line for line in self._lines.values()
+            if isinstance(line, TimedLine) and now - line.last_audit >= self.settings.audit_min_ms
+        ]  # fmt: skip
+        for line in sorted(due, key=lambda line: line.last_audit):
+            if self._audit_credit < 1:
+                return
+            if line.audit(now):
+                self._audit_credit -= 1
 
     # -- outputs and views ------------------------------------------------------------------------
 

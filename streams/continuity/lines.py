@@ -30,6 +30,7 @@ from streams.continuity.outputs import Drop, FetchTrades, GapClosed, Output, Pub
 from streams.records import MarketRecord, Trade
 
 UNCONFIRMED = "unconfirmed-trade-id"
+AUDIT_PAGES = 2  # history pages one audit reads at most
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Settings:
     retry_max_ms: int = 10_000
     recent_ids: int = 2_048  # ids remembered per symbol where ids are only unique
     poll_ms: int = 1_000  # between history requests while the symbol's stream is down (REST fallback)
+    audit_min_ms: int = 5_000  # the shortest time between two audits of one symbol
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Seed:
     last_price: str | None = None
     last_time: int | None = None
     recent_ids: tuple[str, ...] = ()
+    recent_from: int | None = None  # position of the oldest of `recent_ids`
 
 
 class _Held:
@@ -81,9 +84,11 @@ class _Repair:
     attempts: int = 0
     requests: int = 0
     waiting_since: int | None = None  # history is behind the held trades since then
+    audit_edge: int | None = None  # an audit publishes nothing newer than the stream had reached
     filled: list[list[Any]] = field(default_factory=list)  # [first, last, count] published from history
     pages: list[MarketRecord] = field(default_factory=list)
     target: int | None = None  # position history must reach back to (backward paging)
+    audit: bool = False  # a routine look at history for trades a healthy stream skipped
     boundary: bool = False  # the stream may have missed anything since the last trade published
     unreachable: tuple[int | None, int | None] | None = None  # a window history could not serve
 
@@ -442,25 +447,33 @@ class IncreasingLine(Line):
 
 
 class RecentIds:
-    """The last `size` ids of a symbol, for exchanges whose ids are unique but unordered."""
+    """The last `size` ids of a symbol, for exchanges whose ids are unique but unordered, with the
+    position of the oldest one: how far back `in` can tell a published trade from a new one."""
 
     __slots__ = ("order", "seen", "size")
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.order: deque[Any] = deque()
+        self.order: deque[tuple[Any, int]] = deque()
         self.seen: set[Any] = set()
 
     def __contains__(self, key: Any) -> bool:
         return key in self.seen
 
-    def add(self, key: Any) -> None:
+    def add(self, key: Any, position: int) -> None:
         if key in self.seen:
             return
         self.seen.add(key)
-        self.order.append(key)
+        self.order.append((key, position))
         if len(self.order) > self.size:
-            self.seen.discard(self.order.popleft())
+            self.seen.discard(self.order.popleft()[0])
+
+    @property
+    def full(self) -> bool:
+        return len(self.order) >= self.size
+
+    def oldest_position(self) -> int | None:
+        return min((position for _, position in self.order), default=None) if self.order else None
 
 
 def id_key(trade_id: str) -> Any:
@@ -485,6 +498,8 @@ class TimedLine(Line):
         self.last_position: int | None = None
         self.recent = RecentIds(self.settings.recent_ids)
         self.connections: set[str] = set()
+        self.last_audit = 0  # epoch ms of the last audit started
+        self.audited_to: int | None = None  # position up to which history was compared
 
     @property
     def seeded(self) -> bool:
@@ -496,7 +511,9 @@ class TimedLine(Line):
             self.last_price = float(seed.last_price) if seed.last_price else None
             self.last_time = seed.last_time
         for trade_id in seed.recent_ids:
-            self.recent.add(id_key(trade_id))
+            self.recent.add(id_key(trade_id), seed.recent_from or seed.last_position or 0)
+        # Audits never look before what the seed can tell apart.
+        self.audited_to = seed.recent_from if seed.recent_from is not None else seed.last_position
 
     def position(self, record: MarketRecord) -> int:
         return self._position(trade(record))
@@ -514,10 +531,27 @@ class TimedLine(Line):
         repair = self._start_repair(reason, now)
         repair.reason = reason
         repair.boundary = True
+        repair.audit = False
         if repair.target is None or repair.target > self.last_position:
             repair.target = self.last_position
         if repair.request_id is None and now >= repair.not_before and repair.waiting_since is None:
             self._ask(now)
+
+    def audit(self, now: int) -> bool:
+        """Compare what history has with what was published since the last audit: where ids cannot show
+        a gap, a stream that skips trades on a healthy connection is caught only this way. Trades keep
+        flowing meanwhile; what the audit finds missing is published late. False: nothing to audit."""
+        if self.repair is not None or self.held or self.last_position is None:
+            return False
+        self.last_audit = now
+        repair = self._start_repair("audit", now)
+        repair.audit = True
+        # Only as far back as the recent ids reach: older published trades could not be told from new.
+        oldest = self.recent.oldest_position() if self.recent.full else None
+        repair.target = max(self.audited_to or 0, oldest or 0) or None
+        repair.audit_edge = self.last_position
+        self._ask(now)
+        return True
 
     def live(self, record: MarketRecord, origin: Any, now: int, connection: str | None = None) -> None:
         key = id_key(trade(record).trade_id)
@@ -530,18 +564,22 @@ class TimedLine(Line):
             if len(self.connections) > 8:
                 self.connections = {connection}
         position = self.position(record)
-        if self.repair is None and not self.held and self.follows(record, position):
+        auditing = self.repair is not None and self.repair.audit
+        if (self.repair is None or auditing) and not self.held and self.follows(record, position):
             self._publish(key, record, (origin,), position)
             return
         self._hold(key, record, origin, position)
         repair = self._start_repair("suspect", now)
+        repair.audit = False  # an audit under way becomes this repair
         if repair.target is None or (self.last_position is not None and position < repair.target):
             repair.target = position if self.last_position is None else min(position, self.last_position)
         if repair.request_id is None and now >= repair.not_before and repair.waiting_since is None:
             self._ask(now)
 
     def _publish(self, key: Any, record: MarketRecord, origins: tuple[Any, ...], position: int) -> None:
-        self.recent.add(key)
+        self.recent.add(key, position)
+        if self.audited_to is None:
+            self.audited_to = position  # the line starts here: history before it is not ours to audit
         if self.last_position is None or position > self.last_position:
             self.last_position = position
         self._published(record, origins)
@@ -564,12 +602,36 @@ class TimedLine(Line):
         oldest = self.position(records[0]) if records else None
         if oldest is not None and target is not None and oldest > target:
             pages = repair.requests
-            if page_full and pages < self.settings.max_pages:
+            if page_full and pages < (AUDIT_PAGES if repair.audit else self.settings.max_pages):
                 self._issue(now, cursor=trade(records[0]).trade_id)
                 return
             # History ends (or is cut off) before it reaches the last trade published.
-            repair.unreachable = (self.last_time, trade(records[0]).trade_time)
+            if not repair.audit:  # an audit just looks no further back than it could
+                repair.unreachable = (self.last_time, trade(records[0]).trade_time)
+        if repair.audit:
+            self._audited(now)
+            return
         self._merge(now)
+
+    def _audited(self, now: int) -> None:
+        """Publish what history has between the audit's target and the stream's edge that was never
+        published (late: the stream skipped it)."""
+        repair = self.repair
+        assert repair is not None
+        start, edge = repair.target, repair.audit_edge
+        found = []
+        for record in repair.pages:
+            key, position = id_key(trade(record).trade_id), self.position(record)
+            if key in self.recent or key in self.held or edge is None or position > edge:
+                continue
+            if start is None or position >= start:
+                found.append((position, key, record))
+        found.sort(key=lambda item: item[0])
+        for position, key, record in found:
+            repair.filled.append([key, key, 1])
+            self._publish(key, record, (), position)
+        self.audited_to = edge
+        self.close_repair(now)
 
     def _unsolicited(self, records: list[MarketRecord]) -> None:
         """History nobody asked for (the fallback poller while the stream is down): what it adds after

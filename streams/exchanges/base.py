@@ -246,6 +246,9 @@ class ExchangeAdapter(ABC):
 
     # Trades per REST history page: the most the exchange returns in one answer.
     history_page: ClassVar[int] = 1000
+    # Where ids cannot show a gap ("unique"), symbols whose history is compared with what was published,
+    # per second across the exchange: a stream that skips trades on a healthy connection is caught so.
+    history_audits_per_second: ClassVar[float] = 0.0
 
     def history_request(self, instrument: Instrument, from_id: int | None, cursor: str | None) -> RestRequest:
         """The continuity engine's history request: trades from `from_id` on where ids count trades;

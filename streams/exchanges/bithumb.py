@@ -40,6 +40,7 @@ class BithumbAdapter(UpbitAdapter):
     kline_intervals: ClassVar[frozenset[str]] = frozenset()
     data_kinds: ClassVar[frozenset[DataKind]] = frozenset({"trade", "ticker", "bbo", "depth"})
     instruments_path = "/v1/market/all?isDetails=false"
+    history_audits_per_second = 5.0  # of the trade category's 150 requests/s
     depth_levels = range(1, 31)
     orderbook_count_param = False
 

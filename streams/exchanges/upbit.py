@@ -266,6 +266,7 @@ class UpbitAdapter(ExchangeAdapter):
     # millisecond: the backfill uses it as the position of the last trade seen.
     rest_history = True
     history_page = 500
+    history_audits_per_second = 2.0  # of the trade group's 10 requests/s
     ticks_path: ClassVar[str] = "/v1/trades/ticks"
     ticker_path: ClassVar[str] = "/v1/ticker"
     orderbook_path: ClassVar[str] = "/v1/orderbook"
