@@ -405,3 +405,17 @@ class ComputedGauge(Collector):
 def exposition() -> bytes:
     """The registry in Prometheus text format."""
     return generate_latest(REGISTRY)
+
+
+# ---- live distribution (agents/distribution.py) ---------------------------------------------------
+
+WS_CLIENTS = Gauge("collector_ws_clients", "Clients connected to /ws/exchange.", registry=REGISTRY)
+WS_MESSAGES_SENT = Counter(
+    "collector_ws_messages_sent", "Data messages written to /ws/exchange clients.", registry=REGISTRY
+)
+WS_DISCONNECTS = Counter(
+    "collector_ws_disconnects",
+    "/ws/exchange clients gone, by reason: client, connection-lost, too-slow, ping-timeout, error, server-stop.",
+    ["reason"],
+    registry=REGISTRY,
+)

@@ -280,3 +280,8 @@ async def _forget_published(sender: Any, /, *args: Any, signal: Any, **kwargs: A
 
 for _exchange in config.exchanges:
     _normalize_agent(_exchange)
+
+# composition: distribution (the integrator moves this into the composition root)
+from agents.distribution import install_distribution  # noqa: E402
+
+distribution = install_distribution(app, config)
