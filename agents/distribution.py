@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -148,8 +149,6 @@ class Hub:
         self._route(client, None)
         metrics.WS_CLIENTS.set(len(self.clients))
         metrics.WS_DISCONNECTS.labels(reason).inc()
-        if reason == "too-slow":
-            self.dropped += 1
 
     def set_filter(self, client: Client, new: Filter) -> None:
         """The client's filter from now on; the `subscribed` reply is queued before anything it matches."""
@@ -158,11 +157,18 @@ class Hub:
         client.filter = new
         self._route(client, new)
         client.queue(text_frame(subscribed_message(new)))
-        client.flush()
+        self._flush(client)
 
     def reply(self, client: Client, payload: bytes) -> None:
         client.queue(text_frame(payload))
-        client.flush()
+        self._flush(client)
+
+    def _flush(self, client: Client) -> int:
+        connected = client.dropped is None
+        written = client.flush()
+        if connected and client.dropped is not None:
+            self.dropped += 1
+        return written
 
     def _route(self, client: Client, new: Filter | None) -> None:
         for topic, key in self._keys.items():
@@ -217,7 +223,7 @@ class Hub:
                 touched[client.id] = client
         sent = 0
         for client in touched.values():
-            written = client.flush()
+            written = self._flush(client)
             client.sent += written
             sent += written
         if sent:
@@ -455,6 +461,7 @@ class Distribution(Service):
         transport = request.transport
         if transport is None:  # the peer left during the handshake
             return ws
+        _bound_kernel_buffer(transport, self.settings.maxBufferBytes)
         client_id = next(self._ids)
 
         def close(code: int, message: str) -> None:
@@ -551,6 +558,16 @@ class Distribution(Service):
             "time": time.time_ns() // 1_000_000,
         }
         return (200 if not reasons else 503), body
+
+
+def _bound_kernel_buffer(transport: Any, max_buffer_bytes: int) -> None:
+    """Limit the socket's kernel send buffer to a quarter of the client's buffer. Left to autotune, it
+    grows to 4 MB on its own (net.ipv4.tcp_wmem), and a slow client would hold up that much more
+    before its buffer even starts to fill."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(max_buffer_bytes // 4, 16 * 1024))
 
 
 def ws_url(http_url: str, path: str) -> str:
