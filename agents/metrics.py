@@ -415,7 +415,7 @@ WS_MESSAGES_SENT = Counter(
 )
 WS_DISCONNECTS = Counter(
     "collector_ws_disconnects",
-    "/ws/exchange clients gone, by reason: client, connection-lost, too-slow, ping-timeout, error, server-stop.",
+    "/ws/exchange clients gone, by reason (client, connection-lost, too-slow, ping-timeout, error).",
     ["reason"],
     registry=REGISTRY,
 )

@@ -35,7 +35,7 @@ from tables.summary import collector_overview
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
-_STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+_STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".txt": "text/plain"}
 # Any exchange routes to partition 0 of the one-partition state tables.
 ROUTING_KEY = next(iter(config.exchanges))
 _SYMBOL = re.compile(r"^(?P<base>[A-Za-z0-9]{1,20})[/-](?P<quote>[A-Za-z0-9]{1,20})$")

@@ -21,6 +21,7 @@ from websockets.sync.client import ClientConnection, connect
 
 from agents.embedded_broker import EmbeddedBroker
 from tests.harness import Simulator, TopicReader, Worker, wait_for, write_config
+from tests.test_dashboard_browser import Browser
 
 pytestmark = pytest.mark.e2e
 
@@ -367,3 +368,73 @@ def test_a_worker_with_collection_false_serves_clients(
         if client is not None:
             client.close()
         follower.stop()
+
+
+# ---- pages in headless Chromium ----------------------------------------------------------------------------
+
+LIVE_SCREENSHOT = Path("/tmp/collector-live.png")  # kept after the run for a person to look at
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Browser]:
+    opened = Browser(tmp_path / "profile")
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def test_the_live_page_shows_trades_best_bid_offer_and_candles_and_reconnects(
+    worker: Worker, simulator: Simulator, browser: Browser
+) -> None:
+    simulator.post("/_sim/resume")
+    browser.open(f"http://127.0.0.1:{worker.port}/live?exchange=binance&symbol=BTC/USDT")
+    wait_for(lambda: browser.evaluate("live.state") == "live", 30, "the page to be live")
+    assert browser.evaluate("live.filter") == {
+        "exchanges": ["binance"], "symbols": ["BTC/USDT"], "types": ["bbo", "kline", "ticker", "trade"],
+    }  # fmt: skip
+    wait_for(lambda: browser.evaluate("live.trades") >= 5, 30, "trades on the tape")
+    wait_for(lambda: browser.evaluate("live.bbo") is not None, 30, "a best bid/offer")
+    wait_for(lambda: browser.evaluate("live.candles") >= 1, 60, "a 1-minute candle")
+    assert browser.evaluate("document.querySelectorAll('#tape tbody tr').length") >= 5
+    assert browser.evaluate("document.getElementById('bid-price').textContent")[0].isdigit()
+    assert browser.evaluate("document.querySelector('#chart canvas') !== null")
+    print("live page screenshot:", browser.screenshot(LIVE_SCREENSHOT))
+
+    # Another symbol, through subscribe messages on the same connection.
+    browser.evaluate(
+        "document.getElementById('symbol').value = 'ETH/USDT'; document.getElementById('apply').click()"
+    )
+    wait_for(
+        lambda: (browser.evaluate("live.filter") or {}).get("symbols") == ["ETH/USDT"], 30, "the new filter"
+    )
+    wait_for(lambda: browser.evaluate("live.trades") >= 3, 30, "ETH/USDT trades")
+    symbols = browser.evaluate("[...document.querySelectorAll('#tape tbody tr')].length")
+    assert symbols >= 3 and browser.evaluate("live.connects") == 1
+
+    # A dropped connection comes back through /ws/info after a backoff.
+    health_before = health(worker)["clients"]
+    browser.evaluate("live.state = 'dropping'; window.dropForTest()")
+    wait_for(lambda: browser.evaluate("live.connects") == 2, 30, "the page to reconnect")
+    wait_for(lambda: browser.evaluate("live.state") == "live", 30, "the page to be live again")
+    assert health(worker)["clients"] == health_before
+    assert browser.console_errors() == []
+
+
+def test_the_dashboard_links_the_live_page_and_draws_15_minute_sparklines(
+    worker: Worker, simulator: Simulator, browser: Browser
+) -> None:
+    simulator.post("/_sim/resume")
+    browser.open(f"http://127.0.0.1:{worker.port}/")
+    assert browser.evaluate("document.getElementById('live-link').getAttribute('href')") == "/live"
+
+    def points(series: str) -> int:
+        line = f"document.querySelector('#collectors svg.spark[data-series=\"{series}\"] polyline')"
+        count = "l.getAttribute('points').split(' ').filter(Boolean).length"
+        return browser.evaluate(f"(() => {{ const l = {line}; return l ? {count} : 0; }})()")
+
+    wait_for(lambda: points("records/s") >= 3 and points("p99 ms") >= 3, 30, "sparkline points")
+    before = points("records/s")
+    browser.open(f"http://127.0.0.1:{worker.port}/")  # a reload keeps what the page has seen
+    wait_for(lambda: points("records/s") > before, 30, "the sparkline to continue after a reload")
+    assert browser.console_errors() == []
