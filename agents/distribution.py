@@ -438,12 +438,14 @@ class Distribution(Service):
         self._ids = itertools.count(1)
         self._sockets: dict[int, web.WebSocketResponse] = {}
         self._exchanges = _known_exchanges()
+        self._stopping = False
 
     @Service.task
     async def _run_feed(self) -> None:
         await self.feed.run()
 
     async def on_stop(self) -> None:
+        self._stopping = True
         for ws in list(self._sockets.values()):
             await ws.close(code=CLOSE_GOING_AWAY, message=b"server stopping")
 
@@ -483,6 +485,8 @@ class Distribution(Service):
             exception = ws.exception()
             if client.dropped is not None:
                 reason = client.dropped
+            elif self._stopping:
+                reason = "server-stop"
             elif isinstance(exception, TimeoutError):
                 reason = "ping-timeout"
             elif exception is not None:

@@ -415,7 +415,7 @@ WS_MESSAGES_SENT = Counter(
 )
 WS_DISCONNECTS = Counter(
     "collector_ws_disconnects",
-    "/ws/exchange clients gone, by reason (client, connection-lost, too-slow, ping-timeout, error).",
+    "/ws/exchange clients gone: client, connection-lost, too-slow, ping-timeout, server-stop, error.",
     ["reason"],
     registry=REGISTRY,
 )
