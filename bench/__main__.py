@@ -85,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.two_workers_rate:
         step(min(_ints(args.symbols)), args.two_workers_rate, workers=2)
 
-    text = _machine_now() + "\n" + table(results) + "\n" + summary(results)
+    text = _machine_now() + "\n"
+    if results:
+        text += table(results) + "\n" + summary(results)
     if args.distribution_rate:
         distributed = _distribution_step(args, min(_ints(args.symbols)), failures)
         if distributed is not None:
