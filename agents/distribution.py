@@ -66,6 +66,7 @@ HEALTH_TIMEOUT = 3.0  # seconds a Kafka or Redis reachability check may take
 RETRY_SECONDS = 2.0
 CLOSE_TOO_SLOW = 1008
 CLOSE_GOING_AWAY = 1001
+STOP_CLOSE_SECONDS = 5.0
 
 
 class Transport(Protocol):
@@ -244,7 +245,6 @@ class FeedState:
     """Where the feed stands, for the health view and tests."""
 
     assigned: set[str] = field(default_factory=set)
-    fetching: bool = False
     last_error: str | None = None
 
 
@@ -338,9 +338,13 @@ class MarketFeed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), METADATA_INTERVAL)
             return
-        self.state.fetching = True
-        batches = await consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS, max_records=MAX_RECORDS)
-        self.state.fetching = False
+        try:
+            batches = await consumer.getmany(timeout_ms=FETCH_TIMEOUT_MS, max_records=MAX_RECORDS)
+        except KafkaError as exc:  # the broker boundary: positions are ours, so the next round resumes
+            self.state.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("distribution: fetching failed (%s); retrying", self.state.last_error)
+            await asyncio.sleep(RETRY_SECONDS)
+            return
         self._dispatch(batches)
 
     async def _refresh(self, consumer: AIOKafkaConsumer, now: float) -> None:
@@ -446,8 +450,12 @@ class Distribution(Service):
 
     async def on_stop(self) -> None:
         self._stopping = True
-        for ws in list(self._sockets.values()):
-            await ws.close(code=CLOSE_GOING_AWAY, message=b"server stopping")
+        closing = [
+            asyncio.ensure_future(ws.close(code=CLOSE_GOING_AWAY, message=b"server stopping"))
+            for ws in self._sockets.values()
+        ]
+        if closing:  # a client that does not answer its close is not waited for long
+            await asyncio.wait(closing, timeout=STOP_CLOSE_SECONDS)
 
     # -- /ws/exchange -------------------------------------------------------------------------------------
 

@@ -313,6 +313,15 @@ def test_a_client_on_each_of_two_workers_gets_every_trade_once_across_a_rebalanc
     clients: list[LiveClient] = []
     try:
         second.wait_ready()
+
+        def offered(w: Worker) -> set[str]:
+            status, info = w.request("/ws/info")
+            return (
+                {entry["exchange"].rsplit(":", 1)[1] for entry in info["workers"]} if status == 200 else set()
+            )
+
+        both = {f"{w.port}/ws/exchange" for w in (worker, second)}
+        wait_for(lambda: offered(worker) == offered(second) == both, 30, "/ws/info to offer both workers")
         simulator.post("/_sim/resume")
         wait_streams(simulator, len(SYMBOLS) * len(DATA_TYPES))
         simulator.post("/_sim/pause")
@@ -328,8 +337,13 @@ def test_a_client_on_each_of_two_workers_gets_every_trade_once_across_a_rebalanc
         wait_for(lambda: made_at_least(simulator, before, 60), 60, "60 trades per symbol")
         simulator.post("/_sim/pause")
         made = trade_ids_made(simulator, before)
-        for client in clients:
-            wait_for(lambda c=client: has_every_trade(c, made), 60, "every trade at each client")
+        for name, client in zip(("first", "second"), clients, strict=True):
+            try:
+                wait_for(lambda c=client: has_every_trade(c, made), 60, "every trade at each client")
+            except TimeoutError:
+                received = {(t["symbol"], t["data"]["tradeId"]) for t in client.trades()}
+                missing = sorted((s, i) for s, ids in made.items() for i in ids if (s, i) not in received)
+                raise AssertionError(f"{name} client misses {len(missing)}: {missing[:20]}") from None
         time.sleep(1.0)  # anything arriving now would be a duplicate
         for name, client in zip(("first", "second"), clients, strict=True):
             assert_each_trade_once_in_order(client, made, name)
