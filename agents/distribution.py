@@ -9,8 +9,9 @@ and fetches nothing when no client is connected (the embedded broker pays for ev
 The `Hub` hands each record to the clients whose filter matches its topic. The record's Kafka value
 is already the JSON text a client gets: it is framed once (`text_frame`) and the same bytes are
 written to every client, straight onto its socket's transport, whose write buffer is the client's
-bounded buffer. A client whose buffer would pass `distribution.maxBufferBytes` is closed with 1008
-`too slow`; nothing ever waits for a client, so a slow one delays neither the others nor collection.
+bounded buffer. A client still holding unsent data when more would take it past
+`distribution.maxBufferBytes` is closed with 1008 `too slow`; nothing ever waits for a client, so a
+slow one delays neither the others nor collection.
 Control replies (`subscribed`, `error`) go through the same buffer, so a client sees `subscribed`
 exactly where its new filter starts: every matching record appended after it follows it, once, in
 per-partition (so per-symbol) order.
@@ -61,7 +62,7 @@ STATIC = Path(__file__).resolve().parents[1] / "tables" / "static"
 WS_PATH = "/ws/exchange"
 METADATA_INTERVAL = 1.0  # seconds between topic-list refreshes while clients are connected
 FETCH_TIMEOUT_MS = 50  # a getmany returns after this with nothing, so filter changes wait at most this
-MAX_RECORDS = 20_000  # records per dispatch round
+MAX_RECORDS = 5_000  # records per dispatch round: what one round may add to a client's buffer
 HEALTH_TIMEOUT = 3.0  # seconds a Kafka or Redis reachability check may take
 RETRY_SECONDS = 2.0
 CLOSE_TOO_SLOW = 1008
@@ -116,7 +117,10 @@ class Client:
         self.pending, self.pending_bytes = [], 0
         if self.transport.is_closing():
             return 0
-        if self.transport.get_write_buffer_size() + size > self.max_buffer_bytes:
+        # A client that has read everything always takes the round, however large (a catch-up after a
+        # pause); one still holding unsent data may hold at most its buffer's worth.
+        buffered = self.transport.get_write_buffer_size()
+        if buffered and buffered + size > self.max_buffer_bytes:
             self.drop("too-slow", CLOSE_TOO_SLOW, "too slow")
             return 0
         self.transport.write(frames[0] if len(frames) == 1 else b"".join(frames))

@@ -312,3 +312,15 @@ def test_a_client_whose_buffer_would_overflow_is_closed_too_slow_and_the_others_
     hub.disconnect(slow, "too-slow")
     assert hub.dropped == 1
     assert fast.dropped is None
+
+
+def test_a_client_that_has_read_everything_takes_a_round_larger_than_its_buffer() -> None:
+    hub = Hub()
+    hub.learn([BTC_TRADES])
+    client, buffer, closed = connect(hub, 1, EVERYTHING, limit=64 * 1024)
+    buffer.unsent = 0
+    burst = [record(BTC_TRADES, n) + b" " * 900 for n in range(100)]  # ~100 KB in one round
+    assert hub.dispatch({BTC_TRADES: burst}) == 100
+    assert not closed.calls
+    hub.dispatch({BTC_TRADES: [record(BTC_TRADES, 100)]})  # but nothing more while it is unread
+    assert closed.calls == [(CLOSE_TOO_SLOW, "too slow")] and client.dropped == "too-slow"
