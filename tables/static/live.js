@@ -210,7 +210,8 @@ function setupChart() {
   }
   chart = LightweightCharts.createChart($("chart"), {
     height: 360, layout: { background: { color: "#ffffff" }, textColor: "#1d2330" },
-    timeScale: { timeVisible: true, secondsVisible: false }, rightPriceScale: { borderVisible: false },
+    timeScale: { timeVisible: true, secondsVisible: false, barSpacing: 14, rightOffset: 3 },
+    rightPriceScale: { borderVisible: false },
     grid: { vertLines: { color: "#eef0f4" }, horzLines: { color: "#eef0f4" } },
   });
   candleSeries = chart.addCandlestickSeries();
