@@ -1,54 +1,26 @@
-"""`collector`: the Faust app's command line, plus `simulate` and `demo`.
+"""`collector`: the Faust app's command line, plus `simulate`, `demo`, `tail`, `subscribe`, `unsubscribe`.
 
-`collector worker` starts the embedded broker first when no brokers are configured, and stops it
-when the worker exits (Ctrl-C, SIGTERM, or an error).
+`collector worker` builds the worker with the composition root (agents/worker.py), exactly like
+`faust -A agents.app worker`; `--no-collect` makes it a follower (`collection: false`).
 """
 
 from __future__ import annotations
 
-import gc
-import os
-import socket
 import sys
 
-from agents.embedded_broker import EmbeddedBroker
-from streams.config import EMBEDDED_BROKER_PORT, ConfigError, load_config
+from streams.config import ConfigError, load_config
 
 USAGE_EXTRA = """
 Exchange Collector commands (besides Faust's):
-  collector worker      run a worker (starts the embedded broker when no brokers are configured)
+  collector worker      run a worker (starts the embedded broker when no brokers are configured);
+                        --no-collect: serve views, clients and sinks only, connect to no exchange
   collector simulate    run the local exchange simulator alone (see `collector simulate --help`)
   collector demo        run simulator, embedded broker and a worker together
   collector tail TOPIC  print a topic's records (--from-beginning, -n COUNT, --brokers)
   collector subscribe EXCHANGE SYMBOL DATA_TYPE...    subscribe at runtime (e.g. binance BTC/USDT trade)
   collector unsubscribe EXCHANGE SYMBOL DATA_TYPE...  unsubscribe at runtime
 """
-
-
-EMBEDDED_BROKER_LIMITS = (
-    "collector: the embedded broker is for tests and demos: it keeps every record and its fetches slow"
-    " down as partitions fill, so a busy worker falls behind within minutes (docs/benchmarks.md,"
-    " 'How long the embedded broker lasts'); configure kafka.brokers for real use"
-)
-
-
-def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
-def _tune_interpreter() -> None:
-    """Two interpreter settings that shorten the worker's latency tail (docs/benchmarks.md)."""
-    # The modules and objects loaded so far live as long as the process: frozen, the collector's
-    # full collections no longer walk them (p99 receipt→CreateTime 79-92 → 56-62 ms at 10 k/s).
-    gc.freeze()
-    # Faust's consumer runs in its own thread; with the default 5 ms switch interval every hand-over
-    # between it and the event loop could wait that long for the GIL (p99 66 → 48-58 ms).
-    sys.setswitchinterval(0.001)
+NO_COLLECT = "--no-collect"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,32 +47,22 @@ def main(argv: list[str] | None = None) -> int:
         from agents.subscribe import main as subscribe
 
         return subscribe("subscribe" if command == "subscribe" else "unsubscribe", args[1:], config)
-    broker: EmbeddedBroker | None = None
-    if command == "worker" and config.kafka.embedded:
-        port = EMBEDDED_BROKER_PORT if _port_is_free(EMBEDDED_BROKER_PORT) else None
-        try:
-            broker = EmbeddedBroker(port=port).start()
-        except RuntimeError as exc:
-            print(f"collector: {exc}", file=sys.stderr)
-            return 1
-        os.environ["COLLECTOR_KAFKA_BROKERS"] = broker.bootstrap
-        print(f"collector: embedded broker listening on {broker.bootstrap}", file=sys.stderr, flush=True)
-        print(EMBEDDED_BROKER_LIMITS, file=sys.stderr, flush=True)
-    try:
-        import agents.pipeline  # noqa: F401 - registers the agents and services with the app
-        from streams.app import app
+    if command == "worker" and NO_COLLECT in args:
+        args = [arg for arg in args if arg != NO_COLLECT]
+        config = config.model_copy(update={"collection": False})
+    from agents.worker import build_app
 
-        sys.argv = ["collector", *args]
-        if command == "worker":
-            _tune_interpreter()
-        if not args or command in {"--help", "-h"}:
-            print(USAGE_EXTRA, file=sys.stderr)
+    app = build_app(config)
+    sys.argv = ["collector", *args]
+    if not args or command in {"--help", "-h"}:
+        print(USAGE_EXTRA, file=sys.stderr)
+    try:
         app.main()
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
-        if broker is not None:
-            broker.stop()
+        if app.embedded_broker is not None:
+            app.embedded_broker.stop()  # idempotent; the app stops it itself on a clean shutdown
     return 0
 
 

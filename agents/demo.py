@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,10 +101,8 @@ def main(argv: list[str]) -> int:
         if not _wait_for_line(worker_log, "Worker ready", worker, 90):
             print(f"demo: the worker did not start; see {worker_log}", file=sys.stderr)
             return 1
-        broker_line = next(
-            (line for line in worker_log.read_text().splitlines() if "embedded broker listening" in line), ""
-        )
-        broker = broker_line.rsplit(" ", 1)[-1] if broker_line else "127.0.0.1:9092"
+        listening = re.search(r"embedded broker listening on ([0-9.]+:[0-9]+)", worker_log.read_text())
+        broker = listening.group(1) if listening else "127.0.0.1:9092"
         print(
             f"""
 Exchange Collector demo is running (Ctrl-C stops everything).

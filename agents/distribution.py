@@ -431,6 +431,7 @@ class Distribution(Service):
         self,
         app: faust.App,
         config: CollectorConfig,
+        bootstrap_servers: list[str],
         redis: RedisState | None = None,
         workers: Callable[[], Iterable[str]] | None = None,
         **kwargs: Any,
@@ -439,9 +440,10 @@ class Distribution(Service):
         self.app = app
         self.config = config
         self.settings = config.distribution
+        self.bootstrap_servers = bootstrap_servers
         self.redis = redis
         self.hub = Hub()
-        self.feed = MarketFeed(config.kafka.bootstrap_servers, self.hub, self.settings.fetchMaxWaitMs)
+        self.feed = MarketFeed(bootstrap_servers, self.hub, self.settings.fetchMaxWaitMs)
         self._workers = workers or self._group_workers
         self._ids = itertools.count(1)
         self._sockets: dict[int, web.WebSocketResponse] = {}
@@ -542,7 +544,7 @@ class Distribution(Service):
             "endpoints": {
                 "exchange": f"{scheme}://{request.host}{WS_PATH}",
                 "redis": self.redis.public_url if self.redis is not None else None,
-                "kafka": ",".join(self.config.kafka.bootstrap_servers),
+                "kafka": ",".join(self.bootstrap_servers),
             },
             "workers": [{"url": url, "exchange": ws_url(url, WS_PATH), "self": url == me} for url in urls],
         }
@@ -595,13 +597,16 @@ def ws_url(http_url: str, path: str) -> str:
 def install_distribution(
     app: faust.App,
     config: CollectorConfig,
+    bootstrap_servers: list[str],
     redis: RedisState | None = None,
     workers: Callable[[], Iterable[str]] | None = None,
 ) -> Distribution:
     """Register live distribution on `app`: `/ws/exchange`, `/ws/info`, `/api/ws/infra-health`, `/live`,
-    and the service that runs the feed. `redis` (the Redis sink's state) is optional; `workers` lists
-    the web addresses of the workers to offer clients (default: the members of Kafka's group)."""
-    distribution = Distribution(app, config, redis=redis, workers=workers)
+    and the service that runs the feed, which reads the market topics from `bootstrap_servers` (the
+    embedded broker's actual address when the worker runs one). `redis` (the Redis sink's state) is
+    optional; `workers` lists the web addresses of the workers to offer clients (default: the members
+    of Kafka's consumer group)."""
+    distribution = Distribution(app, config, bootstrap_servers, redis=redis, workers=workers)
     app.service(distribution)  # type: ignore[arg-type]  # an instance: Faust starts it as it is
     # A WebSocket is not a Faust view (an HTTP request/response): it goes on aiohttp's router directly.
     app.web.web_app.router.add_get(WS_PATH, distribution.serve_client)  # type: ignore[attr-defined]

@@ -85,6 +85,18 @@ EVENTS = Counter(
     "collector_events", "collector.events records emitted by this worker.", ["exchange", "type"],
     registry=REGISTRY,
 )  # fmt: skip
+GAPS = Counter(
+    "collector_gaps",
+    "Gaps in a symbol's records, once settled: repaired from REST history, or unrecoverable.",
+    ["exchange", "type", "outcome"],
+    registry=REGISTRY,
+)
+RECORDS_LOST = Counter(
+    "collector_records_lost",
+    "Records inside unrecoverable gaps, where the exchange's ids count them.",
+    ["exchange", "type"],
+    registry=REGISTRY,
+)
 REST_WEIGHT_USED = Gauge(
     "collector_rest_weight_used",
     "REST request weight used in the exchange's current window, as the exchange last reported it.",
@@ -344,6 +356,12 @@ def event_emitted(event: CollectorEvent) -> None:
     EVENTS.labels(event.exchange, event.type).inc()
 
 
+def gap_closed(exchange: str, record_type: str, outcome: str, missing: int | None) -> None:
+    GAPS.labels(exchange, record_type, outcome).inc()
+    if outcome == "unrecoverable" and missing:
+        RECORDS_LOST.labels(exchange, record_type).inc(missing)
+
+
 # ---- the process ----------------------------------------------------------------------------------
 
 
@@ -402,9 +420,86 @@ class ComputedGauge(Collector):
         yield GaugeMetricFamily(self.name, self.documentation, labels=list(self.labels))
 
 
+_computed: dict[str, ComputedGauge] = {}
+
+
+def register_computed(gauge: ComputedGauge) -> None:
+    """Register a computed gauge, replacing one of the same name (a worker built again in one process)."""
+    earlier = _computed.pop(gauge.name, None)
+    if earlier is not None:
+        REGISTRY.unregister(earlier)
+    REGISTRY.register(gauge)
+    _computed[gauge.name] = gauge
+
+
 def exposition() -> bytes:
     """The registry in Prometheus text format."""
     return generate_latest(REGISTRY)
+
+
+# ---- the memory the worker may use ------------------------------------------------------------------
+
+MEMORY_LIMIT = Gauge(
+    "collector_memory_limit_bytes",
+    "Memory this worker may use: the tightest cgroup v2 memory.max above it, else the machine's MemTotal "
+    "(0: unknown).",
+    registry=REGISTRY,
+)
+
+
+def memory_limit_bytes(cgroup_limits: Iterable[str], meminfo: str) -> int | None:
+    """The memory a process may use, from file contents: the tightest of the cgroup v2 `memory.max`
+    files on the way from its cgroup to the root (`max` means none) and the machine's MemTotal."""
+    limits = [int(text) for text in (content.strip() for content in cgroup_limits) if text.isdigit()]
+    total = meminfo_total_bytes(meminfo)
+    if total is not None:
+        limits.append(total)  # a cgroup limit above the machine's memory is no limit
+    return min(limits) if limits else None
+
+
+def meminfo_total_bytes(meminfo: str) -> int | None:
+    """MemTotal from /proc/meminfo's text (`MemTotal:  24683784 kB`), in bytes."""
+    for line in meminfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "MemTotal":
+            fields = value.split()
+            if fields and fields[0].isdigit():
+                return int(fields[0]) * (1024 if fields[1:] == ["kB"] else 1)
+    return None
+
+
+def cgroup_v2_dirs(proc_self_cgroup: str) -> list[str]:
+    """The process's cgroup v2 directory and its ancestors up to the root, from /proc/self/cgroup's
+    `0::/a/b` line: `["a/b", "a", ""]` (relative to the cgroup2 mount); none without cgroup v2."""
+    for line in proc_self_cgroup.splitlines():
+        if line.startswith("0::"):
+            parts = [part for part in line[3:].strip().split("/") if part]
+            return ["/".join(parts[:depth]) for depth in range(len(parts), -1, -1)]
+    return []
+
+
+def read_memory_limit(cgroup_mount: str = "/sys/fs/cgroup") -> int | None:
+    """The memory this process may use (see `memory_limit_bytes`); None when nothing says."""
+
+    def text_of(path: str) -> str | None:
+        try:
+            with open(path, encoding="ascii") as file:
+                return file.read()
+        except (OSError, ValueError):
+            return None
+
+    directories = cgroup_v2_dirs(text_of("/proc/self/cgroup") or "")
+    limits = [text_of(os.path.join(cgroup_mount, directory, "memory.max")) for directory in directories]
+    return memory_limit_bytes(
+        [limit for limit in limits if limit is not None], text_of("/proc/meminfo") or ""
+    )
+
+
+def set_memory_limit() -> None:
+    """Called once when a worker starts: the limit does not change while it runs."""
+    limit = read_memory_limit()
+    if limit is not None:
+        MEMORY_LIMIT.set(limit)
 
 
 # ---- live distribution (agents/distribution.py) ---------------------------------------------------

@@ -25,6 +25,7 @@ from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from agents.metrics import now_ms
 
 log = logging.getLogger(__name__)
+_LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 
 Record = tuple[str, bytes, bytes]  # topic, key, value
 Produce = Callable[[str, bytes, bytes], Awaitable[Awaitable[Any]]]
@@ -174,6 +175,10 @@ def confluent_settings(
         # Keys are hashed as Java clients and aiokafka do, so a key lands on the same partition
         # whichever client wrote it.
         "partitioner": "murmur2_random",
+        # librdkafka's own log lines (a broker that cannot be reached is reported every second) go
+        # through Python logging, in the worker's log format, instead of raw to stderr.
+        "logger": _LIBRDKAFKA_LOG,
+        "log.connection.close": False,
         **overrides,
     }
 
@@ -335,12 +340,13 @@ class RawProducer:
     def _on_client_error(self, error: KafkaError) -> None:
         log.warning("kafka raw producer: %s", error)
 
-    async def send(self, topic: str, key: bytes, value: bytes) -> None:
+    async def send(self, topic: str, key: bytes, value: bytes, partition: int = -1) -> None:
+        """Hand a batch over; `partition` -1 lets the key choose it."""
         if self._poller is None or self._poller.done():
             self._poller = asyncio.ensure_future(self._poll())
         while True:
             try:
-                self._producer.produce(topic, value, key)
+                self._producer.produce(topic, value, key, partition=partition)
                 return
             except BufferError:  # librdkafka's queue is full: the reader waits, as TCP will make the exchange
                 await asyncio.sleep(self.POLL_INTERVAL)

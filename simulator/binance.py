@@ -28,9 +28,10 @@ import msgspec
 from aiohttp import WSMsgType, web
 
 from simulator import binance_format as fmt
+from simulator import invented
 from simulator.connections import PONG, Connection, StreamHub, text_frame
 from simulator.faults import Faults
-from simulator.market import KLINE_INTERVALS, Instrument, Market, Tick, bar_open_time
+from simulator.market import KLINE_INTERVALS, Instrument, Market, Tick, Trade, bar_open_time
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,6 @@ class BinanceSpot:
         }
         for path, (weigh, answer) in endpoints.items():
             app.router.add_get(f"/api/v3/{path}", self._rest_handler(weigh, answer))
-        self.faults.add_routes(app, self)
 
     # -- WebSocket ----------------------------------------------------------------------------------
 
@@ -381,7 +381,10 @@ class BinanceSpot:
         subscribers = self._hub.subscribers
         if subscribers:
             event_time = tick.time
+            skipping = self.faults.skipping
             for trade in tick.trades:
+                if skipping and self.faults.skips(trade.symbol, trade.id, monotonic_now):
+                    continue
                 names = self._symbols[trade.symbol]
                 listeners = subscribers.get(names.trade)
                 if listeners:
@@ -513,6 +516,53 @@ class BinanceSpot:
                 connection.send("injected", frame)
                 sent += 1
         return sent
+
+    def invent(
+        self, instrument: Instrument, ids: str, count: int, event_type: str | None
+    ) -> list[dict[str, Any]]:
+        """Send `count` invented trades to the symbol's trade streams; their ground-truth-shaped rows."""
+        names = self._symbols[instrument.symbol]
+        history = self.market.history(instrument.symbol)
+        now_ms = self._now_ms()
+        serial = len(self.faults.invented.get(instrument.symbol, ()))
+        rows = []
+        for index in range(count):
+            trade = invented.binance_trade(instrument, history, ids, index, serial + index, now_ms)
+            sent = self._send_invented(names, trade, event_type, now_ms)
+            rows.append({**self.truth_row(instrument, trade), "ids": ids, "eventType": event_type,
+                         "sentTo": sent, "at": now_ms})  # fmt: skip
+        return rows
+
+    def _send_invented(self, names: _SymbolStreams, trade: Trade, event_type: str | None, now_ms: int) -> int:
+        sent = 0
+        for stream, event in ((names.trade, fmt.trade_event), (names.agg_trade, fmt.agg_trade_event)):
+            listeners = self._hub.subscribers.get(stream)
+            if listeners:
+                payload = event(names.exchange_symbol, names.instrument, trade, now_ms)
+                if event_type is not None:
+                    payload["e"] = event_type
+                self._fan_out(stream, "invented", listeners, _encode(payload))
+                sent += len(listeners)
+        return sent
+
+    def find_instrument(self, wanted: str) -> Instrument | None:
+        """An instrument by exchange symbol (BTCUSDT) or market symbol (BTC/USDT)."""
+        names = self._by_exchange_symbol.get(wanted)
+        if names is not None:
+            return names.instrument
+        return self.market.instruments.get(wanted)
+
+    def truth_row(self, instrument: Instrument, trade: Trade) -> dict[str, Any]:
+        return fmt.rest_trade(instrument, trade)
+
+    def configure_limits(self, settings: dict[str, float]) -> None:
+        raise ValueError(f"{self.name} limits REST by request weight, not by requests per second")
+
+    def limits_state(self) -> dict[str, Any]:
+        return {"weightPerMinute": self.weights.limit}
+
+    def clear_bans(self) -> None:
+        """Binance's bans are the faults' Retry-After blocks, which the faults clear themselves."""
 
     def open_connections(self) -> list[BinanceConnection]:
         return [c for c in self._connections.values() if not c.closing]

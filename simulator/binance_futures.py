@@ -113,7 +113,10 @@ class BinanceFutures(BinanceSpot):
     def publish(self, tick: Tick, monotonic_now: float) -> None:
         subscribers = self._hub.subscribers
         if subscribers:
+            skipping = self.faults.skipping
             for trade in tick.trades:
+                if skipping and self.faults.skips(trade.symbol, trade.id, monotonic_now):
+                    continue
                 names = self._symbols[trade.symbol]
                 listeners = subscribers.get(names.agg_trade)
                 if listeners:
@@ -141,14 +144,18 @@ class BinanceFutures(BinanceSpot):
 
     # -- ground truth (/_sim/trades?exchange=binance-futures) ----------------------------------------
 
-    def find_instrument(self, wanted: str) -> Instrument | None:
-        names = self._by_exchange_symbol.get(wanted)
-        if names is not None:
-            return names.instrument
-        return self.market.instruments.get(wanted)
-
     def truth_row(self, instrument: Instrument, trade: Trade) -> dict[str, Any]:
         return rest_agg_trade(trade)
+
+    def _send_invented(self, names: _SymbolStreams, trade: Trade, event_type: str | None, now_ms: int) -> int:
+        listeners = self._hub.subscribers.get(names.agg_trade)
+        if not listeners:
+            return 0
+        payload = agg_trade_event(names.exchange_symbol, names.instrument, trade, now_ms)
+        if event_type is not None:
+            payload["e"] = event_type
+        self._fan_out(names.agg_trade, "invented", listeners, _encode(payload))
+        return len(listeners)
 
     # -- REST -------------------------------------------------------------------------------------
 

@@ -24,6 +24,8 @@ PING = "ping"
 PONG = "pong"
 CLOSE = "close"
 _CONTROL_KINDS = frozenset((PING, PONG, CLOSE))
+# What a data stall (`keepalive: true`) still sends: keepalive, replies to the client and announcements.
+KEEPALIVE_KINDS = frozenset((PING, PONG, CLOSE, "status", "control", "error", "serverShutdown"))
 _MAX_BATCH_FRAMES = 1024
 # Stop writing while the transport holds more than HIGH, resume below LOW: bounded memory per client.
 _HIGH_WATER = 4 * 1024 * 1024
@@ -65,7 +67,9 @@ class Connection:
         self.streams: dict[str, None] = {}  # an ordered set: LIST_SUBSCRIPTIONS keeps the order
         self.last_ping_at = now
         self.closing = False
-        self.stalled = False  # a stall fault: open, but nothing is sent
+        self.stalled = False  # a stall fault: open, but nothing is sent, not even pings or pongs
+        self.data_stalled = False  # a data stall: keepalive goes on, data frames are withheld
+        self.withheld = 0  # data frames a data stall kept from this connection
         self.slow_consumer = False
         self._transport = request.transport
         self._frames_sent = frames_sent  # shared by all connections of a dialect, so totals survive closes
@@ -83,6 +87,9 @@ class Connection:
     def send(self, kind: str, frame: bytes) -> None:
         """Queue a frame made by `text_frame` (for PING and PONG: just the payload)."""
         if self.closing or self.stalled:
+            return
+        if self.data_stalled and kind not in KEEPALIVE_KINDS:
+            self.withheld += 1
             return
         self._queue.append((kind, frame))
         self._queued_bytes += len(frame)

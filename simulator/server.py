@@ -13,13 +13,18 @@ Control endpoints, for tests and demos:
     POST /_sim/inject                  send raw bytes as one frame on every open connection, or on
                                        those subscribed to a stream: {"data": base64, "binary": false,
                                        "stream": "btcusdt@trade"} (hostile-input tests)
+    POST /_sim/faults/...              faults of one dialect (simulator/faults.py): drop, stall, skip,
+                                       invent, refuse, shutdown, rest, throttle-then-refuse, limits, clear
+    GET  /_sim/faults, /_sim/faults/skipped, /_sim/invented
+                                       fault state, the trades skipped, the trades invented
 
 Every dialect other than Binance spot runs its own market (its own symbols and trade tape) on the
 same port: Binance USD-M futures under `/public`, `/market` and `/fapi/v1` (its real paths), Upbit and
 Bithumb under `/upbit/...` and `/bithumb/...`. `?exchange=<name>` selects a dialect in `/_sim/stats`,
 `/_sim/trades` (then in the dialect's own REST trade shape, `symbol` in its own spelling or BASE/QUOTE),
-`/_sim/pause` (its `tradesGenerated`) and `/_sim/disconnect`; without it they mean Binance spot, except
-pause and resume, which always apply to every market.
+`/_sim/pause` (its `tradesGenerated`), `/_sim/disconnect` and every fault endpoint; without it they mean
+Binance spot, except pause and resume, which always apply to every market. The ground truth holds only
+trades the market made: never the ones the `invent` fault sends.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from simulator import binance_format
+from simulator import binance_format, faults
 from simulator.binance import BinanceSpot
 from simulator.binance_futures import BinanceFutures
 from simulator.market import Market
@@ -132,6 +137,7 @@ class Simulator:
         app.router.add_get("/_sim/trades", self._trades)
         app.router.add_post("/_sim/disconnect", self._disconnect)
         app.router.add_post("/_sim/inject", self._inject)
+        faults.add_routes(app, self.venues, default=self.binance.name)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.port)

@@ -14,11 +14,21 @@ WebSocket `<prefix>/websocket/v1` (exchange-protocols.md §3.1, §4.1):
   that keeps going after `block_after` rejections is blocked for 10 minutes.
 
 REST `<prefix>/v1/`: `market/all`, `trades/ticks` (market, count ≤ 500, cursor = sequential_id: the
-page of trades before it; newest first), `ticker` (markets=A,B), 10 requests/s per group on Upbit.
+page of trades before it; newest first), `ticker` (markets=A,B). Upbit: 10 requests/s per IP in each
+group (market, candle, trade, ticker), `Remaining-Req: group=<g>; min=1800; sec=<left>` on every answer
+(`sec=0` on a 429), 429 without Retry-After over the limit, and after 10 such 429s within a minute a
+30 s ban answered 418 (simulator/limits.py; `/_sim/faults/limits` changes the numbers).
+
+Faults (simulator/faults.py) work here as on Binance: drop, stall, skip, invent, refuse, rest
+(answered in this dialect's 429/418 shape, without Retry-After), shutdown (no announcement: a 1001
+close after the grace).
 
 Bithumb's differences: `sequential_id` is a string of 18 digits that is unique but neither
 time-based nor ordered (the cursor still names a trade, and the page before it is the same as Upbit's),
-the orderbook `timestamp` a microsecond string, no candles, 150 REST requests/s.
+the orderbook `timestamp` a microsecond string, no candles, 150 REST requests/s per category (candle,
+orderbook, ticker, trade, other: `market/all` counts as other), every 429 with an empty body and no
+`Remaining-Req` header (Bithumb documents none), and a client that keeps going "temporarily restricted":
+banned, answered 429 with an empty body.
 """
 
 from __future__ import annotations
@@ -38,7 +48,10 @@ import msgspec
 from aiohttp import WSMsgType, web
 
 from simulator.connections import PONG, Connection, StreamHub
-from simulator.market import Instrument, Market, Quote, Tick, Trade, bar_open_time, format_units
+from simulator.faults import Faults
+from simulator.invented import InventError, make_trade, odd_size, real_trade_below_newest, unit_price_trade
+from simulator.limits import GroupRateLimit
+from simulator.market import Instrument, Market, Quote, Tick, Trade, TradeHistory, bar_open_time, format_units
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +112,20 @@ class Flavor:
     empty_429: bool
     block_after: int | None  # 429 rejections after which a client is blocked, None: never blocked
     block_seconds: float = 600.0
+    remaining_req_header: bool = True  # `Remaining-Req` on REST answers
+    rest_ban_status: int = 418  # what a client banned for REST abuse gets
+    rest_ban_after: int | None = 10  # REST 429s within a minute that get a client banned
+    rest_ban_seconds: float = 30.0
+    rest_groups: tuple[tuple[str, str], ...] = ()  # renamed REST groups (Bithumb's "other" category)
 
 
 UPBIT = Flavor("upbit", "/upbit", False, False, True, 5, 10, False, None)
-BITHUMB = Flavor("bithumb", "/bithumb", True, True, False, 10, 150, True, 10)
+BITHUMB = Flavor("bithumb", "/bithumb", True, True, False, 10, 150, True, 10, remaining_req_header=False,
+                 rest_ban_status=429, rest_groups=(("market", "other"),))  # fmt: skip
+# Invented `sequential_id`s far outside the real ones: a trade time in the 23rd century (Upbit), an
+# 18-digit value (Bithumb) checked against the issued ones.
+FAR_UPBIT_SEQUENTIAL_ID = 90_000_000_000_000_425
+FAR_BITHUMB_SEQUENTIAL_ID = 900_000_000_000_000_425
 
 
 class UpbitConnection(Connection):
@@ -138,16 +161,20 @@ class UpbitStyle:
         self._connects: dict[str, deque[float]] = {}
         self._rejections: dict[str, int] = {}
         self._blocked_until: dict[str, float] = {}
-        self._rest_calls: dict[tuple[str, str], deque[float]] = {}
+        self.rest_limit = GroupRateLimit(
+            flavor.rest_per_second, ban_after=flavor.rest_ban_after, ban_seconds=flavor.rest_ban_seconds
+        )
         # candle stream → (open time, trade count, time) of the bar it last pushed
         self._candle_pushed: dict[str, tuple[int, int, int]] = {}
         self._next_housekeeping = 0.0
         self.frames_sent: dict[str, int] = {}
         self.connections_total = 0
-        self.violations = {"messageRate": 0, "connectRate": 0}
+        self.violations = {"messageRate": 0, "connectRate": 0, "restRate": 0, "restDuringBan": 0}
         self.idle_closes = 0
         self.rest_requests = 0
         self.rest_rejected = 0
+        # Test-triggered faults; the exchange's own connect limit is per second, so none per 5 minutes.
+        self.faults = Faults(connect_attempts=None, retry_after_header=False)
 
     # -- routes -----------------------------------------------------------------------------------
 
@@ -168,7 +195,10 @@ class UpbitStyle:
     async def _handle_ws(self, request: web.Request) -> web.StreamResponse:
         if self._stopping:
             raise web.HTTPServiceUnavailable()
-        refused = self._refuse_connect(request.remote or "unknown", time.monotonic())
+        client, now = request.remote or "unknown", time.monotonic()
+        if self.faults.handshake_refusal(client, now) is not None:
+            return web.Response(status=503, text="Service Unavailable")
+        refused = self._refuse_connect(client, now)
         if refused is not None:
             return refused
         ws = web.WebSocketResponse(autoping=False, compress=False, timeout=CLOSE_TIMEOUT)
@@ -322,20 +352,21 @@ class UpbitStyle:
     def _sequential_id(self, trade: Trade) -> int | str:
         if self.flavor.string_sequential_id:
             return str(bithumb_sequential_id(trade.id))
-        # Upbit's shape: the trade time in ms followed by a 4-digit counter. Unique, and only roughly
-        # ordered, like the real one.
-        return trade.time * 10_000 + trade.id % 10_000
+        return upbit_sequential_id(trade)
 
     def _trade_body(
-        self, instrument: Instrument, trade: Trade, now_ms: int, stream_type: str
-    ) -> dict[str, Any]:
+        self, instrument: Instrument, trade: Trade, now_ms: int, stream_type: str,
+        sequential_id: int | str | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        if sequential_id is None:
+            sequential_id = self._sequential_id(trade)
         moment = datetime.fromtimestamp(trade.time / 1000, UTC)
         return {
             "type": "trade", "code": f"{instrument.quote}-{instrument.base}", "timestamp": now_ms,
             "trade_date": moment.strftime("%Y-%m-%d"), "trade_time": moment.strftime("%H:%M:%S"),
             "trade_timestamp": trade.time, "trade_price": _number(trade.price),
             "trade_volume": _number(trade.quantity), "ask_bid": "BID" if trade.taker_side == "buy" else "ASK",
-            "sequential_id": self._sequential_id(trade), "stream_type": stream_type,
+            "sequential_id": sequential_id, "stream_type": stream_type,
         }  # fmt: skip
 
     def _book_body(self, instrument: Instrument, quote: Quote, levels: int, now_ms: int, stream_type: str
@@ -446,10 +477,13 @@ class UpbitStyle:
         if subscribers:
             now_ms = tick.time
             traded: dict[str, Instrument] = {}
+            skipping = self.faults.skipping
             for trade in tick.trades:
                 instrument = self.market.instruments[trade.symbol]
                 code = f"{instrument.quote}-{instrument.base}"
                 traded[code] = instrument
+                if skipping and self.faults.skips(trade.symbol, trade.id, monotonic_now):
+                    continue
                 if f"trade:{code}" in subscribers:
                     body = self._trade_body(instrument, trade, now_ms, "REALTIME")
                     self._fan_out(f"trade:{code}", "trade", body, monotonic_now)
@@ -505,20 +539,25 @@ class UpbitStyle:
     # -- REST -------------------------------------------------------------------------------------
 
     def _rest(self, group: str, answer: Any) -> Any:
+        group = dict(self.flavor.rest_groups).get(group, group)
+
         async def handle(request: web.Request) -> web.Response:
             self.rest_requests += 1
             client = request.remote or "unknown"
             now = time.monotonic()
-            calls = self._rest_calls.setdefault((client, group), deque())
-            while calls and calls[0] <= now - 1.0:
-                calls.popleft()
-            if len(calls) >= self.flavor.rest_per_second:
+            fault = self.faults.rest_refusal(client, now)
+            if fault is not None:
                 self.rest_rejected += 1
-                return self._too_many()
-            calls.append(now)
-            headers = {
-                "Remaining-Req": f"group={group}; min=1800; sec={self.flavor.rest_per_second - len(calls)}"
-            }
+                return self._rest_refused(fault[0], group, 0.0)
+            verdict = self.rest_limit.check(client, group, now)
+            if verdict.outcome != "ok":
+                self.rest_rejected += 1
+                if verdict.outcome == "banned":
+                    self.violations["restDuringBan"] += 1
+                    return self._rest_refused(self.flavor.rest_ban_status, group, verdict.ban_left)
+                self.violations["restRate"] += 1
+                return self._rest_refused(429, group, 0.0)
+            headers = self._remaining(group, verdict.remaining)
             try:
                 body = answer(request.query)
             except _RequestError as error:
@@ -528,6 +567,26 @@ class UpbitStyle:
             return web.Response(body=_encode(body), content_type="application/json", headers=headers)
 
         return handle
+
+    def _remaining(self, group: str, left: int) -> dict[str, str]:
+        if not self.flavor.remaining_req_header:
+            return {}
+        return {"Remaining-Req": f"group={group}; min=1800; sec={left}"}
+
+    def _rest_refused(self, status: int, group: str, ban_left: float) -> web.Response:
+        """A refused REST request in the exchange's shape: never a Retry-After, Bithumb's body empty."""
+        headers = self._remaining(group, 0)
+        if self.flavor.empty_429:
+            return web.Response(status=status, headers=headers)
+        if status == 418:
+            seconds = max(1, round(ban_left))
+            message = f"Too many requests. Your IP is blocked for {seconds} seconds."
+        else:
+            message = "Too many requests"
+        body = {"error": {"name": "too_many_requests", "message": message}}
+        return web.Response(
+            status=status, body=_encode(body), content_type="application/json", headers=headers
+        )
 
     def _markets(self, params: Mapping[str, str]) -> list[dict[str, Any]]:
         return [{"market": code, "korean_name": instrument.base, "english_name": instrument.base}
@@ -625,14 +684,18 @@ class UpbitStyle:
     def find_instrument(self, wanted: str) -> Instrument | None:
         return self._codes.get(wanted) or self.market.instruments.get(wanted)
 
-    def truth_row(self, instrument: Instrument, trade: Trade) -> dict[str, Any]:
+    def truth_row(
+        self, instrument: Instrument, trade: Trade, sequential_id: int | str | None = None
+    ) -> dict[str, Any]:
+        if sequential_id is None:
+            sequential_id = self._sequential_id(trade)
         moment = datetime.fromtimestamp(trade.time / 1000, UTC)
         return {
             "market": f"{instrument.quote}-{instrument.base}", "trade_date_utc": moment.strftime("%Y-%m-%d"),
             "trade_time_utc": moment.strftime("%H:%M:%S"), "timestamp": trade.time,
             "trade_price": _number(trade.price), "trade_volume": _number(trade.quantity),
             "ask_bid": "BID" if trade.taker_side == "buy" else "ASK",
-            "sequential_id": self._sequential_id(trade),
+            "sequential_id": sequential_id,
         }  # fmt: skip
 
     async def close_all(self) -> None:
@@ -645,6 +708,106 @@ class UpbitStyle:
             self.disconnect_all()
             await asyncio.wait_for(self._all_closed.wait(), CLOSE_TIMEOUT)
 
+    # -- faults -------------------------------------------------------------------------------------
+
+    def invent(
+        self, instrument: Instrument, ids: str, count: int, event_type: str | None
+    ) -> list[dict[str, Any]]:
+        """Send `count` invented trades to the symbol's trade subscribers; their ground-truth-shaped rows."""
+        history = self.market.history(instrument.symbol)
+        now_ms = self._now_ms()
+        serial = len(self.faults.invented.get(instrument.symbol, ()))
+        rows = []
+        for index in range(count):
+            trade, value = self._invented(instrument, history, ids, serial + index, now_ms)
+            sequential_id = str(value) if self.flavor.string_sequential_id else value
+            sent = self._send_invented(instrument, trade, sequential_id, event_type, now_ms)
+            rows.append({**self.truth_row(instrument, trade, sequential_id), "ids": ids,
+                         "eventType": event_type, "sentTo": sent, "at": now_ms})  # fmt: skip
+        return rows
+
+    def _invented(
+        self, instrument: Instrument, history: TradeHistory, ids: str, serial: int, now_ms: int
+    ) -> tuple[Trade, int]:
+        """An invented trade and its never-issued sequential_id (see simulator/invented.py)."""
+        bithumb = self.flavor.string_sequential_id
+
+        def issued(value: int) -> bool:
+            return self.index_of_sequential_id(instrument, str(value)) is not None
+
+        newest = history.last()
+        if ids == "far":
+            value = (FAR_BITHUMB_SEQUENTIAL_ID if bithumb else FAR_UPBIT_SEQUENTIAL_ID) + serial
+            while issued(value):
+                value += 1
+            return unit_price_trade(instrument, -1, now_ms), value
+        if ids == "next":
+            price = newest.price_ticks if newest is not None else instrument.opening_price
+            upcoming = history.first_id + history.total
+            if bithumb:  # the id a trade a billion trades from now would get
+                value = bithumb_sequential_id(upcoming + 10**9 + serial)
+            else:  # this millisecond, with a counter the next thousands of trades will not reach
+                value = now_ms * 10_000 + (upcoming + 5_000 + serial) % 10_000
+            while issued(value):
+                value += 1
+            return make_trade(instrument, -1, price, odd_size(instrument, serial), now_ms), value
+        real = real_trade_below_newest(history, serial)
+        assert newest is not None
+        newest_value = int(self._sequential_id(newest))
+        if bithumb:
+            value = newest_value - 1 - serial
+        else:  # the real trade's millisecond, a counter none of that millisecond's trades has
+            value = min(real.time * 10_000 + (real.id + 5_000) % 10_000, newest_value - 1)
+        floor = _ID_BASE if bithumb else 0
+        while value >= floor and issued(value):
+            value -= 1
+        if value < floor:
+            raise InventError("no unissued sequential_id below the newest one")
+        lots = real.quantity_lots + 1
+        return make_trade(instrument, -1, real.price_ticks + 1, lots, real.time, real.taker_side), value
+
+    def _send_invented(
+        self,
+        instrument: Instrument,
+        trade: Trade,
+        sequential_id: int | str,
+        event_type: str | None,
+        now_ms: int,
+    ) -> int:
+        stream = f"trade:{instrument.quote}-{instrument.base}"
+        listeners = self._hub.subscribers.get(stream)
+        if not listeners:
+            return 0
+        body = self._trade_body(instrument, trade, now_ms, "REALTIME", sequential_id)
+        if event_type is not None:
+            body["type"] = event_type
+        self._fan_out(stream, "invented", body, time.monotonic())
+        return len(listeners)
+
+    def open_connections(self) -> list[UpbitConnection]:
+        return [c for c in self._connections.values() if not c.closing]
+
+    def send_server_shutdown(self) -> int:
+        """Upbit and Bithumb announce nothing before closing; the shutdown fault just closes later."""
+        return 0
+
+    def configure_limits(self, settings: dict[str, float]) -> None:
+        limit = self.rest_limit
+        if "restPerSecond" in settings:
+            limit.per_second = max(1, int(settings["restPerSecond"]))
+        if "restBanAfter" in settings:
+            limit.ban_after = max(1, int(settings["restBanAfter"]))
+        if "restBanSeconds" in settings:
+            limit.ban_seconds = settings["restBanSeconds"]
+
+    def limits_state(self) -> dict[str, Any]:
+        limit = self.rest_limit
+        return {"restPerSecond": limit.per_second, "restBanAfter": limit.ban_after,
+                "restBanSeconds": limit.ban_seconds, "banned": limit.banned(time.monotonic())}  # fmt: skip
+
+    def clear_bans(self) -> None:
+        self.rest_limit.clear()
+
     def disconnect_all(self) -> int:
         connections = list(self._connections.values())
         for connection in connections:
@@ -656,8 +819,9 @@ class UpbitStyle:
             "connections": {"open": len(self._connections), "total": self.connections_total},
             "subscriptions": {cid: list(c.streams) for cid, c in self._connections.items()},
             "framesSent": dict(self.frames_sent),
-            "violations": sum(self.violations.values()),
+            "violations": sum(self.violations.values()) + sum(self.faults.violations.values()),
             "violationsByReason": dict(self.violations),
+            "faults": self.faults.state(),
             "idleCloses": self.idle_closes,
             "rest": {"requests": self.rest_requests, "rejected": self.rest_rejected},
         }
@@ -672,6 +836,12 @@ _ID_BASE = 10**17
 _ID_SPAN = 9 * 10**17
 _ID_FACTOR = 614_889_782_588_491_411  # coprime with _ID_SPAN (2^17 · 3^2 · 5^17): invertible
 _ID_INVERSE = pow(_ID_FACTOR, -1, _ID_SPAN)
+
+
+def upbit_sequential_id(trade: Trade) -> int:
+    """Upbit's shape: the trade time in ms followed by a 4-digit counter. Unique, and only roughly
+    ordered, like the real one."""
+    return trade.time * 10_000 + trade.id % 10_000
 
 
 def bithumb_sequential_id(trade_id: int) -> int:

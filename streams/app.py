@@ -1,8 +1,7 @@
-"""The Faust app object and its settings, built from the configuration contract.
+"""The Faust app's settings, built from the configuration contract.
 
-Importing this module loads the configuration (COLLECTOR_CONFIG and the environment overrides).
-The embedded broker is started by `collector worker` before this module is imported, which then
-finds its address in COLLECTOR_KAFKA_BROKERS.
+Nothing here builds an app on import: the composition root (agents/worker.py) builds one worker
+from its config, and `agents.app` is the module `faust -A` names.
 """
 
 from __future__ import annotations
@@ -11,25 +10,24 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import faust
-
-from streams.config import CollectorConfig, load_config
+from streams.config import CollectorConfig
 from streams.logs import logging_config
 
 APP_ID = "exchange-collector"
-RAW_PARTITIONS = 4
+# Raw topics have as many partitions as `collector.commands`: Faust's assignor gives partition n of
+# topics with the same partition count to the same worker, so the worker that runs connection group n
+# also normalizes its raw partition (tables/subscription_rules.py).
+RAW_PARTITIONS = 8
 
 
-def broker_urls(config: CollectorConfig) -> str:
-    # With `embedded`, `collector worker` has started the broker and passed its address in
-    # COLLECTOR_KAFKA_BROKERS; other commands look for a running one at the usual address.
-    return ";".join(f"kafka://{broker}" for broker in config.kafka.bootstrap_servers)
+def broker_urls(bootstrap_servers: list[str]) -> str:
+    return ";".join(f"kafka://{broker}" for broker in bootstrap_servers)
 
 
-def faust_settings(config: CollectorConfig) -> dict[str, Any]:
+def faust_settings(config: CollectorConfig, bootstrap_servers: list[str]) -> dict[str, Any]:
     producer = config.kafka.producer
     return {
-        "broker": broker_urls(config),
+        "broker": broker_urls(bootstrap_servers),
         "store": "memory://",
         "web_port": config.server.port,
         "datadir": Path(tempfile.gettempdir()) / f"{APP_ID}-{config.server.port}",
@@ -52,13 +50,3 @@ def faust_settings(config: CollectorConfig) -> dict[str, Any]:
         "loglevel": config.logging.level.upper(),
         "logging_config": logging_config(config.logging),  # JSON lines when logging.format is json
     }
-
-
-def create_app(config: CollectorConfig) -> faust.App:
-    app = faust.App(APP_ID, autodiscover=False, **faust_settings(config))
-    app.collector_config = config  # type: ignore[attr-defined]
-    return app
-
-
-config = load_config()
-app = create_app(config)

@@ -1,7 +1,8 @@
 """The YAML configuration contract (DESIGN.md), validated with pydantic.
 
 `load_config` reads `COLLECTOR_CONFIG` (default `config/default.yaml`) and applies the environment
-overrides `COLLECTOR_KAFKA_BROKERS` (comma list, or `embedded`) and `COLLECTOR_SERVER_PORT`. Any
+overrides `COLLECTOR_KAFKA_BROKERS` (comma list, or `embedded`), `COLLECTOR_SERVER_PORT` and
+`COLLECTOR_COLLECTION` (`true`/`false`). Any
 unknown key or bad value raises ConfigError whose message names the key.
 """
 
@@ -173,6 +174,9 @@ class DistributionConfig(_Strict):
 
 class CollectorConfig(_Strict):
     server: ServerConfig = ServerConfig()
+    # false: this worker connects to no exchange and normalizes nothing; it serves the views, clients
+    # and sinks from Kafka (a follower). `collector worker --no-collect` sets it too.
+    collection: bool = True
     exchanges: Annotated[dict[str, ExchangeConfig], Field(min_length=1)]
     kafka: KafkaConfig = KafkaConfig()
     monitoring: MonitoringConfig = MonitoringConfig()
@@ -250,6 +254,11 @@ def _apply_environment(document: dict[str, Any], environ: os._Environ[str] | dic
             raise ConfigError("kafka: must be a mapping")
         kafka["brokers"] = EMBEDDED if brokers == EMBEDDED else [b.strip() for b in brokers.split(",")]
         document["kafka"] = kafka
+    collect = environ.get("COLLECTOR_COLLECTION", "").strip().lower()
+    if collect:
+        if collect not in ("true", "false"):
+            raise ConfigError(f"COLLECTOR_COLLECTION: {collect!r} is not true or false")
+        document["collection"] = collect == "true"
     port = environ.get("COLLECTOR_SERVER_PORT", "").strip()
     if port:
         if not port.isdigit():

@@ -14,8 +14,8 @@ it. A record that breaks a rule is refused with a `Rejection` whose reason is th
     crossed-book           a bbo or ticker whose bid is not below its ask
     invalid-trade-id       a trade id that is not an integer on an exchange with increasing ids
 
-A repeated trade id is not an error: `check` returns `DUPLICATE`, which the caller drops and counts.
-A jump in increasing ids is a gap: the record is accepted and a `Gap` is queued for `take_gaps`.
+Continuity (repeats, gaps, ids that do not follow) is not checked here: the continuity engine
+(streams/continuity/) does that for every trade that passes these checks.
 
 Speed: this runs for every record (30k+/s; about 1 µs per trade). Plain-decimal checks are string
 methods, not Decimal; comparisons go through floats, which decide exactly whenever they differ
@@ -24,50 +24,29 @@ methods, not Decimal; comparisons go through floats, which decide exactly whenev
 
 from __future__ import annotations
 
-from collections import deque
 from decimal import Decimal
 from typing import Literal, NamedTuple
 
-from streams.events import CollectorEvent
 from streams.records import Bbo, Kline, MarketRecord, Ticker, Trade
 
 TradeIdPolicy = Literal["increasing", "unique", "none"]
-"""How an exchange's trade ids behave, declared by each adapter (`ExchangeAdapter.trade_ids`):
+"""How an exchange's trade ids behave, declared by each adapter (`ExchangeAdapter.trade_ids`) and
+followed by the continuity engine:
 
-increasing  ids rise by one per trade and symbol (Binance): dedupe, and report jumps as gaps
-unique      ids are unique but not ordered (Upbit, Bithumb `sequential_id`): dedupe in a window
+increasing  ids rise by one per trade and symbol (Binance): a jump is a gap
+unique      ids are unique but not ordered (Upbit, Bithumb `sequential_id`): repeats are dropped, gaps
+            are found from the connection and repaired from history
 none        ids carry no guarantee: no tracking
 """
 
 DEFAULT_CLOCK_SKEW_SECONDS = 300.0
 EARLIEST_PLAUSIBLE_MS = 1_230_768_000_000  # 2009-01-01: no exchange traded before; catches seconds
 MAX_NUMBER_LENGTH = 64  # longer digit strings are garbage, and would be slow to compare
-MAX_HOLES_PER_SYMBOL = 32  # unfilled gaps remembered per symbol for increasing ids
-UNIQUE_WINDOW = 512  # recent ids remembered per symbol for unique ids
 
 
 class Rejection(NamedTuple):
     reason: str
     detail: str = ""
-
-
-DUPLICATE = Rejection("duplicate", "trade id already delivered")
-
-
-class Gap(NamedTuple):
-    """Increasing trade ids jumped: ids `first_missing`..`last_missing` have not been seen."""
-
-    exchange: str
-    symbol: str
-    first_missing: int
-    last_missing: int
-    after_time: int  # trade time of the trade before the gap
-    before_time: int  # trade time of the trade after it
-    received_at: int
-
-    @property
-    def missing(self) -> int:
-        return self.last_missing - self.first_missing + 1
 
 
 def _unsigned(text: str) -> bool:
@@ -91,78 +70,6 @@ def _less(a: str, b: str) -> bool:
     return Decimal(a) < Decimal(b)
 
 
-class _IncreasingIds:
-    """Ids of one symbol on an exchange whose ids rise by one per trade.
-
-    Every id in [floor, last] has been delivered except those in `holes` (inclusive ranges, oldest
-    first). Ids below `floor` predate what is remembered and are let through: at-least-once delivery
-    prefers a possible duplicate to a loss.
-    """
-
-    __slots__ = ("floor", "holes", "last", "last_time")
-
-    def __init__(self, first: int, time: int) -> None:
-        self.floor = first
-        self.last = first
-        self.last_time = time
-        self.holes: list[list[int]] = []
-
-    def observe(self, trade_id: int, time: int) -> tuple[int, int, int] | bool:
-        """True: new; False: a duplicate; (first, last, after_time): new, after a gap."""
-        last = self.last
-        if trade_id == last + 1:
-            self.last, self.last_time = trade_id, time
-            return True
-        if trade_id > last:
-            after_time = self.last_time
-            self.last, self.last_time = trade_id, time
-            self.holes.append([last + 1, trade_id - 1])
-            if len(self.holes) > MAX_HOLES_PER_SYMBOL:
-                self.floor = self.holes.pop(0)[1] + 1
-            return (last + 1, trade_id - 1, after_time)
-        if trade_id < self.floor:
-            return True
-        return self._fill(trade_id)
-
-    def _fill(self, trade_id: int) -> bool:
-        holes = self.holes
-        for index, hole in enumerate(holes):
-            low, high = hole
-            if low <= trade_id <= high:
-                if low == high:
-                    del holes[index]
-                elif trade_id == low:
-                    hole[0] = low + 1
-                elif trade_id == high:
-                    hole[1] = high - 1
-                else:
-                    hole[1] = trade_id - 1
-                    holes.insert(index + 1, [trade_id + 1, high])
-                    if len(holes) > MAX_HOLES_PER_SYMBOL:
-                        self.floor = holes.pop(0)[1] + 1
-                return True
-        return False
-
-
-class _RecentIds:
-    """The last UNIQUE_WINDOW ids of one symbol, for exchanges whose ids are unique but unordered."""
-
-    __slots__ = ("order", "seen")
-
-    def __init__(self) -> None:
-        self.order: deque[str] = deque()
-        self.seen: set[str] = set()
-
-    def observe(self, trade_id: str) -> bool:
-        if trade_id in self.seen:
-            return False
-        self.seen.add(trade_id)
-        self.order.append(trade_id)
-        if len(self.order) > UNIQUE_WINDOW:
-            self.seen.discard(self.order.popleft())
-        return True
-
-
 class Validator:
     """Checks the records of one exchange; holds only per-symbol state of bounded size."""
 
@@ -175,12 +82,9 @@ class Validator:
         self.exchange = exchange
         self.trade_ids = trade_ids
         self.skew_ms = int(clock_skew_seconds * 1000)
-        self._increasing: dict[str, _IncreasingIds] = {}
-        self._recent: dict[str, _RecentIds] = {}
-        self._gaps: list[Gap] = []
 
     def check(self, record: MarketRecord, live: bool = True) -> Rejection | None:
-        """None when the record may be published; else why not (DUPLICATE: drop, don't dead-letter).
+        """None when the record may go on (to the continuity engine, for trades); else why not.
 
         `live` is False for REST input, whose records may be older than the clock-skew window.
         """
@@ -200,11 +104,10 @@ class Validator:
                 return Rejection("invalid-price", f"price {data.price!r}")
             if not _positive(data.quantity):
                 return Rejection("invalid-quantity", f"quantity {data.quantity!r}")
-            policy = self.trade_ids
-            if policy == "increasing":
-                return self._increasing_id(record.symbol, data, received_at)
-            if policy == "unique":
-                return self._unique_id(record.symbol, data.trade_id)
+            if self.trade_ids == "increasing":
+                text = data.trade_id
+                if not (text.isdigit() and text.isascii() and len(text) <= 20):
+                    return Rejection("invalid-trade-id", f"trade id {text!r} is not a non-negative integer")
             return None
         if type(data) is Bbo:
             return _bbo(data)
@@ -213,38 +116,6 @@ class Validator:
         if type(data) is Ticker:
             return _ticker(data)
         return None
-
-    def take_gaps(self) -> list[Gap]:
-        """The gaps found since the last call."""
-        gaps, self._gaps = self._gaps, []
-        return gaps
-
-    def _increasing_id(self, symbol: str, trade: Trade, received_at: int) -> Rejection | None:
-        text = trade.trade_id
-        if not (text.isdigit() and text.isascii() and len(text) <= 20):
-            return Rejection("invalid-trade-id", f"trade id {text!r} is not a non-negative integer")
-        trade_id = int(text)
-        ids = self._increasing.get(symbol)
-        if ids is None:
-            self._increasing[symbol] = _IncreasingIds(trade_id, trade.trade_time)
-            return None
-        if trade_id == ids.last + 1:  # the usual case, kept free of calls
-            ids.last, ids.last_time = trade_id, trade.trade_time
-            return None
-        outcome = ids.observe(trade_id, trade.trade_time)
-        if outcome is True:
-            return None
-        if outcome is False:
-            return DUPLICATE
-        first, last, after_time = outcome
-        self._gaps.append(Gap(self.exchange, symbol, first, last, after_time, trade.trade_time, received_at))
-        return None
-
-    def _unique_id(self, symbol: str, trade_id: str) -> Rejection | None:
-        recent = self._recent.get(symbol)
-        if recent is None:
-            recent = self._recent[symbol] = _RecentIds()
-        return None if recent.observe(trade_id) else DUPLICATE
 
 
 def _implausible(time: int, received_at: int, skew_ms: int) -> Rejection:
@@ -305,21 +176,3 @@ def _ticker(ticker: Ticker) -> Rejection | None:
     if bid is not None and ask is not None and _positive(bid) and _positive(ask) and not _less(bid, ask):
         return Rejection("crossed-book", f"bid {bid} is not below ask {ask}")
     return None
-
-
-def gap_event(gap: Gap) -> CollectorEvent:
-    """The `collector.events` record announcing a gap, for backfill to react to."""
-    return CollectorEvent(
-        type="gap",
-        exchange=gap.exchange,
-        time=gap.received_at,
-        symbol=gap.symbol,
-        detail={
-            "dataType": "trade",
-            "firstMissingId": gap.first_missing,
-            "lastMissingId": gap.last_missing,
-            "missing": gap.missing,
-            "afterTime": gap.after_time,
-            "beforeTime": gap.before_time,
-        },
-    )

@@ -8,37 +8,17 @@ and forward table-backed web requests to the owner.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from typing import Any
 
-from streams.app import app, config
+import faust
+
 from streams.topics import EVENTS
 from tables.records import ALERTS, FLOW
 from tables.state import Row, Tables
 
 STATE_PARTITIONS = 1
-WORKER = f"{socket.gethostname()}:{config.server.port}"  # names this worker in flow summaries and views
 RECENT_ALERTS = "recent"  # the one key of the alerts table
-
-# Keys are strings, values JSON objects (the app's default value serializer).
-_options: dict[str, Any] = {"partitions": STATE_PARTITIONS, "key_type": str}
-coins = app.Table("state-coins", help="Coin state and flow, key exchange:symbol", **_options)
-connectors = app.Table("state-connectors", help="Connector (connection group) state", **_options)
-collectors = app.Table("state-collectors", help="Collector state per exchange", **_options)
-alerts = app.Table("state-alerts", help="Open and recent alerts", **_options)
-
-# internal: Faust creates them (with one partition) before subscribing; a topic the broker created
-# on first use would get the broker's default partition count and break co-partitioning.
-_topic_options: dict[str, Any] = {
-    "partitions": STATE_PARTITIONS,
-    "key_serializer": "raw",
-    "value_serializer": "raw",
-    "internal": True,
-}
-events_topic = app.topic(EVENTS, **_topic_options)
-flow_topic = app.topic(FLOW, **_topic_options)
-alerts_topic = app.topic(ALERTS, **_topic_options)
 
 
 def rows(table: Any) -> Iterator[Row]:
@@ -47,16 +27,45 @@ def rows(table: Any) -> Iterator[Row]:
             yield value
 
 
-def current_tables() -> Tables:
-    return Tables(
-        coin=coins.get,
-        connector=connectors.get,
-        collector=collectors.get,
-        connectors_of=lambda exchange: [row for row in rows(connectors) if row.get("exchange") == exchange],
-    )
+class StateStore:
+    """One worker's state tables and the topics they are built from."""
 
+    def __init__(self, app: faust.App, worker: str) -> None:
+        self.app = app
+        self.worker = worker  # names this worker in flow summaries and views
+        # Keys are strings, values JSON objects (the app's default value serializer).
+        options: dict[str, Any] = {"partitions": STATE_PARTITIONS, "key_type": str}
+        self.coins = app.Table("state-coins", help="Coin state and flow, key exchange:symbol", **options)
+        self.connectors = app.Table("state-connectors", help="Connector (connection group) state", **options)
+        self.collectors = app.Table("state-collectors", help="Collector state per exchange", **options)
+        self.alerts = app.Table("state-alerts", help="Open and recent alerts", **options)
+        # internal: Faust creates them (with one partition) before subscribing; a topic the broker
+        # created on first use would get the broker's default partition count and break co-partitioning.
+        topic_options: dict[str, Any] = {
+            "partitions": STATE_PARTITIONS,
+            "key_serializer": "raw",
+            "value_serializer": "raw",
+            "internal": True,
+        }
+        self.events_topic = app.topic(EVENTS, **topic_options)
+        self.flow_topic = app.topic(FLOW, **topic_options)
+        self.alerts_topic = app.topic(ALERTS, **topic_options)
 
-def owns_state() -> bool:
-    """Whether this worker holds the active (not standby) partition of the state tables."""
-    topic = coins.changelog_topic.get_topic_name()
-    return any(tp.topic == topic for tp in app.assignor.assigned_actives())
+    def current_tables(self) -> Tables:
+        connectors = self.connectors
+        return Tables(
+            coin=self.coins.get,
+            connector=connectors.get,
+            collector=self.collectors.get,
+            connectors_of=lambda exchange: [
+                row for row in rows(connectors) if row.get("exchange") == exchange
+            ],
+        )
+
+    def recent_alerts(self) -> dict[str, Any]:
+        return self.alerts.get(RECENT_ALERTS) or {}
+
+    def owns_state(self) -> bool:
+        """Whether this worker holds the active (not standby) partition of the state tables."""
+        topic = self.coins.changelog_topic.get_topic_name()
+        return any(tp.topic == topic for tp in self.app.assignor.assigned_actives())

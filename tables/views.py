@@ -1,7 +1,8 @@
 """JSON web views over the state tables, and the dashboard page.
 
 Table-backed views go through `app.table_route`: a worker that does not own the state partition
-forwards the request to the one that does, so every worker gives the same answer.
+forwards the request to the one that does, so every worker gives the same answer. The composition
+root (agents/worker.py) installs them with `install_views`.
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from functools import cache, wraps
+from functools import wraps
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import aiohttp
+import faust
 from aiokafka.errors import KafkaError
 from faust import web
 
-from streams.app import app, config
-from tables import store
+from streams.config import CollectorConfig
 from tables.manager import (
     ManagerSettings,
     coin_age_ms,
@@ -30,14 +31,13 @@ from tables.manager import (
     pipeline_lag_ms,
 )
 from tables.state import CONNECTOR_UP, Row, coin_key, success_rate
+from tables.store import StateStore, rows
 from tables.summary import collector_overview
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
 _STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".txt": "text/plain"}
-# Any exchange routes to partition 0 of the one-partition state tables.
-ROUTING_KEY = next(iter(config.exchanges))
 _SYMBOL = re.compile(r"^(?P<base>[A-Za-z0-9]{1,20})[/-](?P<quote>[A-Za-z0-9]{1,20})$")
 BROKER_CHECK_TIMEOUT = 3.0
 FORWARD_TIMEOUT = 10.0
@@ -45,48 +45,20 @@ FORWARD_TIMEOUT = 10.0
 _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[web.Response]])
 
 
-def answered_by_owner(**key: str) -> Callable[[_Handler], _Handler]:
-    """`app.table_route` over the state tables: a worker that does not own the key forwards the request
-    to the one that does (`exact_key=`, or `match_info=` naming the URL part that holds the exchange).
-    While the owner is gone (until the rebalance hands its partition over) the answer is a 503."""
-
-    def decorate(handler: _Handler) -> _Handler:
-        routed = app.table_route(table=store.coins, **key)(handler)
-
-        @wraps(handler)
-        async def answer(view: web.View, request: web.Request, *args: Any, **kwargs: Any) -> web.Response:
-            try:
-                return await asyncio.wait_for(routed(view, request, *args, **kwargs), FORWARD_TIMEOUT)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("could not forward %s to the state owner: %r", request.url, exc)
-                return view.json(
-                    {"error": f"the worker owning the state did not answer ({exc}); retry"}, status=503
-                )
-
-        return cast(_Handler, answer)
-
-    return decorate
-
-
 def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-@cache  # the config is read once at start; views call this per coin
-def alert_settings() -> ManagerSettings:
-    return ManagerSettings.from_alerts(config.monitoring.alerts)
 
 
 def public(row: Row) -> Row:
     return {key: value for key, value in row.items() if key != "applied"}
 
 
-def coin_view(row: Row, now: int) -> Row:
+def coin_view(row: Row, now: int, settings: ManagerSettings) -> Row:
     age = coin_age_ms(row, now)
     return {
         **public(row),
         "ageSeconds": None if age is None else round(age / 1000, 3),
-        "stale": is_stale(row, now, alert_settings().stale_after_ms),
+        "stale": is_stale(row, now, settings.stale_after_ms),
     }
 
 
@@ -110,7 +82,7 @@ def parse_symbol(text: str) -> str | None:
     return f"{match['base']}/{match['quote']}".upper() if match else None
 
 
-async def broker_reachable() -> tuple[bool, str]:
+async def broker_reachable(app: faust.App) -> tuple[bool, str]:
     client = getattr(getattr(app.producer, "_producer", None), "client", None)
     if client is None:
         return False, "the producer has not started"
@@ -122,109 +94,108 @@ async def broker_reachable() -> tuple[bool, str]:
     return True, "metadata received"
 
 
-async def health_report() -> tuple[int, dict[str, Any]]:
-    now = _wall_ms()
-    reasons: list[str] = []
-    reachable, broker_detail = await broker_reachable()
-    if not reachable:
-        reasons.append(f"broker unreachable: {broker_detail}")
-    collector_states = {}
-    for exchange in config.exchanges:
-        row = store.collectors.get(exchange)
-        state = row["state"] if row else "ready"
-        collector_states[exchange] = state
-        if state != "running":
-            reasons.append(f"collector {exchange} is {state}")
-    stale = sorted(
-        coin_key(row["exchange"], row["symbol"])
-        for row in store.rows(store.coins)
-        if is_stale(row, now, alert_settings().stale_after_ms)
-    )
-    if stale:
-        listed = ", ".join(stale[:10]) + (f" and {len(stale) - 10} more" if len(stale) > 10 else "")
-        reasons.append(f"{len(stale)} stale coins: {listed}")
-    behind_after_ms = alert_settings().behind_after_ms
-    behind = {
-        row["connector"]: lag
-        for row in store.rows(store.connectors)
-        if (lag := pipeline_behind_ms(row, behind_after_ms)) is not None
-    }
-    for name, lag in sorted(behind.items()):
-        reasons.append(f"records of {name} are {describe_lag(lag)} behind its frames")
-    body = {
-        "status": "ok" if not reasons else "unhealthy",
-        "reasons": reasons,
-        "broker": {"reachable": reachable, "detail": broker_detail},
-        "collectors": collector_states,
-        "staleCoins": stale,
-        "pipelineBehindMs": behind,
-        "time": now,
-        "servedBy": store.WORKER,
-    }
-    return (200 if not reasons else 503), body
+class StateViews:
+    """What the JSON views answer, from this worker's state tables."""
 
+    def __init__(self, app: faust.App, config: CollectorConfig, store: StateStore) -> None:
+        self.app = app
+        self.config = config
+        self.store = store
+        # The config does not change after start; views read the thresholds per coin.
+        self.settings = ManagerSettings.from_alerts(config.monitoring.alerts)
+        # Any exchange routes to partition 0 of the one-partition state tables.
+        self.routing_key = next(iter(config.exchanges))
 
-@app.page("/health")
-class Health(web.View):
-    @answered_by_owner(exact_key=ROUTING_KEY)
-    async def get(self, request: web.Request) -> web.Response:
-        status, body = await health_report()
-        return self.json(body, status=status)
+    def answered_by_owner(self, **key: str) -> Callable[[_Handler], _Handler]:
+        """`app.table_route` over the state tables: a worker that does not own the key forwards the
+        request to the one that does (`exact_key=`, or `match_info=` naming the URL part that holds the
+        exchange). While the owner is gone (until the rebalance hands its partition over) the answer is a
+        503."""
 
+        def decorate(handler: _Handler) -> _Handler:
+            routed = self.app.table_route(table=self.store.coins, **key)(handler)
 
-@app.page("/coins")
-class Coins(web.View):
-    @answered_by_owner(exact_key=ROUTING_KEY)
-    async def get(self, request: web.Request) -> web.Response:
+            @wraps(handler)
+            async def answer(view: web.View, request: web.Request, *args: Any, **kwargs: Any) -> web.Response:
+                try:
+                    return await asyncio.wait_for(routed(view, request, *args, **kwargs), FORWARD_TIMEOUT)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    log.warning("could not forward %s to the state owner: %r", request.url, exc)
+                    return view.json(
+                        {"error": f"the worker owning the state did not answer ({exc}); retry"}, status=503
+                    )
+
+            return cast(_Handler, answer)
+
+        return decorate
+
+    async def health_report(self) -> tuple[int, dict[str, Any]]:
+        store, settings = self.store, self.settings
         now = _wall_ms()
-        exchange = request.query.get("exchange")
+        reasons: list[str] = []
+        reachable, broker_detail = await broker_reachable(self.app)
+        if not reachable:
+            reasons.append(f"broker unreachable: {broker_detail}")
+        collector_states = {}
+        for exchange in self.config.exchanges:
+            row = store.collectors.get(exchange)
+            state = row["state"] if row else "ready"
+            collector_states[exchange] = state
+            if state != "running":
+                reasons.append(f"collector {exchange} is {state}")
+        stale = sorted(
+            coin_key(row["exchange"], row["symbol"])
+            for row in rows(store.coins)
+            if is_stale(row, now, settings.stale_after_ms)
+        )
+        if stale:
+            listed = ", ".join(stale[:10]) + (f" and {len(stale) - 10} more" if len(stale) > 10 else "")
+            reasons.append(f"{len(stale)} stale coins: {listed}")
+        behind = {
+            row["connector"]: lag
+            for row in rows(store.connectors)
+            if (lag := pipeline_behind_ms(row, settings.behind_after_ms)) is not None
+        }
+        for name, lag in sorted(behind.items()):
+            reasons.append(f"records of {name} are {describe_lag(lag)} behind its frames")
+        body = {
+            "status": "ok" if not reasons else "unhealthy",
+            "reasons": reasons,
+            "broker": {"reachable": reachable, "detail": broker_detail},
+            "collectors": collector_states,
+            "staleCoins": stale,
+            "pipelineBehindMs": behind,
+            "time": now,
+            "servedBy": store.worker,
+        }
+        return (200 if not reasons else 503), body
+
+    def coins(self, exchange: str | None) -> dict[str, Any]:
+        now = _wall_ms()
         found = [
-            coin_view(row, now)
-            for row in store.rows(store.coins)
+            coin_view(row, now, self.settings)
+            for row in rows(self.store.coins)
             if exchange is None or row["exchange"] == exchange
         ]
         found.sort(key=lambda row: (row["exchange"], row["symbol"]))
-        return self.json({"coins": found, "time": now, "servedBy": store.WORKER})
+        return {"coins": found, "time": now, "servedBy": self.store.worker}
 
-
-@app.page("/coins/{exchange}/{symbol:.+}")
-class CoinDetail(web.View):
-    @answered_by_owner(match_info="exchange")
-    async def get(self, request: web.Request, exchange: str, symbol: str) -> web.Response:
-        normalized = parse_symbol(symbol)
-        if normalized is None:
-            return self.json(
-                {"error": f"{symbol!r} is not a symbol: write BASE/QUOTE (BTC/USDT) or base-quote"},
-                status=400,
-            )
-        row = store.coins.get(coin_key(exchange, normalized))
-        if row is None:
-            return self.json({"error": f"no state for {exchange} {normalized}"}, status=404)
-        return self.json({**coin_view(row, _wall_ms()), "servedBy": store.WORKER})
-
-
-@app.page("/connectors")
-class Connectors(web.View):
-    @answered_by_owner(exact_key=ROUTING_KEY)
-    async def get(self, request: web.Request) -> web.Response:
+    def connectors(self) -> dict[str, Any]:
         now = _wall_ms()
         found = sorted(
-            (connector_view(row, now) for row in store.rows(store.connectors)),
+            (connector_view(row, now) for row in rows(self.store.connectors)),
             key=lambda row: (row["exchange"], row["connector"]),
         )
-        return self.json({"connectors": found, "time": now, "servedBy": store.WORKER})
+        return {"connectors": found, "time": now, "servedBy": self.store.worker}
 
-
-@app.page("/collectors")
-class Collectors(web.View):
-    @answered_by_owner(exact_key=ROUTING_KEY)
-    async def get(self, request: web.Request) -> web.Response:
+    def collectors(self) -> dict[str, Any]:
+        store = self.store
         now = _wall_ms()
-        by_exchange = {row["exchange"]: row for row in store.rows(store.collectors)}
-        connectors = list(store.rows(store.connectors))
-        coins = list(store.rows(store.coins))
+        by_exchange = {row["exchange"]: row for row in rows(store.collectors)}
+        connectors = list(rows(store.connectors))
+        coins = list(rows(store.coins))
         found = []
-        for exchange in sorted(set(config.exchanges) | set(by_exchange)):
+        for exchange in sorted(set(self.config.exchanges) | set(by_exchange)):
             mine = [c for c in connectors if c["exchange"] == exchange]
             overview = collector_overview(by_exchange.get(exchange), exchange, now)
             overview["connectors"] = len(mine)
@@ -234,35 +205,80 @@ class Collectors(web.View):
                 1 for c in coins if c["exchange"] == exchange and c["state"] == "subscribed"
             )
             found.append(overview)
-        return self.json({"collectors": found, "time": now, "servedBy": store.WORKER})
+        return {"collectors": found, "time": now, "servedBy": store.worker}
+
+    def alerts(self) -> dict[str, Any]:
+        recent = self.store.recent_alerts()
+        return {
+            "open": sorted((recent.get("open") or {}).values(), key=lambda a: -a["time"]),
+            "latest": recent.get("latest") or [],
+            "time": _wall_ms(),
+            "servedBy": self.store.worker,
+        }
 
 
-@app.page("/alerts")
-class Alerts(web.View):
-    @answered_by_owner(exact_key=ROUTING_KEY)
-    async def get(self, request: web.Request) -> web.Response:
-        recent = store.alerts.get(store.RECENT_ALERTS) or {}
-        return self.json(
-            {
-                "open": sorted((recent.get("open") or {}).values(), key=lambda a: -a["time"]),
-                "latest": recent.get("latest") or [],
-                "time": _wall_ms(),
-                "servedBy": store.WORKER,
-            }
-        )
+def install_views(app: faust.App, views: StateViews) -> None:
+    """The JSON views, the dashboard page and its static files on this worker's web server."""
+    store = views.store
+    by_owner = views.answered_by_owner
+    routing_key = views.routing_key
 
+    @app.page("/health")
+    class Health(web.View):
+        @by_owner(exact_key=routing_key)
+        async def get(self, request: web.Request) -> web.Response:
+            status, body = await views.health_report()
+            return self.json(body, status=status)
 
-@app.page("/")
-class Dashboard(web.View):
-    async def get(self, request: web.Request) -> web.Response:
-        return self.html((STATIC / "index.html").read_text(encoding="utf-8"))
+    @app.page("/coins")
+    class Coins(web.View):
+        @by_owner(exact_key=routing_key)
+        async def get(self, request: web.Request) -> web.Response:
+            return self.json(views.coins(request.query.get("exchange")))
 
+    @app.page("/coins/{exchange}/{symbol:.+}")
+    class CoinDetail(web.View):
+        @by_owner(match_info="exchange")
+        async def get(self, request: web.Request, exchange: str, symbol: str) -> web.Response:
+            normalized = parse_symbol(symbol)
+            if normalized is None:
+                return self.json(
+                    {"error": f"{symbol!r} is not a symbol: write BASE/QUOTE (BTC/USDT) or base-quote"},
+                    status=400,
+                )
+            row = store.coins.get(coin_key(exchange, normalized))
+            if row is None:
+                return self.json({"error": f"no state for {exchange} {normalized}"}, status=404)
+            return self.json({**coin_view(row, _wall_ms(), views.settings), "servedBy": store.worker})
 
-@app.page("/static/{name}")
-class StaticFile(web.View):
-    async def get(self, request: web.Request, name: str) -> web.Response:
-        path = STATIC / name
-        content_type = _STATIC_TYPES.get(path.suffix)
-        if content_type is None or "/" in name or name.startswith(".") or not path.is_file():
-            return self.json({"error": f"no static file {name!r}"}, status=404)
-        return self.text(path.read_text(encoding="utf-8"), content_type=content_type)
+    @app.page("/connectors")
+    class Connectors(web.View):
+        @by_owner(exact_key=routing_key)
+        async def get(self, request: web.Request) -> web.Response:
+            return self.json(views.connectors())
+
+    @app.page("/collectors")
+    class Collectors(web.View):
+        @by_owner(exact_key=routing_key)
+        async def get(self, request: web.Request) -> web.Response:
+            return self.json(views.collectors())
+
+    @app.page("/alerts")
+    class Alerts(web.View):
+        @by_owner(exact_key=routing_key)
+        async def get(self, request: web.Request) -> web.Response:
+            return self.json(views.alerts())
+
+    @app.page("/")
+    class Dashboard(web.View):
+        async def get(self, request: web.Request) -> web.Response:
+            return self.html((STATIC / "index.html").read_text(encoding="utf-8"))
+
+    @app.page("/static/{name}")
+    class StaticFile(web.View):
+        async def get(self, request: web.Request, name: str) -> web.Response:
+            path = STATIC / name
+            content_type = _STATIC_TYPES.get(path.suffix)
+            if content_type is None or "/" in name or name.startswith(".") or not path.is_file():
+                return self.json({"error": f"no static file {name!r}"}, status=404)
+            return self.text(path.read_text(encoding="utf-8"), content_type=content_type)

@@ -17,11 +17,12 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+import msgspec
 import yaml
 from confluent_kafka import Consumer, TopicPartition
 
@@ -150,6 +151,7 @@ class Worker:
     READY = re.compile(r"Worker ready|\[\^Worker\]: Ready")
 
     def __init__(self, config_path: Path, brokers: str | None, log_dir: Path, name: str = "worker") -> None:
+        self.config_path, self.brokers, self.log_dir, self.name = config_path, brokers, log_dir, name
         self.port = free_port()
         self.log_path = log_dir / f"{name}-{self.port}.log"
         env = {**os.environ, "COLLECTOR_CONFIG": str(config_path), "COLLECTOR_SERVER_PORT": str(self.port)}
@@ -466,3 +468,345 @@ def published_trade(record: MarketRecord) -> ExpectedTrade:
     data = record.data
     assert isinstance(data, Trade), f"a {type(data).__name__} record on a trade topic"
     return ExpectedTrade(data.trade_id, data.price, data.quantity, data.side, data.trade_time)
+
+
+# -- Faults the collector's fault suite inflicts from outside the simulator: a paused broker and a
+# killed worker, and the tally of what every fault cost. ------------------------------------------------
+
+
+def embedded_broker_pid(worker: Worker, timeout: float = 20) -> int:
+    """The broker a worker started itself (`kafka.brokers: embedded` and no COLLECTOR_KAFKA_BROKERS)."""
+
+    def find() -> int | None:
+        for child in child_pids(worker.process.pid):
+            try:
+                if b"tansu" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    return child
+            except OSError:
+                continue
+        return None
+
+    pid = wait_for(find, timeout, "the worker's embedded broker")
+    assert pid is not None
+    return pid
+
+
+def broker_pid(broker: Any) -> int:
+    """The process id of a broker: a test's own `EmbeddedBroker`, a worker's embedded one, or a pid."""
+    if isinstance(broker, int):
+        return broker
+    if isinstance(broker, Worker):
+        return embedded_broker_pid(broker)
+    pid = getattr(broker, "pid", None)  # an EmbeddedBroker
+    if not isinstance(pid, int):
+        raise ValueError(f"{broker!r} is not a running broker")
+    return pid
+
+
+@dataclass
+class BrokerPause:
+    """A broker stopped with SIGSTOP: it keeps its sockets open and answers nothing until SIGCONT."""
+
+    pid: int
+    started: float  # epoch seconds
+    ended: float | None = None
+
+    def resume(self) -> None:
+        if self.ended is None:
+            os.kill(self.pid, signal.SIGCONT)
+            self.ended = time.time()
+
+
+def pause_broker(broker: Any) -> BrokerPause:
+    """SIGSTOP the broker (see `broker_pid`); call `resume()` on the answer, or use `broker_paused`."""
+    pid = broker_pid(broker)
+    os.kill(pid, signal.SIGSTOP)
+    return BrokerPause(pid, time.time())
+
+
+@contextmanager
+def broker_paused(broker: Any) -> Iterator[BrokerPause]:
+    """The broker is stopped inside the block and continued when it ends, whatever happens in it."""
+    pause = pause_broker(broker)
+    try:
+        yield pause
+    finally:
+        pause.resume()
+
+
+def kill_and_restart(worker: Worker, down_for: float, *, ready_timeout: float = 60) -> Worker:
+    """SIGKILL the worker, keep it down `down_for` seconds (the fault itself, not a settling time), and
+    start it again with the same config, brokers and log folder; returns the new worker once ready.
+
+    A worker running its own embedded broker takes the broker (and everything in it) down with it, so a
+    test that checks continuity across a restart runs its own broker and passes it as `brokers`.
+    """
+    os.kill(worker.process.pid, signal.SIGKILL)
+    worker.process.wait(timeout=10)
+    worker._log.close()
+    time.sleep(down_for)
+    restarted = Worker(worker.config_path, worker.brokers, worker.log_dir, name=f"{worker.name}-restarted")
+    restarted.wait_ready(ready_timeout)
+    return restarted
+
+
+TradeKey = tuple[str, Decimal, Decimal]  # trade id, price, quantity: what tells a trade from an invented one
+# Where each dialect's ground-truth rows (`/_sim/trades`, `/_sim/invented`) keep id, price and quantity.
+TRUTH_FIELDS = {
+    "binance": ("id", "price", "qty"),
+    "binance-futures": ("a", "p", "q"),
+    "upbit": ("sequential_id", "trade_price", "trade_volume"),
+    "bithumb": ("sequential_id", "trade_price", "trade_volume"),
+}
+
+
+def truth_key(exchange: str, row: dict[str, Any]) -> TradeKey:
+    trade_id, price, quantity = TRUTH_FIELDS[exchange]
+    return str(row[trade_id]), Decimal(str(row[price])), Decimal(str(row[quantity]))
+
+
+def record_key(record: MarketRecord) -> TradeKey:
+    trade = published_trade(record)
+    return trade.trade_id, Decimal(trade.price), Decimal(trade.quantity)
+
+
+@dataclass
+class Sighting:
+    """How often a trade was on its topic, and when the tally first read it (epoch seconds)."""
+
+    copies: int
+    first_seen: float
+
+
+@dataclass(frozen=True)
+class FaultCounts:
+    generated: int  # trades the market made in the window
+    delivered: int  # of those, how many reached the topic at least once
+    missing: int
+    duplicated: int  # extra copies of those
+    invented: int  # records of trades the simulator invented in the window (or, overall: of any
+    # trade the market never made)
+    repair_seconds: float | None  # fault end → the window's last trade on the topic; None: still missing
+
+    def __add__(self, other: FaultCounts) -> FaultCounts:
+        repairs = (self.repair_seconds, other.repair_seconds)
+        return FaultCounts(
+            self.generated + other.generated,
+            self.delivered + other.delivered,
+            self.missing + other.missing,
+            self.duplicated + other.duplicated,
+            self.invented + other.invented,
+            None if None in repairs else max(r for r in repairs if r is not None),
+        )
+
+
+NO_TRADES = FaultCounts(0, 0, 0, 0, 0, 0.0)
+
+
+def count_window(
+    window: list[TradeKey], seen: dict[TradeKey, Sighting], invented: list[TradeKey], ended: float
+) -> FaultCounts:
+    """What one symbol's topic shows for the trades of a fault window (pure: the tally's core)."""
+    delivered = [key for key in window if key in seen]
+    missing = len(window) - len(delivered)
+    repair: float | None = None
+    if not missing:
+        repair = max([0.0] + [seen[key].first_seen - ended for key in window])
+    return FaultCounts(
+        generated=len(window),
+        delivered=len(delivered),
+        missing=missing,
+        duplicated=sum(seen[key].copies - 1 for key in delivered),
+        invented=sum(seen[key].copies for key in set(invented) if key in seen),
+        repair_seconds=repair,
+    )
+
+
+@dataclass
+class FaultWindow:
+    name: str
+    started: float  # epoch seconds
+    first: dict[str, int]  # per symbol: trades generated before the window
+    ended: float | None = None
+    last: dict[str, int] | None = None  # per symbol: trades generated when it ended
+
+
+@dataclass(frozen=True)
+class FaultRow:
+    fault: str
+    total: FaultCounts
+    by_symbol: dict[str, FaultCounts]
+
+    def as_dict(self) -> dict[str, Any]:
+        counts = self.total
+        repair = None if counts.repair_seconds is None else round(counts.repair_seconds, 2)
+        return {
+            "fault": self.fault,
+            "generated": counts.generated,
+            "delivered": counts.delivered,
+            "missing": counts.missing,
+            "duplicated": counts.duplicated,
+            "invented": counts.invented,
+            "repairSeconds": repair,
+        }
+
+
+class FaultTally:
+    """Per fault window, per symbol and in total: trades generated, delivered, missing, duplicated,
+    invented, and seconds to repair, from the simulator's ground truth and invented lists and the
+    market trade topics read back.
+
+    The tally reads the topics itself (`poll`, `wait_delivered`) and stamps each record with the time
+    it first read it, so keep it polling while faults run (`with tally.fault(...)`, then
+    `tally.wait_delivered`); a record first read late makes a repair look slower, never faster. The
+    simulator must keep its whole history (no `--history-limit`). Pause the market before the final
+    `rows()`/`table()`, or its newest trades count as missing.
+    """
+
+    def __init__(self, market: SimulatedExchange, symbols: list[str], reader: TopicReader) -> None:
+        self.market = market
+        self.exchange = market.exchange
+        self.symbols = symbols
+        self.reader = reader
+        self.origin = self._generated()
+        self.windows: list[FaultWindow] = []
+        self.seen: dict[str, dict[TradeKey, Sighting]] = {symbol: {} for symbol in symbols}
+        self.unreadable = 0  # records on a trade topic that are not trades
+        self._read: dict[str, int] = {}  # topic → records already looked at
+
+    def topic(self, symbol: str) -> str:
+        return f"market.trade.{self.exchange}.{symbol.replace('/', '-').lower()}"
+
+    def _generated(self) -> dict[str, int]:
+        generated = self.market.trades_generated()
+        return {symbol: generated[symbol] for symbol in self.symbols}
+
+    # -- windows ------------------------------------------------------------------------------------
+
+    def begin(self, name: str) -> FaultWindow:
+        window = FaultWindow(name, time.time(), self._generated())
+        self.windows.append(window)
+        return window
+
+    def end(self, window: FaultWindow) -> None:
+        """The fault is over: its window holds the trades made since `begin`."""
+        window.last = self._generated()
+        window.ended = time.time()
+
+    @contextmanager
+    def fault(self, name: str) -> Iterator[FaultWindow]:
+        """`with tally.fault("stall 10 s"): ...` runs the fault inside the block."""
+        window = self.begin(name)
+        try:
+            yield window
+        finally:
+            self.end(window)
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    def poll(self, seconds: float = 0.2) -> int:
+        """Read what is new on the trade topics; returns how many records came."""
+        self.reader.follow(f"market.trade.{self.exchange}.")
+        self.reader.poll(seconds)
+        now, count = time.time(), 0
+        for symbol in self.symbols:
+            topic = self.topic(symbol)
+            messages = self.reader.records.get(topic, [])
+            seen = self.seen[symbol]
+            for message in messages[self._read.get(topic, 0) :]:
+                try:
+                    key = record_key(decode_record(message.value()))
+                except (AssertionError, ValueError, KeyError, msgspec.DecodeError):
+                    self.unreadable += 1
+                    continue
+                sighting = seen.get(key)
+                if sighting is None:
+                    seen[key] = Sighting(1, now)
+                else:
+                    sighting.copies += 1
+            count += len(messages) - self._read.get(topic, 0)
+            self._read[topic] = len(messages)
+        return count
+
+    def truth(self) -> dict[str, list[TradeKey]]:
+        """Every trade each symbol's market made, oldest first."""
+        truth = {}
+        for symbol in self.symbols:
+            rows = self.market.trades_made(symbol)
+            generated = self.market.trades_generated()[symbol]
+            if len(rows) < generated and rows:
+                raise RuntimeError("the simulator forgot trades (--history-limit): the tally needs them all")
+            truth[symbol] = [truth_key(self.exchange, row) for row in rows]
+        return truth
+
+    def invented(self) -> dict[str, list[tuple[float, TradeKey]]]:
+        """Per symbol, (epoch seconds, key) of every trade the simulator invented."""
+        invented = {}
+        for symbol in self.symbols:
+            rows = self.market.simulator.get(
+                f"/_sim/invented?exchange={self.exchange}&symbol={symbol}", exact_numbers=True
+            )
+            invented[symbol] = [(row["at"] / 1000, truth_key(self.exchange, row)) for row in rows]
+        return invented
+
+    def wait_delivered(self, timeout: float) -> bool:
+        """Poll until every trade made since the tally began is on its topic; False at the timeout
+        (a fault suite still prints its table then)."""
+        truth = self.truth()
+        wanted = {symbol: keys[self.origin[symbol] :] for symbol, keys in truth.items()}
+        deadline = time.monotonic() + timeout
+        while True:
+            self.poll()
+            if all(key in self.seen[symbol] for symbol, keys in wanted.items() for key in keys):
+                return True
+            if time.monotonic() > deadline:
+                return False
+
+    # -- results ------------------------------------------------------------------------------------
+
+    def rows(self) -> list[FaultRow]:
+        """One row per fault window, then `overall`: every trade since the tally began."""
+        self.poll()
+        truth, invented = self.truth(), self.invented()
+        rows = []
+        for window in self.windows:
+            ended = window.ended if window.ended is not None else time.time()
+            last = window.last if window.last is not None else self._generated()
+            by_symbol = {}
+            for symbol in self.symbols:
+                keys = truth[symbol][window.first[symbol] : last[symbol]]
+                lies = [key for at, key in invented[symbol] if window.started <= at <= ended]
+                by_symbol[symbol] = count_window(keys, self.seen[symbol], lies, ended)
+            rows.append(FaultRow(window.name, sum(by_symbol.values(), NO_TRADES), by_symbol))
+        by_symbol = {}
+        for symbol in self.symbols:
+            real = set(truth[symbol])
+            keys = truth[symbol][self.origin[symbol] :]
+            never_made = sum(s.copies for key, s in self.seen[symbol].items() if key not in real)
+            counts = count_window(keys, self.seen[symbol], [], time.time())
+            by_symbol[symbol] = replace(counts, invented=never_made, repair_seconds=None)
+        overall = sum(by_symbol.values(), NO_TRADES)
+        overall = replace(overall, invented=overall.invented + self.unreadable, repair_seconds=None)
+        return [*rows, FaultRow("overall", overall, by_symbol)]
+
+    def table(self, rows: list[FaultRow] | None = None) -> str:
+        """The rows as a text table, one line per fault."""
+        return format_fault_table(self.rows() if rows is None else rows)
+
+
+def format_fault_table(rows: list[FaultRow]) -> str:
+    header = ("fault", "generated", "delivered", "missing", "duplicated", "invented", "repair s")
+    lines: list[tuple[str, ...]] = [header]
+    for row in rows:
+        counts = [row.total.generated, row.total.delivered, row.total.missing, row.total.duplicated]
+        repair = "-" if row.total.repair_seconds is None else f"{row.total.repair_seconds:.2f}"
+        lines.append((row.fault, *map(str, counts), str(row.total.invented), repair))
+    widths = [max(len(cell) for cell in column) for column in zip(*lines, strict=True)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        name, *numbers = cells
+        return "  ".join(
+            [name.ljust(widths[0])] + [n.rjust(w) for n, w in zip(numbers, widths[1:], strict=True)]
+        )
+
+    return "\n".join(map(line, lines))

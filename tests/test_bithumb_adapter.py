@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from agents.backfill import PagesTradesBackwards
 from streams.exchanges import adapter_class
 from streams.exchanges.base import DataType, FrameError, Instrument
 from streams.exchanges.bithumb import BithumbAdapter
@@ -99,7 +98,9 @@ def test_a_trade_stands_at_its_trade_time_not_its_unordered_id(adapter: BithumbA
 
 def test_rest_history_pages_back_from_the_newest_trades(adapter: BithumbAdapter) -> None:
     btc = adapter.by_symbol["BTC/KRW"]
-    assert BithumbAdapter.rest_history and isinstance(adapter, PagesTradesBackwards)
+    assert BithumbAdapter.rest_history
+    assert adapter.history_request(btc, None, None).params == {"market": "KRW-BTC", "count": "500"}
+    assert adapter.history_request(btc, None, "862683813820523888").params["cursor"] == "862683813820523888"
     newest = adapter.trades_request(btc, 1783658381138 * 10_000, 1000)
     assert (newest.path, newest.params) == ("/v1/trades/ticks", {"market": "KRW-BTC", "count": "500"})
     older = adapter.older_trades_request(btc, "862683813820523888", 1000)

@@ -63,3 +63,26 @@ async def test_bithumb_answers_429_with_an_empty_body_and_blocks_a_client_that_k
         bithumb._connects.clear()  # a new second: the limit alone would let it in again
         async with session.get(f"{sim.url}/bithumb/websocket/v1") as response:
             assert (response.status, await response.read()) == (429, b"")
+
+
+@pytest.mark.e2e
+async def test_bithumb_rest_over_its_limit_gets_429_with_an_empty_body_and_no_header(sim: Simulator) -> None:
+    async with aiohttp.ClientSession() as session:
+        # 150 a second is the real limit; three keep the test fast and the second-long window certain.
+        async with session.post(f"{sim.url}/_sim/faults/limits?exchange=bithumb", json={"restPerSecond": 3}):
+            pass
+
+        async def one(path: str) -> tuple[int, dict[str, str], bytes]:
+            async with session.get(sim.url + path) as response:
+                return response.status, dict(response.headers), await response.read()
+
+        answers = await asyncio.gather(*(one("/bithumb/v1/trades/ticks?market=KRW-BTC") for _ in range(4)))
+        assert sorted(status for status, _, _ in answers) == [200, 200, 200, 429]
+        assert all(
+            "Remaining-Req" not in headers and "Retry-After" not in headers for _, headers, _ in answers
+        )
+        assert [body for status, _, body in answers if status == 429] == [b""]
+        status, _, _ = await one("/bithumb/v1/market/all")  # the "other" category counts apart
+        assert status == 200
+    bithumb = sim.venues["bithumb"]
+    assert bithumb.violations["restRate"] == 1 and bithumb.rest_rejected == 1

@@ -13,7 +13,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from agents.connection import Link
+from simulator.limits import GroupRateLimit
 from simulator.server import Simulator, SimulatorConfig
+from simulator.upbit import BITHUMB, UPBIT
 from streams.exchanges.base import DataType
 from streams.exchanges.bithumb import BithumbAdapter
 from streams.exchanges.upbit import UpbitAdapter
@@ -190,7 +192,7 @@ async def test_the_collectors_link_sends_whole_sets_and_keeps_the_connection_ali
         events.append(kind)
 
     link = Link(adapter, f"{sim.ws_url}/upbit/websocket/v1", "upbit-test", "upbit-0", send_raw, emit,
-                silence_timeout=5.0, on_trade=lambda symbol, trade_id: None, held=False)  # fmt: skip
+                silence_timeout=5.0)  # fmt: skip
     await link.open()
 
     async def subscriptions() -> list[list[str]]:
@@ -264,3 +266,73 @@ async def test_streamed_candles_close_with_the_bars_final_state(sim: Simulator) 
             final.close,
             final.volume,
         )
+
+
+# -- REST limits, enforced the way Upbit does --------------------------------------------------------
+
+
+async def _concurrent_gets(
+    simulator: Simulator, path: str, count: int
+) -> list[tuple[int, dict[str, str], bytes]]:
+    async with aiohttp.ClientSession() as session:
+
+        async def one() -> tuple[int, dict[str, str], bytes]:
+            async with session.get(simulator.url + path) as response:
+                return response.status, dict(response.headers), await response.read()
+
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+
+@pytest.mark.e2e
+async def test_upbit_rest_allows_ten_a_second_per_group_then_429_without_retry_after_then_418(
+    sim: Simulator,
+) -> None:
+    answers = await _concurrent_gets(sim, "/upbit/v1/trades/ticks?market=KRW-BTC", 11)
+    served = [headers for status, headers, _ in answers if status == 200]
+    [(status, headers, body)] = [answer for answer in answers if answer[0] != 200]
+    assert len(served) == 10 and status == 429
+    assert sorted(h["Remaining-Req"] for h in served) == [
+        f"group=trade; min=1800; sec={n}" for n in range(10)
+    ]
+    assert "Retry-After" not in headers and headers["Remaining-Req"] == "group=trade; min=1800; sec=0"
+    assert json.loads(body)["error"]["name"] == "too_many_requests"
+    status, body = await get(sim, "/upbit/v1/ticker?markets=KRW-BTC")  # another group has its own count
+    assert status == 200
+    # A client that keeps going is banned: 418, with the block time in the message.
+    async with aiohttp.ClientSession() as session:
+        limits = {"restPerSecond": 1, "restBanAfter": 2, "restBanSeconds": 30}
+        async with session.post(f"{sim.url}/_sim/faults/limits?exchange=upbit", json=limits) as response:
+            assert (await response.json())["restLimits"]["restBanAfter"] == 2
+    answers = await _concurrent_gets(sim, "/upbit/v1/candles/minutes/1?market=KRW-BTC", 4)
+    assert sorted(status for status, _, _ in answers) == [200, 418, 418, 429]
+    banned = next(body for status, _, body in answers if status == 418)
+    assert "blocked for 30 seconds" in json.loads(banned)["error"]["message"]
+    stats = json.loads((await get(sim, "/_sim/stats?exchange=upbit"))[1])
+    assert stats["violationsByReason"]["restRate"] == 2 and stats["violationsByReason"]["restDuringBan"] == 2
+    assert stats["violations"] == 4 and stats["rest"]["rejected"] == 4
+    assert list(stats["faults"]["violations"].values()) == [0, 0]
+
+
+def test_a_group_rate_limit_counts_per_client_and_group_and_bans_after_repeated_refusals() -> None:
+    limit = GroupRateLimit(2, ban_after=3, ban_seconds=10.0)
+    assert [limit.check("a", "trade", 0.0).remaining for _ in range(2)] == [1, 0]
+    assert limit.check("a", "trade", 0.5).outcome == "over"
+    assert limit.check("a", "ticker", 0.5).outcome == "ok"  # another group
+    assert limit.check("b", "trade", 0.5).outcome == "ok"  # another client
+    # A second later the two calls left the window; the refused one never took a place in it.
+    assert [limit.check("a", "trade", 1.0).outcome for _ in range(3)] == ["ok", "ok", "over"]
+    assert limit.check("a", "trade", 1.1).outcome == "over"  # third refusal within a minute: banned
+    verdict = limit.check("a", "ticker", 1.2)
+    assert (verdict.outcome, verdict.ban_left) == ("banned", pytest.approx(9.9))
+    assert limit.banned(1.2) == {"a": pytest.approx(9.9)}
+    assert limit.check("a", "ticker", 11.1).outcome == "ok"  # the ban is over
+    limit.check("a", "trade", 11.2), limit.check("a", "trade", 11.2)
+    limit.clear()
+    assert limit.check("a", "trade", 11.3).outcome == "over" and not limit.banned(11.3)
+
+
+def test_upbit_and_bithumb_rest_limits_are_the_documented_ones() -> None:
+    assert (UPBIT.rest_per_second, BITHUMB.rest_per_second) == (10, 150)
+    assert (UPBIT.rest_ban_status, BITHUMB.rest_ban_status) == (418, 429)
+    assert (UPBIT.remaining_req_header, BITHUMB.remaining_req_header) == (True, False)
+    assert dict(BITHUMB.rest_groups) == {"market": "other"}

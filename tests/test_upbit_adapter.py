@@ -13,14 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.backfill import PagesTradesBackwards
+from streams.continuity import Settings
 from streams.exchanges import adapter_class
 from streams.exchanges.base import DataType, ErrorReply, FrameError, Instrument, SubscriptionList
 from streams.exchanges.upbit import UpbitAdapter, millis, plain
 from streams.plan import plan_connections
 from streams.records import MarketRecord, Trade, decode_record, encode_record
 from streams.rest import RestTag
-from streams.validation import UNIQUE_WINDOW
 
 FIXTURE = Path(__file__).parent / "fixtures" / "upbit.ws"
 RECEIVED_AT = 1_700_000_000_123
@@ -339,13 +338,15 @@ def test_trade_position_of_a_parsed_trade_is_its_marker(adapter: UpbitAdapter) -
     [record] = adapter.parse_frame(frame, RECEIVED_AT)
     assert isinstance(record, MarketRecord) and isinstance(record.data, Trade)
     assert adapter.trade_marker(frame) == ("BTC/KRW", adapter.trade_position(record.data))
-    assert isinstance(adapter, PagesTradesBackwards)  # the backfill pages trades/ticks back by cursor
+    btc = adapter.by_symbol["BTC/KRW"]
+    assert adapter.history_request(btc, None, "17303368620470000").params["cursor"] == "17303368620470000"
+    assert adapter.trade_id_consistent(record.data)  # the id carries the trade time
 
 
 def test_the_dedupe_window_holds_more_than_a_rest_page(adapter: UpbitAdapter) -> None:
     # The page that reaches back past the last trade seen repeats up to a page of published trades.
     page = int(adapter.trades_request(adapter.by_symbol["BTC/KRW"], None, 10_000).params["count"])
-    assert adapter.trade_ids == "unique" and page < UNIQUE_WINDOW
+    assert adapter.trade_ids == "unique" and page == adapter.history_page < Settings().recent_ids
 
 
 def test_rest_candles_oldest_first_closed_when_over(adapter: UpbitAdapter) -> None:

@@ -79,6 +79,9 @@ class ExchangeLimits:
     connection_attempt_window_seconds: float
     max_connection_lifetime_seconds: float | None
     rest_weight_per_minute: int
+    # Exchanges that count requests per second per endpoint group instead of weight (Upbit 10/s per
+    # group, Bithumb 150/s per category); None where only the weight counts (Binance).
+    rest_requests_per_second: float | None = None
 
 
 # Control events: what a frame tells the connection rather than the market.
@@ -122,6 +125,8 @@ class ExchangeAdapter(ABC):
     trade_ids: ClassVar[TradeIdPolicy] = "unique"
     # True when the adapter implements the REST history methods below (backfill and REST fallback).
     rest_history: ClassVar[bool] = False
+    # Public mirrors of the exchange's endpoints, named to the operator when the exchange is unreachable.
+    public_mirrors: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, instruments: Iterable[Instrument]) -> None:
         self.instruments: dict[str, Instrument] = {i.exchange_symbol: i for i in instruments}
@@ -159,6 +164,10 @@ class ExchangeAdapter(ABC):
         Raises FrameError, and nothing else, for a frame it cannot parse.
         """
 
+    def keepalive_reply(self, payload: bytes) -> bool:
+        """Whether a frame only answers our keepalive (no market data): it does not show a stream alive."""
+        return False
+
     def control_events(self, payload: bytes) -> list[ControlEvent]:
         """The control events in a frame (acks, errors, shutdown notices).
 
@@ -172,6 +181,18 @@ class ExchangeAdapter(ABC):
         return [item for item in items if not isinstance(item, MarketRecord)]
 
     # -- REST history (backfill and fallback); exchanges that set `rest_history` override these ----
+
+    # Trades per REST history page: the most the exchange returns in one answer.
+    history_page: ClassVar[int] = 1000
+
+    def history_request(self, instrument: Instrument, from_id: int | None, cursor: str | None) -> RestRequest:
+        """The continuity engine's history request: trades from `from_id` on where ids count trades;
+        else the newest page, or with `cursor` the page before that trade (history paging backwards)."""
+        return self.trades_request(instrument, from_id, self.history_page)
+
+    def trade_id_consistent(self, trade: Trade) -> bool:
+        """Whether a trade's id agrees with the rest of the trade (ids that encode the trade time)."""
+        return True
 
     def trades_request(self, instrument: Instrument, from_id: int | None, limit: int) -> RestRequest:
         """Trades by id from `from_id` on (the newest ones when None), ids matching the trade stream's."""
@@ -192,6 +213,16 @@ class ExchangeAdapter(ABC):
     @staticmethod
     def rest_weight_used(headers: Mapping[str, str]) -> int | None:
         """The request weight the exchange says this IP has used in its current window, if it says."""
+        return None
+
+    @staticmethod
+    def rest_group(request: RestRequest) -> str:
+        """The endpoint group a request counts against, where the exchange limits groups separately."""
+        return "default"
+
+    @staticmethod
+    def rest_remaining(headers: Mapping[str, str]) -> int | None:
+        """Requests the exchange says this group may still make in the current second, if it says."""
         return None
 
     def trade_marker(self, payload: bytes) -> tuple[str, int] | None:

@@ -49,8 +49,10 @@ _T = TypeVar("_T")
 
 # Wire schemas. They hold only scalars (or structs of scalars) and so can never be part of a
 # reference cycle: gc=False keeps them out of the garbage collector's tracking on the hot path.
-class _SymbolEvent(msgspec.Struct, gc=False):
+class _SymbolEvent(msgspec.Struct, gc=False, kw_only=True):
     symbol: str = field(name="s")
+    # Checked against the channel's event type: a frame on a trade stream must be a trade.
+    event_type: str | None = field(name="e", default=None)
 
 
 class _TradeEvent(_SymbolEvent, gc=False):
@@ -354,6 +356,10 @@ class BinanceAdapter(ExchangeAdapter):
     kline_intervals = _KLINE_INTERVALS
     data_kinds = frozenset(_CHANNELS)
     instruments_path = "/api/v3/exchangeInfo"
+    public_mirrors: ClassVar[tuple[str, ...]] = (
+        "restEndpoint https://data-api.binance.vision",
+        "wsEndpoint wss://data-stream.binance.vision",
+    )
     trade_ids = "increasing"  # trade (and aggTrade) ids rise by one per trade and symbol
     rest_history = True
     # What a subclass for another Binance market replaces: its channel table, the payloads it reads,
@@ -405,6 +411,8 @@ class BinanceAdapter(ExchangeAdapter):
                 return [ServerShutdown(_decode(_shutdown_decoder, envelope.data).event_time)]
             channel, exchange_symbol = self._resolve_stream(stream)
             event = _decode(channel.decoder, envelope.data)
+            if event.event_type != channel.event:
+                raise FrameError("unknown-event", f"{event.event_type!r} on stream {stream}")
             if event.symbol != exchange_symbol:
                 raise FrameError("symbol-mismatch", f"{event.symbol} on stream {stream}")
             return [channel.build(self.name, event, self._instrument(exchange_symbol), received_at)]

@@ -96,6 +96,7 @@ class BinanceFuturesAdapter(spot.BinanceAdapter):
     kline_intervals = _KLINE_INTERVALS
     data_kinds = frozenset(_CHANNELS)
     instruments_path = "/fapi/v1/exchangeInfo"
+    public_mirrors = ()
     trade_ids = "increasing"  # aggregate ids rise by one per aggregate and symbol
     _channels = _CHANNELS
     _channel_by_name = _BY_CHANNEL_NAME

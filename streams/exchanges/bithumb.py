@@ -18,6 +18,7 @@ from typing import ClassVar
 
 from streams.exchanges.base import DataKind, ExchangeLimits
 from streams.exchanges.upbit import UpbitAdapter
+from streams.records import Trade
 
 # Positions are the trade time in ms scaled like Upbit's sequential_id (ms followed by 4 digits), so
 # both read the same; trades of one millisecond share a position.
@@ -33,6 +34,7 @@ class BithumbAdapter(UpbitAdapter):
         connection_attempt_window_seconds=1,
         max_connection_lifetime_seconds=None,
         rest_weight_per_minute=9000,  # 150 requests/s per category
+        rest_requests_per_second=150,  # per category (trade, candle, ticker, orderbook, other)
     )
     kline_intervals: ClassVar[frozenset[str]] = frozenset()
     data_kinds: ClassVar[frozenset[DataKind]] = frozenset({"trade", "ticker", "bbo"})
@@ -41,3 +43,6 @@ class BithumbAdapter(UpbitAdapter):
     @staticmethod
     def _position(sequential_id: str, trade_time: int) -> int:
         return trade_time * _POSITIONS_PER_MS  # the id says nothing about order
+
+    def trade_id_consistent(self, trade: Trade) -> bool:
+        return True  # the id says nothing about the trade's time

@@ -225,6 +225,12 @@ def _id_text(value: int | str) -> str:
     return str(value)
 
 
+_REST_GROUPS = {"trades": "trade", "candles": "candle", "ticker": "ticker", "market": "market",
+                "orderbook": "orderbook"}  # fmt: skip
+_ID_COUNTER_SPAN = 10_000  # sequential_id = trade time in ms * this + a counter
+_ID_TIME_TOLERANCE_MS = 60_000  # how far the time in an id may be from the trade time
+
+
 class UpbitAdapter(ExchangeAdapter):
     name = "upbit"
     limits = ExchangeLimits(
@@ -234,6 +240,7 @@ class UpbitAdapter(ExchangeAdapter):
         connection_attempt_window_seconds=1,
         max_connection_lifetime_seconds=None,
         rest_weight_per_minute=600,  # 10 requests/s per endpoint group
+        rest_requests_per_second=10,  # per endpoint group; `Remaining-Req` says what is left
     )
     kline_intervals = frozenset(_CANDLE_UNITS)
     data_kinds: ClassVar[frozenset[DataKind]] = frozenset({"trade", "kline", "ticker", "bbo"})
@@ -246,6 +253,7 @@ class UpbitAdapter(ExchangeAdapter):
     # examples: trade_timestamp 1730336862047, sequential_id 17303368620470000), so ordered to the
     # millisecond: the backfill uses it as the position of the last trade seen.
     rest_history = True
+    history_page = 500
     ticks_path: ClassVar[str] = "/v1/trades/ticks"
     ticker_path: ClassVar[str] = "/v1/ticker"
 
@@ -451,6 +459,38 @@ class UpbitAdapter(ExchangeAdapter):
         """
         params = {"market": instrument.exchange_symbol, "count": str(min(limit, 500))}
         return RestRequest("trades", self.ticks_path, params, _REQUEST_WEIGHT, instrument.exchange_symbol)
+
+    @staticmethod
+    def rest_group(request: RestRequest) -> str:
+        # /v1/trades/ticks → trade, /v1/candles/... → candle, /v1/ticker → ticker, /v1/market/all → market
+        segment = request.path.split("/")[2] if request.path.count("/") >= 2 else request.path
+        return _REST_GROUPS.get(segment, segment)
+
+    @staticmethod
+    def rest_remaining(headers: Mapping[str, str]) -> int | None:
+        # `Remaining-Req: group=trade; min=1800; sec=9` (`min` is deprecated; `sec` counts)
+        value = headers.get("Remaining-Req", "")
+        for part in value.split(";"):
+            key, _, number = part.strip().partition("=")
+            if key == "sec" and number.strip().isdigit():
+                return int(number)
+        return None
+
+    def keepalive_reply(self, payload: bytes) -> bool:
+        # `{"status":"UP"}`, the answer to our text PING, comes every 10 s even on a stalled stream.
+        return payload.startswith(b'{"status"')
+
+    def history_request(self, instrument: Instrument, from_id: int | None, cursor: str | None) -> RestRequest:
+        if cursor is None:
+            return self.trades_request(instrument, None, self.history_page)
+        return self.older_trades_request(instrument, cursor, self.history_page)
+
+    def trade_id_consistent(self, trade: Trade) -> bool:
+        # Upbit's sequential_id is the trade time in ms followed by a 4-digit counter.
+        text = trade.trade_id
+        if not (text.isdigit() and len(text) < 30):
+            return False
+        return abs(int(text) // _ID_COUNTER_SPAN - trade.trade_time) <= _ID_TIME_TOLERANCE_MS
 
     def older_trades_request(self, instrument: Instrument, cursor: str, limit: int) -> RestRequest:
         """The page of trades before the one whose sequential_id is `cursor`, newest first."""
