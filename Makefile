@@ -71,3 +71,15 @@ format: install ## Apply ruff's formatting and fixable lint rules
 
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+# The /live page's chart library, vendored into tables/static/ (served by the worker, never from a
+# CDN): TradingView Lightweight Charts, the npm package's standalone build, with its license.
+CHARTS_VERSION := 4.2.3
+CHARTS_SHA256  := c7dda807d662a95b3d257119ed315cec669e3bdf5aaece75c480a39307f23540
+.PHONY: vendor-charts
+vendor-charts: ## Fetch the pinned chart library for /live into tables/static (needs npm; committed)
+	@tmp=$$(mktemp -d) && cd $$tmp && npm pack --silent lightweight-charts@$(CHARTS_VERSION) >/dev/null && \
+		tar -xzf lightweight-charts-$(CHARTS_VERSION).tgz && \
+		cp package/dist/lightweight-charts.standalone.production.js $(CURDIR)/tables/static/ && \
+		cp package/LICENSE $(CURDIR)/tables/static/lightweight-charts.LICENSE.txt && rm -rf $$tmp
+	@echo "$(CHARTS_SHA256)  tables/static/lightweight-charts.standalone.production.js" | sha256sum -c -

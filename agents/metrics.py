@@ -500,3 +500,17 @@ def set_memory_limit() -> None:
     limit = read_memory_limit()
     if limit is not None:
         MEMORY_LIMIT.set(limit)
+
+
+# ---- live distribution (agents/distribution.py) ---------------------------------------------------
+
+WS_CLIENTS = Gauge("collector_ws_clients", "Clients connected to /ws/exchange.", registry=REGISTRY)
+WS_MESSAGES_SENT = Counter(
+    "collector_ws_messages_sent", "Data messages written to /ws/exchange clients.", registry=REGISTRY
+)
+WS_DISCONNECTS = Counter(
+    "collector_ws_disconnects",
+    "/ws/exchange clients gone: client, connection-lost, too-slow, ping-timeout, server-stop, error.",
+    ["reason"],
+    registry=REGISTRY,
+)

@@ -19,9 +19,11 @@ import faust
 from agents import faust_patches
 from agents.adapters import AdapterDirectory
 from agents.control import Control, install_control
+from agents.distribution import install_distribution
 from agents.embedded_broker import EmbeddedBroker, free_port
 from agents.pipeline import Pipeline, install_pipeline
 from agents.sinks import Sinks, build_sinks, install_sink_views
+from agents.sinks.health import RedisReachability
 from agents.state import Manager, StateAgents, event_emitter, install_state, recovery_sender
 from streams.app import APP_ID, faust_settings
 from streams.config import EMBEDDED_BROKER_PORT, CollectorConfig
@@ -99,7 +101,8 @@ def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 def build_app(config: CollectorConfig) -> CollectorApp:
     """A complete worker: state tables and views, subscriptions and control, sources and normalize
-    agents (unless `collection` is off), the configured sinks, metrics."""
+    agents (unless `collection` is off), the configured sinks, live distribution to WebSocket clients,
+    metrics."""
     faust_patches.apply()
     embedded = embedded_broker_for(config)
     bootstrap = [embedded.bootstrap] if embedded is not None else config.kafka.bootstrap_servers
@@ -146,4 +149,7 @@ def build_app(config: CollectorConfig) -> CollectorApp:
             embedded is not None,
         )
         install_pipeline(app, pipeline)
+    redis_sink = config.sinks.redis
+    redis_state = RedisReachability(redis_sink.url) if redis_sink is not None else None
+    install_distribution(app, config, bootstrap, redis_state)  # every worker serves clients, followers too
     return app

@@ -228,6 +228,17 @@ class SinksConfig(_Strict):
     redis: RedisSinkConfig | None = None
 
 
+class DistributionConfig(_Strict):
+    """`distribution:` live delivery to `/ws/exchange` clients (agents/distribution.py)."""
+
+    # A client whose unsent data would pass this is closed with 1008 "too slow".
+    maxBufferBytes: Annotated[int, Field(ge=64 * 1024, le=1024**3)] = 4 * 1024 * 1024
+    pingIntervalSeconds: Annotated[float, Field(gt=0, le=3600)] = 20.0
+    # How long a fetch of the market topics may wait for data. The embedded broker holds every fetch
+    # this long, so it is the latency it adds there (and each fetch costs it CPU); Kafka answers at once.
+    fetchMaxWaitMs: Annotated[int, Field(ge=1, le=10_000)] = 25
+
+
 class CollectorConfig(_Strict):
     server: ServerConfig = ServerConfig()
     # false: this worker connects to no exchange and normalizes nothing; it serves the views, clients
@@ -239,6 +250,8 @@ class CollectorConfig(_Strict):
     logging: LoggingConfig = LoggingConfig()
     validation: ValidationConfig = ValidationConfig()
     sinks: SinksConfig = SinksConfig()
+
+    distribution: DistributionConfig = DistributionConfig()
 
     @model_validator(mode="after")
     def _exchanges_known(self) -> CollectorConfig:

@@ -37,7 +37,7 @@ from tables.summary import collector_overview
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
-_STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+_STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".txt": "text/plain"}
 _SYMBOL = re.compile(r"^(?P<base>[A-Za-z0-9]{1,20})[/-](?P<quote>[A-Za-z0-9]{1,20})$")
 BROKER_CHECK_TIMEOUT = 3.0
 FORWARD_TIMEOUT = 10.0

@@ -105,3 +105,30 @@ class SinkHealth:
             if lag > self.behind_after_seconds:
                 found.append(f"sink {name} is {lag:.0f} s behind the market topics")
         return found
+
+
+class RedisReachability:
+    """What the live distribution's infra-health view asks of the Redis sink's server: a PING."""
+
+    def __init__(self, url: str, timeout: float = 2.0) -> None:
+        self._url = url
+        self._timeout = timeout
+
+    @property
+    def public_url(self) -> str:
+        return redact(self._url)
+
+    async def reachable(self) -> tuple[bool, str]:
+        import redis.asyncio as redis_asyncio  # imported here: only workers with a Redis sink need it
+        from redis.exceptions import RedisError
+
+        client = redis_asyncio.from_url(
+            self._url, socket_timeout=self._timeout, socket_connect_timeout=self._timeout
+        )
+        try:
+            await client.ping()
+            return True, "PONG"
+        except (RedisError, OSError, TimeoutError) as exc:
+            return False, f"{type(exc).__name__}: {exc}"
+        finally:
+            await client.aclose()
