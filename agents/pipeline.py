@@ -221,6 +221,10 @@ class Pipeline:
     def forget(self) -> None:
         # Another worker may publish these partitions' trades now: what the engines hold is dropped
         # (its raw records are read again by whoever owns them) and the market topics read again.
+        # Normalizing in-process, nothing moves with the partitions (the groups' trades are normalized
+        # where their connections run) and nothing would be read again: the engines keep everything.
+        if self.handoffs:
+            return
         for normalizer in self.normalizers.values():
             normalizer.forget()
 
