@@ -64,6 +64,12 @@ class CollectorApp(faust.App):
         self.bootstrap_servers = (
             [embedded.bootstrap] if embedded is not None else config.kafka.bootstrap_servers
         )
+        # How long the Faust consumer's fetches may wait (agents/faust_patches.py): short where raw
+        # topics are read back through it, longer where nothing latency-bound is.
+        reads_raw = config.collection and embedded is None
+        self.fetch_max_wait_ms = (
+            faust_patches.FETCH_MAX_WAIT_MS if reads_raw else faust_patches.RELAXED_FETCH_MAX_WAIT_MS
+        )
 
     async def on_first_start(self) -> None:
         # Before the producer and consumer (children of the app) start connecting to it.
