@@ -1,0 +1,112 @@
+"""The test suite's rules and the brokers end-to-end tests share.
+
+Tiers: a test that starts a process which listens (simulator, broker, worker), or opens any socket,
+is marked `e2e`; every other test is a unit test: `make test-unit` runs those (`pytest -m "not e2e"`),
+`make test` runs all of them on several pytest-xdist workers.
+
+Rules, enforced for every test by tests/guard (an audit hook here and in every Python process a test
+starts):
+- nothing reads a path outside the repository (a sibling folder of the clone);
+- a test not marked `e2e` opens no socket.
+
+Brokers (fixtures):
+- `broker`: a fresh embedded broker for this test, stopped after it (~0.1 s to start). Take it when the
+  test runs collector workers: a worker's consumer group, its state tables and the `collector.*` and
+  `raw.*` topics have fixed names, so two tests' workers on one broker would see each other's state.
+  Also when the test pauses, stops or kills the broker.
+- `shared_broker`: one embedded broker per xdist worker process, shared by every test that takes it.
+  For tests that produce and consume topics of their own with Kafka clients and run no worker. A test
+  on it must write only topics whose names no other test uses (it fails when it writes a topic
+  another test created) and must leave the broker running.
+
+A module that needs one broker (or simulator, or worker) for several tests defines its own
+module-scoped fixture: `make test` hands each test file whole to one xdist worker (`--dist loadfile`),
+so the fixture is made once.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from agents.embedded_broker import EmbeddedBroker, _answers_kafka
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "guard"))  # the guard is imported by name, as its children do
+
+from guard_plugin import GuardPlugin  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    plugin = GuardPlugin(REPO)
+    plugin.start()
+    config.pluginmanager.register(plugin, "collector-guard")
+    config.add_cleanup(plugin.stop)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # End-to-end tests first (a stable sort: each module keeps its order). `make test` hands whole
+    # files to xdist workers in this order, so the long end-to-end files start while the other
+    # workers still have unit files to run, instead of one of them trailing at the end.
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+
+@pytest.fixture
+def broker() -> Iterator[EmbeddedBroker]:
+    """A fresh embedded broker for this test alone (see the module docstring)."""
+    with EmbeddedBroker() as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def _session_broker() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker() as running:
+        yield running
+
+
+# topic → the test that first wrote it, on this process's shared broker
+_TOPIC_OWNERS: dict[str, str] = {}
+
+
+def _end_offsets(bootstrap: str) -> dict[str, int]:
+    """Topic → the sum of its partitions' end offsets."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-shared-broker-offsets"})
+    try:
+        topics = consumer.list_topics(timeout=10).topics
+        ends = {}
+        for name, metadata in topics.items():
+            if name.startswith("__"):
+                continue
+            ends[name] = sum(
+                consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1]
+                for p in metadata.partitions
+            )
+        return ends
+    finally:
+        consumer.close()
+
+
+@pytest.fixture
+def shared_broker(
+    _session_broker: EmbeddedBroker, request: pytest.FixtureRequest
+) -> Iterator[EmbeddedBroker]:
+    """The embedded broker every test of this xdist worker shares (see the module docstring)."""
+    broker = _session_broker
+    before = _end_offsets(broker.bootstrap)
+    yield broker
+    assert broker.pid is not None and _answers_kafka(broker.host, broker.port), (
+        f"{request.node.nodeid} stopped or paused the shared broker: take `broker` instead"
+    )
+    written = {topic for topic, end in _end_offsets(broker.bootstrap).items() if end > before.get(topic, 0)}
+    test = request.node.nodeid
+    foreign = {topic: _TOPIC_OWNERS[topic] for topic in written if _TOPIC_OWNERS.get(topic, test) != test}
+    for topic in written:
+        _TOPIC_OWNERS.setdefault(topic, test)
+    assert not foreign, (
+        "topics of other tests written on the shared broker (name your topics for your test, or take"
+        f" `broker`): {foreign}"
+    )
