@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
@@ -79,6 +80,14 @@ def test_hidden_tool_folders_beside_the_clone_are_not_the_projects(layout: tuple
     cache.mkdir(parents=True)
     (cache / "state").write_text("x")
     assert reads_seen(clone, lambda: (cache / "state").read_text()) == []
+
+
+def test_a_clone_directly_in_the_temporary_folder_may_use_it() -> None:
+    """Logs, pytest's tmp_path and tempfile's files sit beside such a clone: they are not a sibling."""
+    temp = Path(tempfile.gettempdir()).resolve()
+    layout = Layout.of(temp / "exchange-collector")
+    assert layout.watched == (str(temp),)
+    assert layout.outside(temp / "pytest-of-someone" / "test0" / "c.yaml") is None
 
 
 def test_a_git_worktree_also_watches_its_main_checkouts_folder(tmp_path: Path) -> None:

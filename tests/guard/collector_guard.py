@@ -104,8 +104,13 @@ class Layout:
             *site.getsitepackages(), site.getusersitepackages(),
             *(sysconfig.get_paths().values()), *extra_exempt,
         ]  # fmt: skip
-        # A root holding the repository itself (a clone under /tmp, say) exempts nothing.
-        exempt = {_real(c) for c in candidates if c and not _under(str(root), _real(c))}
+        # A folder holding a watched one (the temporary folder, for a fake clone in a test's tmp_path)
+        # would exempt all of it: it exempts nothing then.
+        exempt = {
+            real
+            for real in (_real(c) for c in candidates if c)
+            if not any(_under(w, real) and w != real for w in watched)
+        }
         return cls(str(root), tuple(sorted(watched)), tuple(sorted(exempt)))
 
     def outside(self, path: Any) -> str | None:
