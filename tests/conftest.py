@@ -14,10 +14,10 @@ Brokers (fixtures):
   test runs collector workers: a worker's consumer group, its state tables and the `collector.*` and
   `raw.*` topics have fixed names, so two tests' workers on one broker would see each other's state.
   Also when the test pauses, stops or kills the broker.
-- `shared_broker`: one embedded broker per xdist worker process, shared by every test that takes it.
-  For tests that produce and consume topics of their own with Kafka clients and run no worker. A test
-  on it must write only topics whose names no other test uses (it fails when it writes a topic
-  another test created) and must leave the broker running.
+- `shared_broker`: one embedded broker per xdist process, shared by every test that takes it. For
+  tests that produce and consume topics of their own with Kafka clients and run no worker. Such a test
+  writes only topics whose names no other test uses (it fails when it writes a topic another test
+  wrote first: tests/brokers.py) and leaves the broker running (it fails if it stopped or paused it).
 
 A module that needs one broker (or simulator, or worker) for several tests defines its own
 module-scoped fixture: `make test` hands each test file whole to one xdist worker (`--dist loadfile`),
@@ -31,9 +31,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
-from agents.embedded_broker import EmbeddedBroker, _answers_kafka
+from agents.embedded_broker import EmbeddedBroker
+from tests.brokers import SharedBroker
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "guard"))  # the guard is imported by name, as its children do
@@ -63,50 +63,21 @@ def broker() -> Iterator[EmbeddedBroker]:
 
 
 @pytest.fixture(scope="session")
-def _session_broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as running:
-        yield running
-
-
-# topic → the test that first wrote it, on this process's shared broker
-_TOPIC_OWNERS: dict[str, str] = {}
-
-
-def _end_offsets(bootstrap: str) -> dict[str, int]:
-    """Topic → the sum of its partitions' end offsets."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-shared-broker-offsets"})
-    try:
-        topics = consumer.list_topics(timeout=10).topics
-        ends = {}
-        for name, metadata in topics.items():
-            if name.startswith("__"):
-                continue
-            ends[name] = sum(
-                consumer.get_watermark_offsets(TopicPartition(name, p), timeout=10)[1]
-                for p in metadata.partitions
-            )
-        return ends
-    finally:
-        consumer.close()
+def _shared() -> Iterator[SharedBroker]:
+    shared = SharedBroker()
+    yield shared
+    shared.stop()
 
 
 @pytest.fixture
-def shared_broker(
-    _session_broker: EmbeddedBroker, request: pytest.FixtureRequest
-) -> Iterator[EmbeddedBroker]:
-    """The embedded broker every test of this xdist worker shares (see the module docstring)."""
-    broker = _session_broker
-    before = _end_offsets(broker.bootstrap)
+def shared_broker(_shared: SharedBroker, request: pytest.FixtureRequest) -> Iterator[EmbeddedBroker]:
+    """The embedded broker every test of this xdist process shares (see the module docstring)."""
+    broker = _shared.running()
+    before = _shared.end_offsets()
     yield broker
-    assert broker.pid is not None and _answers_kafka(broker.host, broker.port), (
-        f"{request.node.nodeid} stopped or paused the shared broker: take `broker` instead"
-    )
-    written = {topic for topic, end in _end_offsets(broker.bootstrap).items() if end > before.get(topic, 0)}
-    test = request.node.nodeid
-    foreign = {topic: _TOPIC_OWNERS[topic] for topic in written if _TOPIC_OWNERS.get(topic, test) != test}
-    for topic in written:
-        _TOPIC_OWNERS.setdefault(topic, test)
+    assert _shared.answers(), f"{request.node.nodeid} stopped or paused the shared broker: take `broker`"
+    written = {topic for topic, end in _shared.end_offsets().items() if end > before.get(topic, 0)}
+    foreign = _shared.claim(written, request.node.nodeid)
     assert not foreign, (
-        "topics of other tests written on the shared broker (name your topics for your test, or take"
-        f" `broker`): {foreign}"
+        f"wrote topics of other tests on the shared broker (name yours for your test): {foreign}"
     )

@@ -17,6 +17,8 @@ import pytest
 from collector_guard import ENV_CONFIG, ENV_NO_SOCKETS, Guard, Layout, Violation, activate, deactivate
 from guard_plugin import GUARD_DIR
 
+from tests.brokers import SharedBroker
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -220,6 +222,16 @@ def test_a_test_marked_e2e_may_open_sockets(layout: tuple[Path, Path]) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASSED test_inner.py::test_opens_a_socket" in result.stdout
+
+
+def test_a_test_on_the_shared_broker_may_not_write_a_topic_another_test_wrote() -> None:
+    shared = SharedBroker()
+    assert shared.claim({"market.trade.test.a", "raw.test"}, "test_one") == {}
+    assert shared.claim({"market.trade.test.a"}, "test_one") == {}  # its own, again
+    assert shared.claim({"market.trade.test.b", "raw.test"}, "test_two") == {"raw.test": "test_one"}
+    assert shared.owners == {
+        "market.trade.test.a": "test_one", "raw.test": "test_one", "market.trade.test.b": "test_two"
+    }  # fmt: skip
 
 
 # -- static check: paths outside the repository spelled in the code, the Makefile and CI ---------------
