@@ -167,14 +167,14 @@ def test_an_event_loop_is_no_socket():
 """
 
 
-def run_inner_session(clone: Path, tests: str) -> subprocess.CompletedProcess[str]:
+def run_inner_session(clone: Path, tests: str, *options: str) -> subprocess.CompletedProcess[str]:
     """A pytest session on the fake clone with the guard installed the way tests/conftest.py does."""
     (clone / "conftest.py").write_text(INNER_CONFTEST.format(guard_dir=str(GUARD_DIR)))
     (clone / "test_inner.py").write_text(textwrap.dedent(tests))
     env = {k: v for k, v in os.environ.items() if k not in (ENV_CONFIG, ENV_NO_SOCKETS, "PYTHONPATH")}
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-rA",
-         "test_inner.py"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA",
+         *(options or ["-p", "no:xdist"]), "test_inner.py"],
         cwd=clone, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
@@ -204,6 +204,29 @@ def test_a_session_fails_each_test_that_reads_outside_or_opens_a_socket_and_list
     assert f"read outside the repository: {clone.parent}\n" in out
     assert "socket in a test not marked e2e: socket.socket(family=AF_INET)\n" in out
     assert "socket in a test not marked e2e: socket.getaddrinfo('localhost')  (in pid " in out
+
+
+def test_under_xdist_each_read_is_reported_once_by_the_process_that_ran_the_test(
+    layout: tuple[Path, Path],
+) -> None:
+    clone, shared = layout
+    tests = """
+        from pathlib import Path
+
+        def test_reads_a_sibling():
+            Path("../shared/fixtures/recorded.ws").read_text()
+
+        def test_reads_inside():
+            Path("README.md").read_text()
+        """
+    result = run_inner_session(clone, tests, "-n", "2")
+    out = result.stdout
+    assert result.returncode == 1, out + result.stderr
+    assert (
+        "FAILED test_inner.py::test_reads_a_sibling" in out
+        and "PASSED test_inner.py::test_reads_inside" in out
+    )
+    assert out.count(f"read outside the repository: {shared / 'fixtures' / 'recorded.ws'}") == 1, out
 
 
 @pytest.mark.e2e  # the inner test really opens a socket

@@ -226,6 +226,9 @@ def deactivate(guard: Guard) -> None:
         _guards.remove(guard)
 
 
+_from_environment: list[Guard] = []
+
+
 def install_from_environment() -> Guard | None:
     """In a process a test started: guard it when the session asked for it (ENV_CONFIG)."""
     settings = os.environ.get(ENV_CONFIG)
@@ -234,7 +237,14 @@ def install_from_environment() -> Guard | None:
     config = json.loads(settings)
     guard = Guard(Layout.of(config["repo"]), os.environ.get(ENV_NO_SOCKETS) or None, log=config["log"])
     activate(guard)
+    _from_environment.append(guard)
     return guard
+
+
+def replace_guard_from_environment() -> None:
+    """A pytest process (an xdist worker) reports for itself: the guard its parent set up goes."""
+    while _from_environment:
+        deactivate(_from_environment.pop())
 
 
 def read_log(path: str, offset: int) -> tuple[list[Violation], int]:

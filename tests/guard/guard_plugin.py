@@ -24,6 +24,7 @@ from collector_guard import (
     activate,
     deactivate,
     read_log,
+    replace_guard_from_environment,
 )
 
 GUARD_DIR = Path(__file__).resolve().parent
@@ -41,6 +42,7 @@ class GuardPlugin:
     # -- lifetime -----------------------------------------------------------------------------------
 
     def start(self) -> None:
+        replace_guard_from_environment()
         activate(self.guard)
         pythonpath = os.environ.get("PYTHONPATH")
         self._set_env("PYTHONPATH", os.pathsep.join(p for p in (str(GUARD_DIR), pythonpath) if p))
