@@ -26,7 +26,6 @@ import sys
 import sysconfig
 import tempfile
 import threading
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +92,7 @@ class Layout:
     exempt: tuple[str, ...]
 
     @classmethod
-    def of(cls, repo: str | Path, extra_exempt: Iterable[str | Path] = ()) -> Layout:
+    def of(cls, repo: str | Path) -> Layout:
         root = Path(_real(repo))
         watched = {str(root.parent)}
         main = _git_main_checkout(root)
@@ -102,7 +101,7 @@ class Layout:
         candidates = [
             sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, tempfile.gettempdir(),
             *site.getsitepackages(), site.getusersitepackages(),
-            *(sysconfig.get_paths().values()), *extra_exempt,
+            *(sysconfig.get_paths().values()),
         ]  # fmt: skip
         # A folder holding a watched one (the temporary folder, for a fake clone in a test's tmp_path)
         # would exempt all of it: it exempts nothing then.
