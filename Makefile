@@ -5,7 +5,8 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 # `make test` runs on this many pytest-xdist processes: the end-to-end tests mostly wait on real
-# processes, so more workers than cores pay off (README, "Development").
+# processes, so more workers than cores pay off (README, "Development"). Each test file goes whole to
+# one process, in the order tests/conftest.py sorts them (end-to-end first).
 TEST_WORKERS ?= 4
 
 .DEFAULT_GOAL := help
