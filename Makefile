@@ -4,6 +4,10 @@ PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+# `make test` runs on this many pytest-xdist processes: the end-to-end tests mostly wait on real
+# processes, so more workers than cores pay off (README, "Development"). Each test file goes whole to
+# one process, in the order tests/conftest.py sorts them (end-to-end first).
+TEST_WORKERS ?= 4
 
 .DEFAULT_GOAL := help
 .PHONY: help install system-deps run demo simulate test test-unit lint format clean bench bench-soak bench-sinks
@@ -43,8 +47,8 @@ demo: install ## Run simulator + embedded broker + worker together and print whe
 simulate: install ## Run only the exchange simulator
 	$(VENV)/bin/collector simulate
 
-test: install system-deps ## Run the whole test suite (unit + end-to-end)
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: install system-deps ## Run the whole test suite (unit + end-to-end) on TEST_WORKERS (4) processes
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-unit: install system-deps ## Run the tests that need no broker, simulator or worker
 	$(PY) -m pytest -m "not e2e" $(PYTEST_ARGS)

@@ -121,12 +121,6 @@ async def test_rest_records_the_normalizer_cannot_route_or_read_are_dead_lettere
     assert published.trade_ids() == []
 
 
-@pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker() as running:
-        yield running
-
-
 @pytest.mark.e2e  # a real broker process
 async def test_seeds_read_the_end_of_each_market_topic(broker: EmbeddedBroker) -> None:
     topic = market_topic("trade", "binance", "BTC/USDT")

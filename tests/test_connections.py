@@ -146,6 +146,7 @@ async def adapter(sim: Simulator) -> BinanceAdapter:
         return BinanceAdapter(await fetch_instruments(BinanceAdapter, sim.url, session))
 
 
+@pytest.mark.e2e
 async def test_live_changes_subscribe_and_unsubscribe_without_reconnecting_anything(
     sim: Simulator, adapter: BinanceAdapter
 ) -> None:
@@ -186,6 +187,7 @@ async def test_live_changes_subscribe_and_unsubscribe_without_reconnecting_anyth
         await harness.close()
 
 
+@pytest.mark.e2e
 async def test_server_shutdown_reconnects_at_once_and_backfills_the_gap_exactly_once(
     sim: Simulator, adapter: BinanceAdapter
 ) -> None:
@@ -211,6 +213,7 @@ async def test_server_shutdown_reconnects_at_once_and_backfills_the_gap_exactly_
         await harness.close()
 
 
+@pytest.mark.e2e
 async def test_a_silent_connection_is_recycled_and_rest_fills_what_it_missed(
     sim: Simulator, adapter: BinanceAdapter
 ) -> None:
@@ -230,6 +233,7 @@ async def test_a_silent_connection_is_recycled_and_rest_fills_what_it_missed(
         await harness.close()
 
 
+@pytest.mark.e2e
 async def test_rollover_is_make_before_break_and_loses_and_duplicates_nothing(
     sim: Simulator, adapter: BinanceAdapter
 ) -> None:
@@ -251,6 +255,7 @@ async def test_rollover_is_make_before_break_and_loses_and_duplicates_nothing(
         await harness.close()
 
 
+@pytest.mark.e2e
 async def test_a_group_taken_over_backfills_from_the_last_published_id_before_live_frames(
     sim: Simulator, adapter: BinanceAdapter
 ) -> None:

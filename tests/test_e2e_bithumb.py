@@ -35,12 +35,6 @@ from tests.test_e2e_upbit import run_across_a_drop, run_upbit_compatible_exactly
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker() as running:
-        yield running
-
-
 def test_bithumb_trades_arrive_exactly_once(broker: EmbeddedBroker, tmp_path: Path, record_property) -> None:
     result = run_upbit_compatible_exactly_once("bithumb", ["trade", "ticker", "bbo"], broker, tmp_path)
     record_property("summary", json.dumps({"trades": result.trades}))

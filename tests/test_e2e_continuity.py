@@ -37,12 +37,6 @@ SPOT = ["BTC/USDT", "ETH/USDT", "BNB/USDT", "1000SATS/USDT"]
 RATE = 25.0  # trades per second per symbol
 
 
-@pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker() as running:
-        yield running
-
-
 class Suite:
     """A worker collecting one simulated exchange, and the tally of what it published."""
 

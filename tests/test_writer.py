@@ -68,20 +68,22 @@ def _settings(bootstrap: str, **overrides: object) -> dict[str, object]:
     return confluent_settings([bootstrap], linger_ms=5, compression="lz4", **overrides)
 
 
-async def test_flush_returns_with_every_record_of_many_topics_in_order_on_the_broker() -> None:
-    with EmbeddedBroker() as broker:
-        delivery = ConfluentDelivery(_settings(broker.bootstrap))
-        writer = TopicWriter(None, _declarer(broker.bootstrap), delivery=delivery)
-        topics = [f"market.trade.test.s{i}" for i in range(20)]
-        for n in range(2000):
-            writer.send(topics[n % 20], b"key", str(n).encode())
-        await asyncio.wait_for(writer.flush(), timeout=30)
-        assert writer.sent == 2000 and writer.retries == 0
-        # Acknowledged means readable: nothing is still on its way after flush returned.
-        found = _read_all(broker.bootstrap, topics, 2000, timeout=10)
-        for i, topic in enumerate(topics):
-            assert [int(v) for v in found[topic]] == list(range(i, 2000, 20))
-        delivery.close()
+async def test_flush_returns_with_every_record_of_many_topics_in_order_on_the_broker(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    broker = shared_broker
+    delivery = ConfluentDelivery(_settings(broker.bootstrap))
+    writer = TopicWriter(None, _declarer(broker.bootstrap), delivery=delivery)
+    topics = [f"market.trade.test.s{i}" for i in range(20)]
+    for n in range(2000):
+        writer.send(topics[n % 20], b"key", str(n).encode())
+    await asyncio.wait_for(writer.flush(), timeout=30)
+    assert writer.sent == 2000 and writer.retries == 0
+    # Acknowledged means readable: nothing is still on its way after flush returned.
+    found = _read_all(broker.bootstrap, topics, 2000, timeout=10)
+    for i, topic in enumerate(topics):
+        assert [int(v) for v in found[topic]] == list(range(i, 2000, 20))
+    delivery.close()
 
 
 async def _writer_on_a_broker_to_stop(topic: str) -> tuple[EmbeddedBroker, TopicWriter]:
@@ -134,40 +136,42 @@ async def test_a_record_the_broker_can_never_accept_is_dropped_instead_of_stalli
     assert writer.retries == 0
 
 
-async def test_commit_returns_at_once_and_calls_back_only_when_the_broker_has_every_record() -> None:
-    with EmbeddedBroker() as broker:
-        declare = _declarer(broker.bootstrap)
-        topics = [f"market.trade.test.c{i}" for i in range(5)]
-        for topic in topics:
-            await declare(topic)
-        delivery = ConfluentDelivery(_settings(broker.bootstrap))
-        writer = TopicWriter(None, declare, delivery=delivery)
-        acknowledged: list[int] = []
-        all_acknowledged = asyncio.Event()
-        committed_at: dict[int, int] = {}
+async def test_commit_returns_at_once_and_calls_back_only_when_the_broker_has_every_record(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    broker = shared_broker
+    declare = _declarer(broker.bootstrap)
+    topics = [f"market.trade.test.c{i}" for i in range(5)]
+    for topic in topics:
+        await declare(topic)
+    delivery = ConfluentDelivery(_settings(broker.bootstrap))
+    writer = TopicWriter(None, declare, delivery=delivery)
+    acknowledged: list[int] = []
+    all_acknowledged = asyncio.Event()
+    committed_at: dict[int, int] = {}
 
-        def on_acknowledged(step: int, acknowledged_at: AcknowledgedAt) -> None:
-            # Each topic's acknowledgement time, between the step's commit and this callback.
-            assert set(acknowledged_at) == set(topics)
-            assert all(committed_at[step] <= t <= now_ms() for t in acknowledged_at.values())
-            acknowledged.append(step)
-            if len(acknowledged) == 3:
-                all_acknowledged.set()
+    def on_acknowledged(step: int, acknowledged_at: AcknowledgedAt) -> None:
+        # Each topic's acknowledgement time, between the step's commit and this callback.
+        assert set(acknowledged_at) == set(topics)
+        assert all(committed_at[step] <= t <= now_ms() for t in acknowledged_at.values())
+        acknowledged.append(step)
+        if len(acknowledged) == 3:
+            all_acknowledged.set()
 
-        for step in range(3):
-            for n in range(100):
-                writer.send(topics[n % 5], b"key", f"{step}:{n}".encode())
-            committed_at[step] = now_ms()
-            await writer.commit(functools.partial(on_acknowledged, step))
-        # Delivery reports are served on this event loop, so none can have arrived yet.
-        assert acknowledged == []
-        await asyncio.wait_for(all_acknowledged.wait(), timeout=30)
-        assert sorted(acknowledged) == [0, 1, 2] and writer.sent == 300
-        found = _read_all(broker.bootstrap, topics, 300, timeout=10)
-        assert sorted(v.decode() for values in found.values() for v in values) == sorted(
-            f"{step}:{n}" for step in range(3) for n in range(100)
-        )
-        delivery.close()
+    for step in range(3):
+        for n in range(100):
+            writer.send(topics[n % 5], b"key", f"{step}:{n}".encode())
+        committed_at[step] = now_ms()
+        await writer.commit(functools.partial(on_acknowledged, step))
+    # Delivery reports are served on this event loop, so none can have arrived yet.
+    assert acknowledged == []
+    await asyncio.wait_for(all_acknowledged.wait(), timeout=30)
+    assert sorted(acknowledged) == [0, 1, 2] and writer.sent == 300
+    found = _read_all(broker.bootstrap, topics, 300, timeout=10)
+    assert sorted(v.decode() for values in found.values() for v in values) == sorted(
+        f"{step}:{n}" for step in range(3) for n in range(100)
+    )
+    delivery.close()
 
 
 async def test_commits_wait_while_too_many_are_unacknowledged_and_none_is_called_back_early() -> None:
@@ -198,18 +202,20 @@ async def test_commits_wait_while_too_many_are_unacknowledged_and_none_is_called
         revived.stop()
 
 
-async def test_the_raw_producer_keeps_a_key_in_order_carries_big_frames_and_delivers_on_close() -> None:
-    with EmbeddedBroker() as broker:
-        _create_topic(broker.bootstrap, "raw.test")
-        producer = RawProducer(_settings(broker.bootstrap))
-        big = b"b" * (6 * 1024 * 1024)  # the largest frame a connection accepts travels alone
-        values = [f"r{n}".encode() for n in range(500)]
-        for value in values[:250]:
-            await producer.send("raw.test", b"binance:0", value)
-        await producer.send("raw.test", b"binance:0", big)
-        for value in values[250:]:
-            await producer.send("raw.test", b"binance:0", value)
-        await asyncio.wait_for(producer.close(), timeout=30)
-        assert producer.failed == 0
-        found = _read_all(broker.bootstrap, ["raw.test"], 501, timeout=20)["raw.test"]
-        assert found == [*values[:250], big, *values[250:]]
+async def test_the_raw_producer_keeps_a_key_in_order_carries_big_frames_and_delivers_on_close(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    broker = shared_broker
+    _create_topic(broker.bootstrap, "raw.test")
+    producer = RawProducer(_settings(broker.bootstrap))
+    big = b"b" * (6 * 1024 * 1024)  # the largest frame a connection accepts travels alone
+    values = [f"r{n}".encode() for n in range(500)]
+    for value in values[:250]:
+        await producer.send("raw.test", b"binance:0", value)
+    await producer.send("raw.test", b"binance:0", big)
+    for value in values[250:]:
+        await producer.send("raw.test", b"binance:0", value)
+    await asyncio.wait_for(producer.close(), timeout=30)
+    assert producer.failed == 0
+    found = _read_all(broker.bootstrap, ["raw.test"], 501, timeout=20)["raw.test"]
+    assert found == [*values[:250], big, *values[250:]]
