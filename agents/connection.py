@@ -135,6 +135,7 @@ class Link:
         emit: Emit,
         *,
         silence_timeout: float,
+        stall_factor: float = 8.0,
     ) -> None:
         self.adapter = adapter
         self.url = url
@@ -142,6 +143,7 @@ class Link:
         self.batcher = FrameBatcher(adapter.name, connection_id, send_raw, key=group_key)
         self._emit = emit
         self.silence_timeout = silence_timeout  # the longest silence, whatever the pace
+        self.stall_factor = stall_factor  # a silence this many usual gaps long is a stall; 0: not judged
         self.first_live: dict[str, int] = {}  # symbol → first trade id this link received
         self.watch: FlowWatch | None = None
         self.stalled = asyncio.Event()  # set when the link's silence is long for its pace
@@ -169,7 +171,9 @@ class Link:
             compression=None,
         )
         self.opened_at = self.last_frame_at = time.monotonic()
-        self.watch = FlowWatch(self.opened_at, max_silence=self.silence_timeout)
+        self.watch = FlowWatch(
+            self.opened_at, max_silence=self.silence_timeout, factor=self.stall_factor or FlowWatch.FACTOR
+        )
         reader = asyncio.create_task(self._read(), name=f"read-{self.connection_id}")
         self._tasks = [
             reader,
@@ -330,7 +334,7 @@ class Link:
                     self._end(LinkEnded("stale"))
                     reader.cancel()
                     return
-                if watch.stalled(now):
+                if self.stall_factor > 0 and watch.stalled(now):
                     if not self.stalled.is_set():
                         log.warning(
                             "%s stalled: silent %.1f s against its usual pace (limit %.1f s)",

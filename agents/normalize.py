@@ -6,9 +6,11 @@ records, or a dead letter with its reason. Trades go through the continuity engi
 history (carried out by the source running the symbol's connection group: `fetch`) and rejects
 invented ones; every other record is published as it comes.
 
-A raw record is acknowledged (and so its offset committed) only once every record it produced has
-been acknowledged by the broker: trades the engine still holds keep it open, so a crash replays it
-rather than losing them. The next batch is normalized meanwhile.
+A raw record is acknowledged (and so its offset committed) once what its step produced has been
+acknowledged by the broker; the next batch is normalized meanwhile. Trades the engine still holds do
+not keep it open (Faust waits for every open record before a rebalance or a stop, and a hold can last
+minutes): a crash loses them from memory, and the restarted engine repairs them from the exchange's
+history like any gap (it continues from what the market topics hold).
 """
 
 from __future__ import annotations
@@ -60,25 +62,9 @@ class RawInput(NamedTuple):
     settle: Callable[[], None] | None = None
 
 
-class _Pending:
-    """A raw record whose outputs are not all acknowledged yet (the step's own reference included)."""
-
-    __slots__ = ("count", "settle")
-
-    def __init__(self, settle: Callable[[], None] | None) -> None:
-        self.count = 1
-        self.settle = settle
-
-    def release(self) -> None:
-        self.count -= 1
-        if self.count == 0 and self.settle is not None:
-            self.settle()
-
-
 class _TradeOrigin(NamedTuple):
-    """Where a live trade came from, for its dead letter and its raw record's acknowledgement."""
+    """Where a live trade came from, for its dead letter."""
 
-    pending: _Pending
     connection_id: str
     sequence: int
     received_at: int
@@ -115,7 +101,7 @@ class Normalizer:
         self._read_seeds = read_seeds
         self.seeded = read_seeds is None
         self._fetch = fetch
-        self._releases: list[_Pending] = []  # to release once the next commit is acknowledged
+        self._settles: list[Callable[[], None]] = []  # raw records to acknowledge with the next commit
         self._raw_bytes = 0
         self._step = asyncio.Lock()  # one normalize step or tick at a time: each commits its own records
 
@@ -124,8 +110,8 @@ class Normalizer:
     def normalize_frames(self, inputs: Iterable[RawInput | bytes]) -> None:
         for raw in inputs:
             value, group, settle = raw if isinstance(raw, RawInput) else (raw, f"{self.exchange}:0", None)
-            pending = _Pending(settle)
-            self._releases.append(pending)
+            if settle is not None:
+                self._settles.append(settle)
             self._raw_bytes += len(value)
             try:
                 batch = decode_batch(value)
@@ -133,12 +119,12 @@ class Normalizer:
                 self._reject("invalid-raw-record", str(exc), "", -1, 0, value)
                 continue
             if batch.source == "ws":
-                self._live_batch(batch, group, pending)
+                self._live_batch(batch, group)
             else:
                 self._rest_batch(batch, group)
         self._carry_out(self.engine.drain())
 
-    def _live_batch(self, batch: RawBatch, group: str, pending: _Pending) -> None:
+    def _live_batch(self, batch: RawBatch, group: str) -> None:
         frames = batch.frames
         if not frames:
             return
@@ -167,10 +153,7 @@ class Normalizer:
                         frame.payload,
                     )  # fmt: skip
                 elif type(item.data) is Trade:
-                    pending.count += 1  # settled when the engine decides the trade's fate
-                    origin = _TradeOrigin(
-                        pending, connection, frame.sequence, frame.received_at, frame.payload
-                    )
+                    origin = _TradeOrigin(connection, frame.sequence, frame.received_at, frame.payload)
                     live(item, origin, group, connection, frame.received_at)
                 else:
                     self._send(item)
@@ -214,12 +197,8 @@ class Normalizer:
         for output in outputs:
             if isinstance(output, Publish):
                 self._send(output.record)
-                for origin in output.origins:
-                    self._releases.append(origin.pending)
             elif isinstance(output, Drop):
                 self.duplicates += 1
-                if output.origin is not None:
-                    output.origin.pending.release()
             elif isinstance(output, Reject):
                 origin = output.origin
                 if origin is None:
@@ -228,7 +207,6 @@ class Normalizer:
                 else:
                     where = (origin.connection_id, origin.sequence, origin.received_at, origin.payload)
                     self._reject(output.reason, output.detail, *where)
-                    self._releases.append(origin.pending)
             elif isinstance(output, FetchTrades):
                 if self._fetch is not None:
                     self._fetch(output)
@@ -313,12 +291,12 @@ class Normalizer:
     async def _commit(self, on_acknowledged: Callable[[], None] | None) -> None:
         flow = flow_meter(self.exchange)
         records, raw_bytes, writer = flow.hand_over(), self._raw_bytes, self.writer
-        releases, self._releases, self._raw_bytes = self._releases, [], 0
+        settles, self._settles, self._raw_bytes = self._settles, [], 0
 
         def acknowledged(acknowledged_at: AcknowledgedAt) -> None:
             flow.acknowledged(records, raw_bytes, writer.retries, acknowledged_at)
-            for pending in releases:
-                pending.release()
+            for settle in settles:
+                settle()
             if on_acknowledged is not None:
                 on_acknowledged()
 

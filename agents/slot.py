@@ -136,6 +136,7 @@ class Slot:
             self.source.send_raw,
             self._emit,
             silence_timeout=self.source.silence_timeout,
+            stall_factor=self.source.settings.connections.stallAfterGaps,
         )
 
     async def _connect(self) -> Link:
@@ -245,7 +246,6 @@ class Slot:
         self.state = "connected"
         if reason == "stall":
             self.stalls += 1
-            await self._emit("stale", {"replaced": old.connection_id, "stalled": True}, new.connection_id)
         else:
             self.rollovers += 1
         await self._emit("rollover", {"replaced": old.connection_id, "reason": reason}, new.connection_id)

@@ -45,6 +45,9 @@ class ConnectionsConfig(_Strict):
     streamsPerConnection: Annotated[int, Field(ge=1)] = 1000
     # A subscribed connection that receives no frame for this long is recycled.
     silenceTimeoutSeconds: Annotated[float, Field(gt=0)] = 60.0
+    # A connection silent this many of its usual gaps between frames (at least 2 s) has stalled and is
+    # replaced make-before-break (streams/liveness.py); 0 leaves only silenceTimeoutSeconds.
+    stallAfterGaps: Annotated[float, Field(ge=0, le=1000)] = 8.0
     # Roll connections over (make-before-break) after this long; default: the exchange's limit less 15 min.
     lifetimeSeconds: Annotated[float | None, Field(gt=0)] = None
 

@@ -16,12 +16,14 @@ import math
 
 
 class FlowWatch:
+    FACTOR = 8.0
+
     def __init__(
         self,
         now: float,
         *,
         window: int = 30,
-        factor: float = 8.0,
+        factor: float = FACTOR,
         min_silence: float = 2.0,
         max_silence: float = 60.0,
         min_frames: int = 20,

@@ -40,7 +40,9 @@ def worker(tmp_path: Any) -> Iterator[tuple[Simulator, Worker, str]]:
         exchange = {
             "wsEndpoint": simulator.ws, "restEndpoint": simulator.http, "symbols": SYMBOLS,
             "dataTypes": ["trade", "bbo"],
-            "connections": {"max": 5, "streamsPerConnection": 1000, "silenceTimeoutSeconds": SILENCE_TIMEOUT},
+            # Neither the connection's pace (stallAfterGaps 0) nor its silence timeout may end the stall.
+            "connections": {"max": 5, "streamsPerConnection": 1000, "silenceTimeoutSeconds": SILENCE_TIMEOUT,
+                            "stallAfterGaps": 0},
         }  # fmt: skip
         config = write_config(
             tmp_path / "c.yaml", simulator, SYMBOLS, ["trade", "bbo"],

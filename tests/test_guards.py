@@ -267,7 +267,8 @@ ALLOWED = {
     ("tests/guard/collector_guard.py", 'first != ".."'): "a comparison with the parent folder's name",
 }
 NOT_CHECKED = {"tests/test_guards.py": "its examples of what the check finds"}
-_PARENT_REFERENCE = re.compile(r"(?<![\w./\\`])(\.\.(?:/[^\s\"'`),;]*)?)(?=/|[\s\"'`),;]|$)")
+# `..` as a path: followed by `/`, a quote or the line's end (Lua's `a .. b` concatenation is no path).
+_PARENT_REFERENCE = re.compile(r"(?<![\w./\\`])(\.\.(?:/[^\s\"'`),;]*)?)(?=/|[\"'`),;]|$)")
 _PARENTS_INDEX = re.compile(r"__file__.*\.parents\[(\d+)\]")
 _PARENT_CHAIN = re.compile(r"__file__[^\n]*?((?:\.parent\b)+)")
 _MACHINE_PATH = re.compile(r"(?<![\w.:/~-])/(?:work|home|Users|root|mnt)/")
