@@ -521,7 +521,16 @@ def pause_broker(broker: Any) -> BrokerPause:
     """SIGSTOP the broker (see `broker_pid`); call `resume()` on the answer, or use `broker_paused`."""
     pid = broker_pid(broker)
     os.kill(pid, signal.SIGSTOP)
+    # The signal is delivered asynchronously: the pause begins when the kernel shows it stopped.
+    wait_for(lambda: _process_state(pid) in {"T", "t"}, 5, "the broker to stop")
     return BrokerPause(pid, time.time())
+
+
+def _process_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
 
 
 @contextmanager
