@@ -147,6 +147,7 @@ class Link:
         self.first_live: dict[str, int] = {}  # symbol → first trade id this link received
         self.watch: FlowWatch | None = None
         self.stalled = asyncio.Event()  # set when the link's silence is long for its pace
+        self._frames_waiting = asyncio.Event()  # frames are in the batch: flush it soon
         self.subscribed: set[str] = set()
         self._pending: dict[int, tuple[str, tuple[str, ...], asyncio.Future[bool]]] = {}
         self._request_id = 0
@@ -177,7 +178,7 @@ class Link:
         reader = asyncio.create_task(self._read(), name=f"read-{self.connection_id}")
         self._tasks = [
             reader,
-            asyncio.create_task(self._flush_periodically(), name=f"flush-{self.connection_id}"),
+            asyncio.create_task(self._flush_when_due(), name=f"flush-{self.connection_id}"),
             asyncio.create_task(self._watch_pace(reader), name=f"pace-{self.connection_id}"),
         ]
         if self.adapter.keepalive is not None:
@@ -275,6 +276,7 @@ class Link:
         assert self.ws is not None
         ws, adapter, batcher = self.ws, self.adapter, self.batcher
         marker, keepalive_reply = adapter.trade_marker, adapter.keepalive_reply
+        frames_waiting = self._frames_waiting
         watch = self.watch
         assert watch is not None
         try:
@@ -292,6 +294,8 @@ class Link:
                     self.trade_seen.set()
                 if batcher.add(payload, received_at):
                     await batcher.flush()
+                else:
+                    frames_waiting.set()
                 for event in adapter.control_events(payload):
                     if isinstance(event, ServerShutdown):
                         raise LinkEnded("server-shutdown", shutdown=True)
@@ -345,9 +349,12 @@ class Link:
                     self.stalled.clear()  # frames again before it was replaced
             await asyncio.sleep(PACE_CHECK)
 
-    async def _flush_periodically(self) -> None:
+    async def _flush_when_due(self) -> None:
+        """Write a batch FLUSH_INTERVAL after its first frame: no wake-ups while nothing arrives."""
         while True:
+            await self._frames_waiting.wait()
             await asyncio.sleep(FLUSH_INTERVAL)
+            self._frames_waiting.clear()
             await self.batcher.flush()
 
     def _end(self, ended: LinkEnded) -> None:
