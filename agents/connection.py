@@ -3,8 +3,10 @@
 A link connects, sends paced SUBSCRIBE/UNSUBSCRIBE requests and reads frames until the connection
 fails, goes silent, the exchange announces a shutdown, or its owner closes it. Frames go out as raw
 batches keyed by connection GROUP, so everything a group receives (WebSocket, REST, both links of a
-rollover) stays in order on one raw partition. A link can start "held": its frames are kept back
-until backfill has written the trades it missed, which keeps each symbol's trades in id order.
+rollover) stays in order on one raw partition. Frames are written as they come: the continuity
+engine, downstream of the raw topic, puts each symbol's trades in order and repairs what a connection
+missed (streams/continuity/). A link watches its own pace (streams/liveness.py) and says when it has
+stalled, so that its slot replaces it make-before-break.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from websockets.asyncio.client import ClientConnection
 from agents import metrics
 from streams.exchanges.base import Ack, ErrorReply, ExchangeAdapter, ServerShutdown, SubscriptionList
 from streams.limits import SlidingWindow, message_window
+from streams.liveness import FlowWatch
 from streams.raw import RawBatch, RawFrame, encode_batch
 
 log = logging.getLogger(__name__)
@@ -35,9 +38,9 @@ MAX_BATCH_BYTES = 512 * 1024
 # A frame travels in a raw record of its own when it is large; it must fit the producer's 8 MiB
 # record limit (RAW_MAX_BYTES, agents/writer.py), else the frames batched with it would be lost with it.
 MAX_FRAME_BYTES = 6 * 1024 * 1024
-MAX_HELD_FRAMES = 500_000  # a held link releases its frames anyway beyond this (a gap event says so)
 SUBSCRIBE_CHUNK = 200  # streams per SUBSCRIBE message
 ACK_TIMEOUT = 10.0
+PACE_CHECK = 0.25  # seconds between a link's looks at its own silence
 
 
 def now_ms() -> int:
@@ -132,19 +135,19 @@ class Link:
         emit: Emit,
         *,
         silence_timeout: float,
-        on_trade: Callable[[str, int], None],
-        held: bool,
+        stall_factor: float = 8.0,
     ) -> None:
         self.adapter = adapter
         self.url = url
         self.connection_id = connection_id
         self.batcher = FrameBatcher(adapter.name, connection_id, send_raw, key=group_key)
         self._emit = emit
-        self.silence_timeout = silence_timeout
-        self._on_trade = on_trade  # called for each trade frame passed downstream (not while held)
-        self.held = held
+        self.silence_timeout = silence_timeout  # the longest silence, whatever the pace
+        self.stall_factor = stall_factor  # a silence this many usual gaps long is a stall; 0: not judged
         self.first_live: dict[str, int] = {}  # symbol → first trade id this link received
-        self._held_last: dict[str, int] = {}
+        self.watch: FlowWatch | None = None
+        self.stalled = asyncio.Event()  # set when the link's silence is long for its pace
+        self._frames_waiting = asyncio.Event()  # frames are in the batch: flush it soon
         self.subscribed: set[str] = set()
         self._pending: dict[int, tuple[str, tuple[str, ...], asyncio.Future[bool]]] = {}
         self._request_id = 0
@@ -169,11 +172,14 @@ class Link:
             compression=None,
         )
         self.opened_at = self.last_frame_at = time.monotonic()
+        self.watch = FlowWatch(
+            self.opened_at, max_silence=self.silence_timeout, factor=self.stall_factor or FlowWatch.FACTOR
+        )
         reader = asyncio.create_task(self._read(), name=f"read-{self.connection_id}")
         self._tasks = [
             reader,
-            asyncio.create_task(self._flush_periodically(), name=f"flush-{self.connection_id}"),
-            asyncio.create_task(self._watch_silence(reader), name=f"silence-{self.connection_id}"),
+            asyncio.create_task(self._flush_when_due(), name=f"flush-{self.connection_id}"),
+            asyncio.create_task(self._watch_pace(reader), name=f"pace-{self.connection_id}"),
         ]
         if self.adapter.keepalive is not None:
             self._tasks.append(
@@ -269,22 +275,27 @@ class Link:
     async def _read(self) -> None:
         assert self.ws is not None
         ws, adapter, batcher = self.ws, self.adapter, self.batcher
-        marker = adapter.trade_marker
+        marker, keepalive_reply = adapter.trade_marker, adapter.keepalive_reply
+        frames_waiting = self._frames_waiting
+        watch = self.watch
+        assert watch is not None
         try:
             while True:
                 payload = await ws.recv(decode=False)
                 received_at = self.last_received_at = now_ms()
-                self.last_frame_at = time.monotonic()
+                self.last_frame_at = now = time.monotonic()
                 if isinstance(payload, str):
                     payload = payload.encode()
+                if not keepalive_reply(payload):
+                    watch.frame(now)
                 mark = marker(payload)
-                if mark is not None:
-                    self._note_trade(*mark)
-                if batcher.add(payload, received_at) and not self.held:
+                if mark is not None and mark[0] not in self.first_live:
+                    self.first_live[mark[0]] = mark[1]
+                    self.trade_seen.set()
+                if batcher.add(payload, received_at):
                     await batcher.flush()
-                elif self.held and batcher.pending >= MAX_HELD_FRAMES:
-                    await self._emit("hold-overflow", {"frames": batcher.pending}, self.connection_id)
-                    await self.release()
+                else:
+                    frames_waiting.set()
                 for event in adapter.control_events(payload):
                     if isinstance(event, ServerShutdown):
                         raise LinkEnded("server-shutdown", shutdown=True)
@@ -299,25 +310,6 @@ class Link:
         except Exception as exc:  # the I/O boundary: log it, the slot reconnects
             log.exception("link %s failed unexpectedly", self.connection_id)
             self._end(LinkEnded(f"{type(exc).__name__}: {exc}"))
-
-    def _note_trade(self, symbol: str, trade_id: int) -> None:
-        if symbol not in self.first_live:
-            self.first_live[symbol] = trade_id
-            self.trade_seen.set()
-        if self.held:
-            self._held_last[symbol] = trade_id
-        else:
-            self._on_trade(symbol, trade_id)
-
-    async def release(self) -> None:
-        """Stop holding: write the kept-back frames and count their trades as seen."""
-        if not self.held:
-            return
-        self.held = False
-        for symbol, trade_id in self._held_last.items():
-            self._on_trade(symbol, trade_id)
-        self._held_last.clear()
-        await self.batcher.flush()
 
     async def _on_control(self, event: Ack | ErrorReply | SubscriptionList) -> None:
         if isinstance(event, Ack) and isinstance(event.request_id, int):
@@ -334,22 +326,36 @@ class Link:
             detail = {"code": event.code, "message": event.message, "streams": streams}
             await self._emit("subscribe-failed", detail, self.connection_id)
 
-    async def _watch_silence(self, reader: asyncio.Task[None]) -> None:
-        # One timer per connection rather than a timeout around every recv: that would cost a task
-        # per frame (asyncio.wait_for) on the hot path.
+    async def _watch_pace(self, reader: asyncio.Task[None]) -> None:
+        """Say when the link has stalled: silent far longer than its own recent pace (a quiet market
+        is not a stall), and end it when it stays silent for `silence_timeout`."""
+        watch = self.watch
+        assert watch is not None
         while not reader.done():
-            silent_for = time.monotonic() - self.last_frame_at
-            if silent_for >= self.silence_timeout and self.subscribed:
-                self._end(LinkEnded("stale"))
-                reader.cancel()
-                return
-            await asyncio.sleep(max(0.05, self.silence_timeout - silent_for))
+            now = time.monotonic()
+            if self.subscribed:
+                if now - self.last_frame_at >= self.silence_timeout:
+                    self._end(LinkEnded("stale"))
+                    reader.cancel()
+                    return
+                if self.stall_factor > 0 and watch.stalled(now):
+                    if not self.stalled.is_set():
+                        log.warning(
+                            "%s stalled: silent %.1f s against its usual pace (limit %.1f s)",
+                            self.connection_id, now - watch.last_frame, watch.silence_limit(now),
+                        )  # fmt: skip
+                        self.stalled.set()
+                elif self.stalled.is_set():
+                    self.stalled.clear()  # frames again before it was replaced
+            await asyncio.sleep(PACE_CHECK)
 
-    async def _flush_periodically(self) -> None:
+    async def _flush_when_due(self) -> None:
+        """Write a batch FLUSH_INTERVAL after its first frame: no wake-ups while nothing arrives."""
         while True:
+            await self._frames_waiting.wait()
             await asyncio.sleep(FLUSH_INTERVAL)
-            if not self.held:
-                await self.batcher.flush()
+            self._frames_waiting.clear()
+            await self.batcher.flush()
 
     def _end(self, ended: LinkEnded) -> None:
         if not self.ended.done():
@@ -360,12 +366,7 @@ class Link:
         self._pending.clear()
 
     async def close(self) -> None:
-        """Close the socket, stop reading, and write what it received unless that is still held.
-
-        Held frames are dropped: their trades lie beyond a gap not yet backfilled, and writing them
-        first would put ids out of order. Last-seen ids never counted them, so the next backfill
-        fetches the same trades by REST.
-        """
+        """Close the socket, stop reading, and write what it received."""
         current = asyncio.current_task()
         others = [task for task in self._tasks if task is not current]
         for task in others:
@@ -378,9 +379,4 @@ class Link:
         if self.ws is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.ws.close(), 3)
-        if self.held:
-            log.info(
-                "%s closed while held: %d frames left to backfill", self.connection_id, self.batcher.pending
-            )
-            self.batcher.discard()
         await self.batcher.flush()

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from agents.embedded_broker import die_with_parent, free_port
+from agents.sinks.localservers import LocalPostgres, LocalRedis
 
 DEMO_SYMBOLS = ["BTC/USDT", "ETH/USDT", "BNB/USDT"]
 DEMO_DATA_TYPES = ["trade", "kline_1s", "kline_1m", "ticker", "bbo"]
@@ -36,6 +37,25 @@ def demo_exchanges(sim_port: int) -> dict[str, dict[str, object]]:
         "bithumb": {"wsEndpoint": f"ws://{base}/bithumb", "restEndpoint": f"http://{base}/bithumb",
                     "symbols": KRW_SYMBOLS, "dataTypes": ["trade", "ticker", "bbo"]},
     }  # fmt: skip
+
+
+def _start_sinks(servers: list[LocalPostgres | LocalRedis]) -> tuple[dict[str, object], str]:
+    """Throwaway PostgreSQL and Redis servers (Debian's binaries, temporary folders, free ports), the
+    sinks' config section for them, and how to look inside."""
+    postgres = LocalPostgres()
+    servers.append(postgres)
+    postgres.start()
+    redis = LocalRedis()
+    servers.append(redis)
+    redis.start()
+    dsn = postgres.create_database("collector")
+    sinks = {"postgres": {"dsn": dsn}, "redis": {"url": redis.url, "streamMaxLen": 10_000}}
+    text = f"""  PostgreSQL (history)               psql {dsn}
+                                     e.g. SELECT count(*) FROM trades;  (README "Sinks" has the queries)
+  Redis (latest state)               redis-cli -p {redis.port} HGETALL collector:latest:binance:btc-usdt
+                                     redis-cli -p {redis.port} PSUBSCRIBE 'market.trade.*'
+"""
+    return sinks, text
 
 
 def _wait_for_line(path: Path, text: str, process: subprocess.Popen[bytes], timeout: float) -> bool:
@@ -62,6 +82,10 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="collector demo", description=__doc__)
     parser.add_argument("--rate", type=float, default=5.0, help="trades per second per symbol")
     parser.add_argument("--port", type=int, default=6066, help="the worker's web port")
+    parser.add_argument(
+        "--sinks", action="store_true",
+        help="also start throwaway PostgreSQL and Redis servers and store into them (README 'Sinks')",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="collector-demo-"))
@@ -75,7 +99,9 @@ def main(argv: list[str]) -> int:
         preexec_fn=die_with_parent(signal.SIGTERM),
     )  # fmt: skip
     worker: subprocess.Popen[bytes] | None = None
+    servers: list[LocalPostgres | LocalRedis] = []
     try:
+        sinks, sinks_text = _start_sinks(servers) if args.sinks else ({}, "")
         if not _wait_for_line(sim_log, "listening", simulator, 30):
             print(f"demo: the simulator did not start; see {sim_log}", file=sys.stderr)
             return 1
@@ -87,6 +113,7 @@ def main(argv: list[str]) -> int:
                     "exchanges": demo_exchanges(sim_port),
                     "kafka": {"brokers": "embedded"},
                     "logging": {"level": "info", "format": "json"},
+                    **({"sinks": sinks} if sinks else {}),
                 }
             )
         )
@@ -115,7 +142,7 @@ Exchange Collector demo is running (Ctrl-C stops everything).
   read one                           collector tail market.trade.binance.btc-usdt --brokers {broker}
                                      collector tail market.trade.upbit.btc-krw --brokers {broker}
   logs                               {worker_log}  {sim_log}
-""",
+{sinks_text}""",
             flush=True,
         )
         stop = {"now": False}
@@ -132,3 +159,5 @@ Exchange Collector demo is running (Ctrl-C stops everything).
         if worker is not None:
             _stop(worker)
         _stop(simulator)
+        for server in servers:
+            server.close()

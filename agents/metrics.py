@@ -85,6 +85,18 @@ EVENTS = Counter(
     "collector_events", "collector.events records emitted by this worker.", ["exchange", "type"],
     registry=REGISTRY,
 )  # fmt: skip
+GAPS = Counter(
+    "collector_gaps",
+    "Gaps in a symbol's records, once settled: repaired from REST history, or unrecoverable.",
+    ["exchange", "type", "outcome"],
+    registry=REGISTRY,
+)
+RECORDS_LOST = Counter(
+    "collector_records_lost",
+    "Records inside unrecoverable gaps, where the exchange's ids count them.",
+    ["exchange", "type"],
+    registry=REGISTRY,
+)
 REST_WEIGHT_USED = Gauge(
     "collector_rest_weight_used",
     "REST request weight used in the exchange's current window, as the exchange last reported it.",
@@ -408,6 +420,12 @@ def event_emitted(event: CollectorEvent) -> None:
     EVENTS.labels(event.exchange, event.type).inc()
 
 
+def gap_closed(exchange: str, record_type: str, outcome: str, missing: int | None) -> None:
+    GAPS.labels(exchange, record_type, outcome).inc()
+    if outcome == "unrecoverable" and missing:
+        RECORDS_LOST.labels(exchange, record_type).inc(missing)
+
+
 # ---- the process ----------------------------------------------------------------------------------
 
 
@@ -546,3 +564,17 @@ def set_memory_limit() -> None:
     limit = read_memory_limit()
     if limit is not None:
         MEMORY_LIMIT.set(limit)
+
+
+# ---- live distribution (agents/distribution.py) ---------------------------------------------------
+
+WS_CLIENTS = Gauge("collector_ws_clients", "Clients connected to /ws/exchange.", registry=REGISTRY)
+WS_MESSAGES_SENT = Counter(
+    "collector_ws_messages_sent", "Data messages written to /ws/exchange clients.", registry=REGISTRY
+)
+WS_DISCONNECTS = Counter(
+    "collector_ws_disconnects",
+    "/ws/exchange clients gone: client, connection-lost, too-slow, ping-timeout, server-stop, error.",
+    ["reason"],
+    registry=REGISTRY,
+)

@@ -1,34 +1,74 @@
-"""Normalize agents: `raw.<exchange>` → market topics, dead letters.
+"""Normalize agents: `raw.<exchange>` → market topics, dead letters, gap events, history requests.
 
-A raw record carries a batch of frames; every frame becomes zero or more market records, or a dead
-letter with its reason. The raw records of one `take` are acknowledged (and so their offsets
-committed) only after every record they produced has been acknowledged by the broker; the next take
-is normalized meanwhile.
+A raw record carries a batch of frames (or a REST answer); every frame becomes zero or more market
+records, or a dead letter with its reason. Trades go through the continuity engine
+(streams/continuity/), which publishes them in order, holds them across gaps, asks the exchange's REST
+history (carried out by the source running the symbol's connection group: `fetch`) and rejects
+invented ones; every other record is published as it comes.
+
+A raw record is acknowledged (and so its offset committed) once what its step produced has been
+acknowledged by the broker; the next batch is normalized meanwhile. Trades the engine still holds do
+not keep it open (Faust waits for every open record before a rebalance or a stop, and a hold can last
+minutes): a crash loses them from memory, and the restarted engine repairs them from the exchange's
+history like any gap (it continues from what the market topics hold).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import msgspec
 
-from agents.metrics import event_emitted, flow_meter
+from agents.metrics import event_emitted, flow_meter, gap_closed
 from agents.writer import AcknowledgedAt, TopicWriter
+from streams.continuity import (
+    ContinuityEngine,
+    Drop,
+    FetchTrades,
+    GapClosed,
+    Output,
+    Publish,
+    Reject,
+    Seed,
+    Settings,
+)
 from streams.deadletter import dead_letter
-from streams.dedupe import PublishedFloor
-from streams.events import encode_event
+from streams.events import CollectorEvent, encode_event
 from streams.exchanges.base import ExchangeAdapter, FrameError, ParsedItem
-from streams.raw import decode_batch
+from streams.raw import RawBatch, decode_batch
 from streams.records import MarketRecord, Trade, encode_record
 from streams.rest import parse_source
 from streams.topics import EVENTS, deadletter_topic, market_topic
-from streams.validation import DEFAULT_CLOCK_SKEW_SECONDS, DUPLICATE, Validator, gap_event
+from streams.validation import DEFAULT_CLOCK_SKEW_SECONDS, Validator
 
 log = logging.getLogger(__name__)
 # A dead letter must fit the producer's message size even when JSON escaping inflates a frame ~6x; a
 # dead letter that can never be produced would be retried forever and stall the whole agent.
 MAX_DEAD_LETTER_FRAME = 128 * 1024
+
+ReadSeeds = Callable[[Collection[str]], Awaitable[dict[str, Seed]]]
+Fetch = Callable[[FetchTrades], None]
+
+
+class RawInput(NamedTuple):
+    """One raw record: its value, the connection group whose partition it came from, and what to call
+    once everything it produced is safe with the broker (None: nothing)."""
+
+    value: bytes
+    group: str
+    settle: Callable[[], None] | None = None
+
+
+class _TradeOrigin(NamedTuple):
+    """Where a live trade came from, for its dead letter."""
+
+    connection_id: str
+    sequence: int
+    received_at: int
+    payload: bytes
 
 
 class Normalizer:
@@ -39,7 +79,9 @@ class Normalizer:
         adapter: ExchangeAdapter,
         writer: TopicWriter,
         clock_skew_seconds: float = DEFAULT_CLOCK_SKEW_SECONDS,
-        read_last_trade_ids: Callable[[Collection[str]], Awaitable[dict[str, int]]] | None = None,
+        read_seeds: ReadSeeds | None = None,
+        fetch: Fetch | None = None,
+        settings: Settings | None = None,
     ) -> None:
         self.adapter = adapter
         self.writer = writer
@@ -47,76 +89,147 @@ class Normalizer:
         self.deadletters = deadletter_topic(adapter.name)
         self.records_out = 0
         self.dead_lettered = 0
+        self.duplicates = 0  # repeated trades: dropped and counted, not dead-lettered
         self.validator = Validator(adapter.name, adapter.trade_ids, clock_skew_seconds)
-        self.duplicates = 0  # repeated trade ids: dropped and counted, not dead-lettered
-        # Trades the market topics already held when this agent started (or partitions moved). A
-        # floor only means something where the exchange's trade ids increase (Binance): Upbit's and
-        # Bithumb's are unique but unordered, so a floor would drop new trades.
-        self.published = PublishedFloor()
-        self._read_last_trade_ids = read_last_trade_ids if adapter.trade_ids == "increasing" else None
+        self.engine = ContinuityEngine(
+            adapter.trade_ids,
+            position=getattr(adapter, "trade_position", None),
+            consistent=adapter.trade_id_consistent,
+            settings=settings,
+            audits_per_second=adapter.history_audits_per_second,
+        )
+        self._read_seeds = read_seeds
+        self.seeded = read_seeds is None
+        self._fetch = fetch
+        self._settles: list[Callable[[], None]] = []  # raw records to acknowledge with the next commit
+        self._raw_bytes = 0
+        self._step = asyncio.Lock()  # one normalize step or tick at a time: each commits its own records
 
-    def normalize_frames(self, raw_values: Iterable[bytes]) -> None:
-        exchange = self.exchange
-        parse = self.adapter.parse_frame
-        send = self.writer.send
-        meter = flow_meter(exchange)
-        record_flow, normalized = meter.record, meter.normalized
-        check = self.validator.check
-        for value in raw_values:
+    # -- the raw topic ----------------------------------------------------------------------------
+
+    def normalize_frames(self, inputs: Iterable[RawInput | bytes]) -> None:
+        for raw in inputs:
+            value, group, settle = raw if isinstance(raw, RawInput) else (raw, f"{self.exchange}:0", None)
+            if settle is not None:
+                self._settles.append(settle)
+            self._raw_bytes += len(value)
             try:
                 batch = decode_batch(value)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 self._reject("invalid-raw-record", str(exc), "", -1, 0, value)
                 continue
-            live = batch.source == "ws"  # REST input may be older than the clock-skew window
-            rest = None if live else parse_source(batch.source)
-            if live and batch.frames:
-                normalized(batch.connection_id, batch.frames[-1].received_at)
-            for frame in batch.frames:
-                items: Sequence[ParsedItem]
-                try:
-                    if live:
-                        items = parse(frame.payload, frame.received_at)
-                    elif rest is None:
-                        raise FrameError("unknown-source", batch.source)
-                    else:
-                        items = self.adapter.parse_rest(rest, frame.payload, frame.received_at)
-                except FrameError as exc:
+            if batch.source == "ws":
+                self._live_batch(batch, group)
+            else:
+                self._rest_batch(batch, group)
+        self._carry_out(self.engine.drain())
+
+    def _live_batch(self, batch: RawBatch, group: str) -> None:
+        frames = batch.frames
+        if not frames:
+            return
+        connection = batch.connection_id
+        flow_meter(self.exchange).normalized(connection, frames[-1].received_at)
+        self.engine.frames(
+            connection, frames[0].sequence, frames[-1].sequence, frames[0].received_at, frames[-1].received_at
+        )
+        parse, check, live = self.adapter.parse_frame, self.validator.check, self.engine.live
+        for frame in frames:
+            items: Sequence[ParsedItem]
+            try:
+                items = parse(frame.payload, frame.received_at)
+            except FrameError as exc:
+                self._reject(
+                    exc.reason, exc.detail, connection, frame.sequence, frame.received_at, frame.payload
+                )
+                continue
+            for item in items:
+                if not isinstance(item, MarketRecord):
+                    continue
+                problem = check(item, True)
+                if problem is not None:
                     self._reject(
-                        exc.reason, exc.detail, batch.connection_id, frame.sequence, frame.received_at,
+                        problem.reason, problem.detail, connection, frame.sequence, frame.received_at,
                         frame.payload,
                     )  # fmt: skip
-                    continue
-                for item in items:
-                    if isinstance(item, MarketRecord):
-                        if type(item.data) is Trade and self._published_before(item.symbol, item.data):
-                            self.duplicates += 1
-                            continue
-                        problem = check(item, live)
-                        if problem is DUPLICATE:
-                            self.duplicates += 1
-                            continue
-                        if problem is not None:
-                            self._reject(
-                                problem.reason, problem.detail, batch.connection_id, frame.sequence,
-                                frame.received_at, frame.payload,
-                            )  # fmt: skip
-                            continue
-                        topic = market_topic(item.type, exchange, item.symbol)
-                        send(topic, item.symbol.encode(), encode_record(item))
-                        self.records_out += 1
-                        record_flow(item, topic)
-        for gap in self.validator.take_gaps():
-            event = gap_event(gap)
-            event_emitted(event)
-            send(EVENTS, exchange.encode(), encode_event(event))
+                elif type(item.data) is Trade:
+                    origin = _TradeOrigin(connection, frame.sequence, frame.received_at, frame.payload)
+                    live(item, origin, group, connection, frame.received_at)
+                else:
+                    self._send(item)
 
-    def _published_before(self, symbol: str, trade: Trade) -> bool:
-        return (
-            self.published.seeded
-            and trade.trade_id.isdigit()
-            and self.published.already_published(symbol, int(trade.trade_id))
-        )
+    def _rest_batch(self, batch: RawBatch, group: str) -> None:
+        tag = parse_source(batch.source)
+        for frame in batch.frames:
+            try:
+                if tag is None:
+                    raise FrameError("unknown-source", batch.source)
+                records = self.adapter.parse_rest(tag, frame.payload, frame.received_at)
+            except FrameError as exc:
+                self._reject(
+                    exc.reason,
+                    exc.detail,
+                    batch.connection_id,
+                    frame.sequence,
+                    frame.received_at,
+                    frame.payload,
+                )
+                continue
+            trades: list[MarketRecord] = []
+            for record in records:
+                problem = self.validator.check(record, False)  # history may be old, but not invalid
+                if problem is not None:
+                    where = (batch.connection_id, frame.sequence, frame.received_at, frame.payload)
+                    self._reject(problem.reason, problem.detail, *where)
+                elif type(record.data) is Trade:
+                    trades.append(record)
+                else:
+                    self._send(record)
+            if tag is not None and tag.kind == "trades" and trades:
+                page_full = len(trades) >= self.adapter.history_page
+                for symbol in {record.symbol for record in trades}:
+                    mine = [record for record in trades if record.symbol == symbol]
+                    self.engine.history(symbol, group, batch.request, mine, page_full, frame.received_at)
+
+    # -- the engine's outputs ---------------------------------------------------------------------
+
+    def _carry_out(self, outputs: list[Output]) -> None:
+        for output in outputs:
+            if isinstance(output, Publish):
+                self._send(output.record)
+            elif isinstance(output, Drop):
+                self.duplicates += 1
+            elif isinstance(output, Reject):
+                origin = output.origin
+                if origin is None:
+                    payload = encode_record(output.record)
+                    self._reject(output.reason, output.detail, "", -1, output.record.received_at, payload)
+                else:
+                    where = (origin.connection_id, origin.sequence, origin.received_at, origin.payload)
+                    self._reject(output.reason, output.detail, *where)
+            elif isinstance(output, FetchTrades):
+                if self._fetch is not None:
+                    self._fetch(output)
+            elif isinstance(output, GapClosed):
+                self._gap(output)
+
+    def _send(self, record: MarketRecord) -> None:
+        topic = market_topic(record.type, self.exchange, record.symbol)
+        self.writer.send(topic, record.symbol.encode(), encode_record(record))
+        self.records_out += 1
+        flow_meter(self.exchange).record(record, topic)
+
+    def _gap(self, gap: GapClosed) -> None:
+        gap_closed(self.exchange, gap.data_type, gap.outcome, gap.missing)
+        if gap.outcome == "unrecoverable":
+            log.warning(
+                "%s %s: unrecoverable gap %s..%s (%s missing, %s..%s): %s", self.exchange, gap.symbol,
+                gap.first_missing_id, gap.last_missing_id, gap.missing, gap.after_time, gap.before_time,
+                gap.reason,
+            )  # fmt: skip
+        event = gap_event(self.exchange, gap)
+        event_emitted(event)
+        self.writer.send(EVENTS, self.exchange.encode(), encode_event(event))
 
     def _reject(
         self, reason: str, detail: str, connection_id: str, sequence: int, received_at: int, payload: bytes
@@ -129,22 +242,86 @@ class Normalizer:
         record = dead_letter(self.exchange, reason, detail, connection_id, sequence, received_at, payload)
         self.writer.send(self.deadletters, self.exchange.encode(), record)
 
+    # -- steps ------------------------------------------------------------------------------------
+
+    async def seed(self) -> None:
+        """Read what the market topics already hold before the first step (and after partitions moved)."""
+        if not self.seeded and self._read_seeds is not None:
+            self.engine.seed(await self._read_seeds(list(self.adapter.by_symbol)))
+            self.seeded = True
+
+    def forget(self) -> None:
+        """Partitions moved: another worker may publish these symbols now; read the topics again."""
+        self.engine.forget()
+        self.seeded = self._read_seeds is None
+
     async def handle(
-        self, raw_values: list[bytes], on_acknowledged: Callable[[], None] | None = None
+        self, raw: list[RawInput] | list[bytes], on_acknowledged: Callable[[], None] | None = None
     ) -> None:
         """Normalize a batch of raw records and hand what it made to the writer. Returns before the
         broker acknowledges it when `on_acknowledged` is given (it runs then), else after."""
-        if not self.published.seeded and self._read_last_trade_ids is not None:
-            self.published.seed(await self._read_last_trade_ids(list(self.adapter.by_symbol)))
-        self.normalize_frames(raw_values)
+        await self.seed()
+        async with self._step:
+            self.normalize_frames(raw)
+            await self._commit(on_acknowledged)
+        if on_acknowledged is None:
+            await self.writer.flush()
+
+    async def tick(self, now: int) -> None:
+        """Let the engine's waits run out (history that never came, trades waiting for confirmation)."""
+        async with self._step:
+            self.engine.tick(now)
+            self._carry_out(self.engine.drain())
+            await self._commit(None)
+
+    # What the source tells the engine between steps; what follows is written with the next commit.
+
+    def stream_down(self, group: str, symbols: list[str], now: int) -> None:
+        self.engine.stream_down(group, symbols, now)
+        self._carry_out(self.engine.drain())
+
+    def stream_up(self, group: str, symbols: list[str], now: int) -> None:
+        self.engine.stream_up(group, symbols, now)
+        self._carry_out(self.engine.drain())
+
+    def refused(self, symbol: str, request_id: str, retry_after_ms: int, now: int) -> None:
+        self.engine.refused(symbol, request_id, retry_after_ms, now)
+        self._carry_out(self.engine.drain())
+
+    async def _commit(self, on_acknowledged: Callable[[], None] | None) -> None:
         flow = flow_meter(self.exchange)
-        records, raw_bytes, writer = flow.hand_over(), sum(map(len, raw_values)), self.writer
+        records, raw_bytes, writer = flow.hand_over(), self._raw_bytes, self.writer
+        settles, self._settles, self._raw_bytes = self._settles, [], 0
 
         def acknowledged(acknowledged_at: AcknowledgedAt) -> None:
             flow.acknowledged(records, raw_bytes, writer.retries, acknowledged_at)
+            for settle in settles:
+                settle()
             if on_acknowledged is not None:
                 on_acknowledged()
 
         await writer.commit(acknowledged)
-        if on_acknowledged is None:
-            await writer.flush()
+
+
+def gap_event(exchange: str, gap: GapClosed) -> CollectorEvent:
+    """The `collector.events` record of a settled gap."""
+    detail: dict[str, Any] = {
+        "dataType": gap.data_type,
+        "outcome": gap.outcome,
+        "unrecoverable": gap.outcome == "unrecoverable",
+        "reason": gap.reason,
+        "firstMissingId": gap.first_missing_id,
+        "lastMissingId": gap.last_missing_id,
+        "missing": gap.missing,
+        "repaired": gap.repaired,
+        "afterTime": gap.after_time,
+        "beforeTime": gap.before_time,
+        "detectedAt": gap.detected_at,
+        "requests": gap.requests,
+        "seconds": round((gap.settled_at - gap.detected_at) / 1000, 3),
+    }
+    if gap.detail:
+        detail["detail"] = gap.detail
+    return CollectorEvent(
+        type="gap", exchange=exchange, time=gap.settled_at, symbol=gap.symbol, detail=detail
+    )

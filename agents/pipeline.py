@@ -2,7 +2,9 @@
 
 `Pipeline` holds what the path shares (raw topics, the raw producer, the sources, the normalizers);
 `install_pipeline` registers its service, the normalize agents and the rebalance handler on the app.
-The composition root (agents/worker.py) builds it only on workers that collect.
+The composition root (agents/worker.py) builds it only on workers that collect. On a worker that runs
+its own embedded broker, the raw batches reach the normalizer in-process instead of through the
+raw topic (agents/handoff.py says why); they are still written to it.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ from mode import Service
 
 from agents.adapters import AdapterDirectory
 from agents.connection import SendRaw
-from agents.lastseen import last_trade_ids
-from agents.normalize import Normalizer
+from agents.handoff import RawHandoff, normalize_handed_over
+from agents.lastseen import RECENT_TRADES, read_seeds
+from agents.metrics import now_ms
+from agents.normalize import Normalizer, RawInput
 from agents.ownership import GroupOwnership
 from agents.source import ExchangeSource
 from agents.writer import ConfluentDelivery, RawProducer, TopicWriter, confluent_settings
 from streams.app import RAW_PARTITIONS
 from streams.config import CollectorConfig
+from streams.continuity import FetchTrades, Seed
 from streams.events import CollectorEvent
 from streams.topics import raw_topic
 from tables.subscription_rules import group_partition
@@ -38,6 +43,7 @@ MARKET_PARTITIONS = 1  # one partition per market topic keeps each symbol's reco
 TAKE_MAX = 64
 TAKE_WITHIN = 0.002
 STOP_FLUSH_SECONDS = 10.0
+TICK_INTERVAL = 0.25  # seconds between the continuity engines' clock ticks
 
 EmitEvent = Callable[[CollectorEvent], Awaitable[None]]
 
@@ -54,10 +60,13 @@ class Pipeline:
         ownership: GroupOwnership,
         frames_heard: dict[str, Callable[[], dict[str, int]]],
         bootstrap_servers: list[str],
+        in_process: bool = False,
     ) -> None:
         self.app = app
         self.config = config
         self.bootstrap_servers = bootstrap_servers
+        # exchange → the in-process handoff, on a worker that runs its own embedded broker
+        self.handoffs = {name: RawHandoff(name) for name in config.exchanges} if in_process else {}
         self.adapters = adapters
         self.emit_event = emit_event
         self.ownership = ownership
@@ -75,7 +84,7 @@ class Pipeline:
             for name in config.exchanges
         }
         self.sources: dict[str, ExchangeSource] = {}
-        self.normalizers: list[Normalizer] = []
+        self.normalizers: dict[str, Normalizer] = {}
         self.raw_producer: RawProducer | None = None  # made when the sources start, with librdkafka's threads
 
     def confluent_settings(self) -> dict[str, Any]:
@@ -90,16 +99,50 @@ class Pipeline:
             # partition, the one the worker running the group also normalizes (streams/app.py).
             assert self.raw_producer is not None
             await self.raw_producer.send(name, group.encode(), value, group_partition(group))
+            if handoff is not None:
+                handoff.put(group, value)
 
+        handoff = self.handoffs.get(exchange)
         return send_raw
 
-    def last_trade_ids(self, exchange: str) -> Callable[[Collection[str]], Awaitable[dict[str, int]]]:
-        async def read(symbols: Collection[str]) -> dict[str, int]:
+    def seed_reader(self, exchange: str) -> Callable[[Collection[str]], Awaitable[dict[str, Seed]]]:
+        async def read(symbols: Collection[str]) -> dict[str, Seed]:
             adapter = await self.adapters.get(exchange)
-            position = getattr(adapter, "trade_position", None)  # where ids are unique but unordered
-            return await last_trade_ids(self.bootstrap_servers, exchange, symbols, position)
+            if adapter.trade_ids == "none":
+                return {}
+            unique = adapter.trade_ids == "unique"
+            position = getattr(adapter, "trade_position", None) if unique else None
+            recent = RECENT_TRADES if unique else 1
+            return await read_seeds(self.bootstrap_servers, exchange, symbols, recent, position)
 
         return read
+
+    # The continuity engine and the source meet here, on the worker that runs the group and
+    # normalizes its raw partition (they are assigned together: streams/app.py).
+
+    def fetch_history(self, exchange: str) -> Callable[[FetchTrades], None]:
+        def fetch(command: FetchTrades) -> None:
+            source = self.sources.get(exchange)
+            if source is not None:
+                source.fetch_history(command)
+
+        return fetch
+
+    def stream_changed(self, exchange: str) -> Callable[[str, list[str], bool], None]:
+        def changed(group: str, symbols: list[str], down: bool) -> None:
+            normalizer = self.normalizers.get(exchange)
+            if normalizer is not None:
+                (normalizer.stream_down if down else normalizer.stream_up)(group, symbols, now_ms())
+
+        return changed
+
+    def history_refused(self, exchange: str) -> Callable[[str, str, int], None]:
+        def refused(symbol: str, request_id: str, retry_after_ms: int) -> None:
+            normalizer = self.normalizers.get(exchange)
+            if normalizer is not None:
+                normalizer.refused(symbol, request_id, retry_after_ms, now_ms())
+
+        return refused
 
     async def declare_topic(self, name: str) -> None:
         await self.app.topic(name, partitions=MARKET_PARTITIONS).maybe_declare()
@@ -119,7 +162,8 @@ class Pipeline:
             await self.raw_topics[exchange].maybe_declare()
             source = ExchangeSource(
                 exchange, settings, functools.partial(self.adapters.get, exchange), self.raw_sender(exchange),
-                self.emit_event, self.last_trade_ids(exchange), loop=service.loop,
+                self.emit_event, self.stream_changed(exchange), self.history_refused(exchange),
+                loop=service.loop,
             )  # fmt: skip
             self.sources[exchange] = source
             self.frames_heard[exchange] = source.frames_heard
@@ -130,38 +174,65 @@ class Pipeline:
         if self.raw_producer is not None:
             await self.raw_producer.close()
 
-    async def normalize(self, exchange: str, stream_of_raw: faust.StreamT[bytes]) -> None:
-        stream = cast(faust.Stream[bytes], stream_of_raw)  # the protocol lacks take_events
+    async def _normalizer(self, exchange: str) -> Normalizer:
         adapter = await self.adapters.get(exchange)
         normalizer = Normalizer(
             adapter, TopicWriter(None, self.declare_topic, delivery=self.market_delivery()),
-            self.config.validation.clockSkewSeconds, self.last_trade_ids(exchange),
+            self.config.validation.clockSkewSeconds, self.seed_reader(exchange), self.fetch_history(exchange),
         )  # fmt: skip
-        self.normalizers.append(normalizer)
+        self.normalizers[exchange] = normalizer
+        return normalizer
+
+    async def normalize_in_process(self, exchange: str) -> None:
+        normalizer = await self._normalizer(exchange)
         try:
-            async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
-                # take_events acks its events when this body returns; the extra reference keeps their
-                # offsets uncommitted until the broker has acknowledged what they produced.
-                messages = [event.message for event in events]
-                for message in messages:
-                    message.incref()
-                await normalizer.handle([event.value for event in events], self._acker(messages))
+            await normalize_handed_over(self.handoffs[exchange], normalizer)
         finally:
-            self.normalizers.remove(normalizer)
+            self.normalizers.pop(exchange, None)
             await _flush_on_stop(normalizer)
 
-    def _acker(self, messages: list[Any]) -> Callable[[], None]:
+    async def normalize(self, exchange: str, stream_of_raw: faust.StreamT[bytes]) -> None:
+        stream = cast(faust.Stream[bytes], stream_of_raw)  # the protocol lacks take_events
+        normalizer = await self._normalizer(exchange)
+        try:
+            async for events in stream.take_events(TAKE_MAX, within=TAKE_WITHIN):
+                # take_events acks its events when this body returns; the extra reference keeps each
+                # offset uncommitted until everything its raw record produced is safe with the broker.
+                inputs = []
+                for event in events:
+                    message = event.message
+                    message.incref()
+                    group = f"{exchange}:{message.partition}"
+                    inputs.append(RawInput(event.value, group, self._acker(message)))
+                await normalizer.handle(inputs, _nothing)
+        finally:
+            self.normalizers.pop(exchange, None)
+            await _flush_on_stop(normalizer)
+
+    def _acker(self, message: Any) -> Callable[[], None]:
         def ack() -> None:
-            consumer = self.app.consumer
-            for message in messages:
-                message.ack(consumer)
+            message.ack(self.app.consumer)
 
         return ack
 
-    def forget_published(self) -> None:
-        # Another worker may publish these partitions' trades now: reread the market topics' ends later.
-        for normalizer in self.normalizers:
-            normalizer.published.forget()
+    async def tick(self) -> None:
+        now = now_ms()
+        for normalizer in list(self.normalizers.values()):
+            await normalizer.tick(now)
+
+    def forget(self) -> None:
+        # Another worker may publish these partitions' trades now: what the engines hold is dropped
+        # (its raw records are read again by whoever owns them) and the market topics read again.
+        # Normalizing in-process, nothing moves with the partitions (the groups' trades are normalized
+        # where their connections run) and nothing would be read again: the engines keep everything.
+        if self.handoffs:
+            return
+        for normalizer in self.normalizers.values():
+            normalizer.forget()
+
+
+def _nothing() -> None:
+    """A step's acknowledgement needs no action of its own: each raw record settles itself."""
 
 
 async def _flush_on_stop(normalizer: Normalizer) -> None:
@@ -182,6 +253,8 @@ class SourceService(Service):
 
     async def on_start(self) -> None:
         await self.pipeline.start_sources(self)
+        for exchange in self.pipeline.handoffs:
+            self.add_future(self.pipeline.normalize_in_process(exchange))
 
     async def on_shutdown(self) -> None:  # after the sources stopped and flushed their batches
         await self.pipeline.close_raw_producer()
@@ -191,6 +264,8 @@ def install_pipeline(app: faust.App, pipeline: Pipeline) -> None:
     """The source service, one normalize agent per exchange and the rebalance handler."""
     app.service(SourceService(pipeline))  # type: ignore[arg-type]  # an instance: Faust starts it as is
     for exchange, topic in pipeline.raw_topics.items():
+        if exchange in pipeline.handoffs:
+            continue  # normalized in-process: nothing reads the raw topic back
 
         async def normalize(stream: faust.StreamT[bytes], exchange: str = exchange) -> None:
             await pipeline.normalize(exchange, stream)
@@ -199,7 +274,11 @@ def install_pipeline(app: faust.App, pipeline: Pipeline) -> None:
         normalize.__name__ = normalize.__qualname__ = name
         app.agent(topic, name=f"normalize.{exchange}")(normalize)
 
-    async def forget_published(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
-        pipeline.forget_published()
+    async def forget(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        pipeline.forget()
 
-    app.on_partitions_revoked.connect(forget_published)
+    async def tick() -> None:
+        await pipeline.tick()
+
+    app.on_partitions_revoked.connect(forget)
+    app.timer(TICK_INTERVAL, name="normalize.tick")(tick)

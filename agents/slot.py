@@ -1,8 +1,11 @@
 """A connection slot of a group: a succession of WebSocket links, plus REST while none is live.
 
-The slot owns its recovery: backoff, REST fallback while down, backfill on every new link before its
-frames are let through, rollover before the exchange's connection lifetime. agents/source.py explains
-the whole; `ExchangeSource` provides what slots of one exchange share (limits, REST client, sink).
+The slot owns its connection's life: backoff, rollover before the exchange's connection lifetime, and
+make-before-break replacement of a link that stalled (silent far longer than its own pace). What its
+links missed is not its concern: the continuity engine downstream of the raw topic sees every gap and
+asks for history. The slot only tells it when its trade streams go down and come back (`on_stream`),
+so that the engine polls history meanwhile, and polls tickers and klines itself while down.
+agents/source.py explains the whole; `ExchangeSource` provides what slots of one exchange share.
 """
 
 from __future__ import annotations
@@ -11,26 +14,24 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import websockets
 
 from agents import metrics
-from agents.backfill import FallbackCounts, RestFiller, TradeFetch, poll_while_down
+from agents.backfill import RestWriter, poll_while_down
 from agents.connection import Link, LinkEnded, now_ms
 from streams.limits import Backoff
-from streams.rest import trade_gap
 
 if TYPE_CHECKING:
     from agents.source import ExchangeSource
 
 log = logging.getLogger(__name__)
 
-ROLLOVER_WAIT_FOR_TRADES = 5.0  # how long the new link may take to see a trade on every symbol
+REPLACEMENT_WAIT_FOR_TRADES = 5.0  # how long a replacing link may take to see a trade on every symbol
 ROLLOVER_RETRY = 60.0
-BACKFILL_DEADLINE = 120.0  # a recovery releases its held frames after this even if REST is refused
 STABLE_AFTER = 60.0
 
 
@@ -45,6 +46,7 @@ class ConnectionStatus:
     rollovers: int
     rest_fallback: bool
     last_error: str | None
+    stalls: int = 0
 
 
 class Slot:
@@ -60,17 +62,14 @@ class Slot:
         self.state = "ready"
         self.connects = 0
         self.rollovers = 0
+        self.stalls = 0
         self.last_error: str | None = None
         self.backoff = Backoff(stable_after=STABLE_AFTER)
         self._lock = asyncio.Lock()  # one subscription change at a time per slot
         self._task: asyncio.Task[None] | None = None
-        self._fallback: tuple[asyncio.Task[None], asyncio.Event, FallbackCounts] | None = None
+        self._fallback: tuple[asyncio.Task[None], asyncio.Event] | None = None
         self._down_since: int | None = None
-        self._down_last: dict[str, int] = {}
         self._open_links: set[Link] = set()  # every link not yet closed, live or still being set up
-        self.filler = RestFiller(
-            source.adapter, source.rest, group.key, f"{name}-rest", source.send_raw, group.last_seen
-        )
 
     # -- control from the group -------------------------------------------------------------------
 
@@ -111,6 +110,15 @@ class Slot:
             if added:
                 await link.subscribe(added)
 
+    def trade_symbols(self) -> list[str]:
+        return sorted(
+            {
+                i.instrument.symbol
+                for i in self.source.stream_infos(self.desired)
+                if i.data_type.kind == "trade"
+            }
+        )
+
     # -- the connection loop ----------------------------------------------------------------------
 
     async def _emit(self, kind: str, detail: dict[str, Any], connection_id: str | None = None) -> None:
@@ -128,12 +136,11 @@ class Slot:
             self.source.send_raw,
             self._emit,
             silence_timeout=self.source.silence_timeout,
-            on_trade=self.group.saw_trade,
-            held=True,
+            stall_factor=self.source.settings.connections.stallAfterGaps,
         )
 
     async def _connect(self) -> Link:
-        """A new link, connected and subscribed to the desired streams, its frames held."""
+        """A new link, connected and subscribed to the desired streams."""
         link = self._new_link()
         self.state = "connecting"
         await self.source.connect_attempt()
@@ -162,117 +169,86 @@ class Slot:
             except (OSError, TimeoutError, websockets.WebSocketException, LinkEnded) as exc:
                 await self._down(f"connect failed: {type(exc).__name__}: {exc}", shutdown=False, lasted=0.0)
                 continue
-            await self._recover(link)
+            await self._up(link)
             ended = await self._live(link)
             metrics.connection_closed(self.source.exchange)
             await self._down(ended.reason, ended.shutdown, time.monotonic() - started)
 
-    async def _recover(self, link: Link) -> None:
-        """Stop REST polling, backfill what the new link missed, then let its frames through."""
-        counts = await self._stop_fallback()
-        down_last = self._down_last if self._down_since is not None else dict(self.group.last_seen)
-        await self._backfill(link, down_last, counts)
-        await link.release()
+    async def _up(self, link: Link) -> None:
+        """The link is live: REST fallback stops, klines missed while down are fetched once."""
+        await self._stop_fallback()
+        down_since = self._down_since
         self.link = link
         self.state = "connected"
         self.last_error = None
         self._down_since = None
-        if link.ended.done():
-            return
-        # Streams may have changed while it connected.
-        await self._reconcile(link)
-
-    async def _backfill(
-        self, link: Link, down_last: Mapping[str, int], counts: FallbackCounts | None
-    ) -> None:
-        deadline = time.monotonic() + BACKFILL_DEADLINE
-        infos = self.source.stream_infos(self.desired)
-        for info in infos:
-            if info.data_type.kind != "trade":
-                continue
-            symbol = info.instrument.symbol
-            first_live = link.first_live.get(symbol)
-            before = self.group.last_seen.get(symbol)
-            if trade_gap(before, first_live) is None:
-                fetched = TradeFetch(complete=True)
-            else:
-                fetched = await self.filler.trades(info.instrument, first_live, deadline)
-            last_before_down = down_last.get(symbol)
-            gap = trade_gap(last_before_down, first_live)
-            if gap is None:
-                continue
-            missing_through = (
-                gap.last_missing if gap.last_missing >= 0 else self.group.last_seen.get(symbol, -1)
-            )
-            size = missing_through - gap.first_missing + 1
-            if size <= 0:
-                continue
-            by_fallback = counts.trades.get(symbol, 0) if counts else 0
-            await self._emit(
-                "gap",
-                {
-                    "symbol": symbol,
-                    "firstMissing": gap.first_missing,
-                    "lastMissing": missing_through,
-                    "size": size,
-                    "filledByRestFallback": by_fallback,
-                    "filledByBackfill": fetched.fetched,
-                    "backfillRequests": fetched.requests,
-                    "complete": fetched.complete,
-                    "lastSeenBeforeBackfill": before,
-                    "firstLive": first_live,
-                },
-                link.connection_id,
-            )
-        if self._down_since is not None:
+        self.source.stream_changed(self.group.key, self.trade_symbols(), down=False)
+        if down_since is not None:
+            infos = self.source.stream_infos(self.desired)
             for info in infos:
                 if info.data_type.kind == "kline" and info.data_type.interval:
-                    await self.filler.klines(info.instrument, info.data_type.interval, self._down_since)
-            await self._emit(
-                "backfill", {"downSince": self._down_since, "streams": len(infos)}, link.connection_id
-            )
+                    await self.group.rest.klines(info.instrument, info.data_type.interval, down_since)
+            await self._emit("backfill", {"downSince": down_since, "streams": len(infos)}, link.connection_id)
+        if not link.ended.done():
+            await self._reconcile(link)  # streams may have changed while it connected
 
     async def _live(self, link: Link) -> LinkEnded:
-        """Wait for the link to end, rolling it over before the exchange's lifetime limit."""
+        """Wait for the link to end, replacing it when it stalls or nears the exchange's lifetime."""
         lifetime = self.source.lifetime
         while True:
             remaining = None if lifetime is None else max(0.0, lifetime - (time.monotonic() - link.opened_at))
-            done, _ = await asyncio.wait({link.ended}, timeout=remaining)
-            if done:
+            stalled: asyncio.Future[Any] = asyncio.ensure_future(link.stalled.wait())
+            watched: set[asyncio.Future[Any]] = {link.ended, stalled}
+            try:
+                await asyncio.wait(watched, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stalled.cancel()
+            if link.ended.done():
                 ended = link.ended.result()
                 await self._close(link)
                 self.link = None
                 return ended
-            replacement = await self._rollover(link)
+            reason = "stall" if link.stalled.is_set() else "rollover"
+            replacement = await self._replace(link, reason)
             if replacement is None:
-                link.opened_at += ROLLOVER_RETRY  # try again later; the old link still works
+                if reason == "rollover":
+                    link.opened_at += ROLLOVER_RETRY  # try again later; the old link still works
+                else:
+                    link.stalled.clear()  # no replacement now: it is watched again
             else:
                 link = replacement
 
-    async def _rollover(self, old: Link) -> Link | None:
-        """Make-before-break: subscribe a new link, wait until it sees trades, then close the old one."""
+    async def _replace(self, old: Link, reason: str) -> Link | None:
+        """Make-before-break: subscribe a new link, let it see trades, then close the old one. Trades
+        both carried are dropped as repeats downstream; any the old one missed are repaired there."""
         try:
             new = await self._connect()
         except (OSError, TimeoutError, websockets.WebSocketException, LinkEnded) as exc:
-            log.warning("%s: rollover connection failed: %r", self.name, exc)
+            log.warning("%s: %s replacement connection failed: %r", self.name, reason, exc)
             self.state = "connected"
             return None
-        trade_symbols = {
-            i.instrument.symbol for i in self.source.stream_infos(self.desired) if i.data_type.kind == "trade"
-        }
-        deadline = time.monotonic() + ROLLOVER_WAIT_FOR_TRADES
-        while not trade_symbols <= new.first_live.keys() and time.monotonic() < deadline:
+        trade_symbols = set(self.trade_symbols())
+        deadline = time.monotonic() + REPLACEMENT_WAIT_FOR_TRADES
+        # A stalled link brings nothing more: only wait for the new one's first frames.
+        while (
+            not (trade_symbols <= new.first_live.keys() if reason == "rollover" else new.last_received_at)
+            and time.monotonic() < deadline
+            and not new.ended.done()
+        ):
             new.trade_seen.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(new.trade_seen.wait(), max(0.01, deadline - time.monotonic()))
+                await asyncio.wait_for(
+                    new.trade_seen.wait(), min(0.1, max(0.01, deadline - time.monotonic()))
+                )
         await self._close(old)
         metrics.connection_closed(self.source.exchange)
-        await self._backfill(new, dict(self.group.last_seen), None)
-        await new.release()
         self.link = new
         self.state = "connected"
-        self.rollovers += 1
-        await self._emit("rollover", {"replaced": old.connection_id}, new.connection_id)
+        if reason == "stall":
+            self.stalls += 1
+        else:
+            self.rollovers += 1
+        await self._emit("rollover", {"replaced": old.connection_id, "reason": reason}, new.connection_id)
         return new
 
     async def _down(self, reason: str, shutdown: bool, lasted: float) -> None:
@@ -282,7 +258,7 @@ class Slot:
         metrics.connection_failed(self.source.exchange)
         if self._down_since is None:
             self._down_since = now_ms()
-            self._down_last = dict(self.group.last_seen)
+            self.source.stream_changed(self.group.key, self.trade_symbols(), down=True)
         self._start_fallback()
         self.backoff.connection_lasted(lasted)
         delay = 0.0 if shutdown else self.backoff.next_delay()
@@ -297,29 +273,24 @@ class Slot:
         if self._fallback is not None or not self.source.adapter.rest_history or self._down_since is None:
             return
         stop = asyncio.Event()
-        counts = FallbackCounts()
         infos = self.source.stream_infos(self.desired)
-        task = asyncio.create_task(poll_while_down(self.filler, infos, self._down_since, stop, counts))
-        self._fallback = (task, stop, counts)
+        task = asyncio.create_task(poll_while_down(self.group.rest, infos, self._down_since, stop))
+        self._fallback = (task, stop)
         asyncio.create_task(self._emit("rest-fallback", {"active": True}))  # noqa: RUF006
 
-    async def _stop_fallback(self) -> FallbackCounts | None:
+    async def _stop_fallback(self) -> None:
         if self._fallback is None:
-            return None
-        task, stop, counts = self._fallback
+            return
+        task, stop = self._fallback
         self._fallback = None
         stop.set()
         try:
             await task
         except asyncio.CancelledError:
             raise
-        except Exception:  # the poller's I/O boundary: its results so far still count
+        except Exception:  # the poller's I/O boundary
             log.exception("%s: REST fallback failed", self.name)
-        await self._emit(
-            "rest-fallback",
-            {"active": False, "requests": counts.requests, "trades": sum(counts.trades.values())},
-        )
-        return counts
+        await self._emit("rest-fallback", {"active": False})
 
     def status(self) -> ConnectionStatus:
         link = self.link
@@ -333,17 +304,14 @@ class Slot:
             rollovers=self.rollovers,
             rest_fallback=self._fallback is not None,
             last_error=self.last_error,
+            stalls=self.stalls,
         )
 
 
 class Group:
-    """A connection group: its slots and the last trade id seen per symbol."""
+    """A connection group: its slots and the REST writer its history requests go through."""
 
-    def __init__(self, key: str, last_seen: dict[str, int]) -> None:
+    def __init__(self, key: str, rest: RestWriter) -> None:
         self.key = key
-        self.last_seen = last_seen
+        self.rest = rest
         self.slots: list[Slot] = []
-
-    def saw_trade(self, symbol: str, trade_id: int) -> None:
-        if trade_id > self.last_seen.get(symbol, -1):
-            self.last_seen[symbol] = trade_id

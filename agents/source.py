@@ -8,14 +8,15 @@ reconnects nothing. Each slot:
 - connects through a per-exchange attempt limiter shared by all its connections (no storms) with
   backoff 1 s doubling to 30 s, jittered, reset after a stable minute; `serverShutdown` reconnects
   at once;
-- recycles a connection that stays silent for `connections.silenceTimeoutSeconds`;
+- replaces a connection that stalled (silent far longer than its own recent pace) make-before-break,
+  and recycles one silent for `connections.silenceTimeoutSeconds` whatever its pace;
 - rolls over before the exchange's connection lifetime, make-before-break;
-- while down, polls REST (trades by id, tickers, klines) within the weight budget, and on every
-  (re)connect holds the new connection's frames back until REST has written the missing trades,
-  so each symbol's trades reach the raw topic in id order; a `gap` event records each gap.
+- while down, polls tickers and klines over REST within the exchange's limits, and tells the
+  continuity engine its trade streams are down (the engine polls their history meanwhile).
 
-Last trade id seen per symbol starts from the end of the market topic (agents/lastseen.py), so a
-group moved to another worker backfills from what was actually published.
+Trades are not tracked here: the continuity engine downstream of the raw topic sees every gap, and its
+history requests come back to the source running the group (`fetch_history`), whose answers go into
+the group's raw partition like its frames.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from typing import Any
 from mode import Service
 
 from agents import metrics
-from agents.backfill import StreamInfo
+from agents.backfill import RestWriter, StreamInfo
 from agents.connection import FrameBatcher, SendRaw, now_ms, wait_until_allowed
 from agents.rest import RestClient
 from agents.slot import ConnectionStatus, Group, Slot
 from streams.config import ExchangeConfig
+from streams.continuity import FetchTrades
 from streams.events import CollectorEvent
 from streams.exchanges.base import DataType, ExchangeAdapter, Instrument
 from streams.limits import Backoff, SlidingWindow, connect_window
@@ -51,8 +53,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EmitEvent = Callable[[CollectorEvent], Awaitable[None]]
-ReadLastTradeIds = Callable[[Collection[str]], Awaitable[dict[str, int]]]  # symbols → last published id
 AdapterGetter = Callable[[], Awaitable[ExchangeAdapter]]
+# (group, trade symbols, down) → the continuity engine; (symbol, request id, retry after ms) → the same
+StreamChanged = Callable[[str, list[str], bool], None]
+HistoryRefused = Callable[[str, str, int], None]
 
 ROLLOVER_MARGIN = 15 * 60.0  # roll over this long before the exchange's connection lifetime ends
 
@@ -62,7 +66,6 @@ class GroupStatus:
     group: str
     streams: int
     connections: list[ConnectionStatus] = field(default_factory=list)
-    last_trade_ids: dict[str, int] = field(default_factory=dict)  # symbol → last trade id passed on
 
 
 class ExchangeSource(Service):
@@ -75,7 +78,8 @@ class ExchangeSource(Service):
         get_adapter: AdapterGetter,
         send_raw: SendRaw,
         emit_event: EmitEvent,
-        read_last_trade_ids: ReadLastTradeIds,
+        on_stream: StreamChanged | None = None,
+        on_refused: HistoryRefused | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -84,7 +88,9 @@ class ExchangeSource(Service):
         self._get_adapter = get_adapter
         self.send_raw = send_raw
         self._emit_event = emit_event
-        self._read_last_trade_ids = read_last_trade_ids
+        self._on_stream = on_stream
+        self._on_refused = on_refused
+        self._history_tasks: set[asyncio.Task[None]] = set()
         self._groups: dict[str, Group] = {}
         self._changes = asyncio.Lock()
         self._attempt_lock = asyncio.Lock()
@@ -177,13 +183,11 @@ class ExchangeSource(Service):
         async with self._changes:
             running = self._groups.get(group)
             if running is None:
-                symbols = {
-                    info.instrument.symbol
-                    for info in self.stream_infos(streams)
-                    if info.data_type.kind == "trade"
-                }
-                last_seen = await self._read_last_trade_ids(symbols) if symbols else {}
-                running = self._groups[group] = Group(group, dict(last_seen))
+                number = group.rsplit(":", 1)[-1]
+                rest = RestWriter(
+                    self.adapter, self.rest, group, f"{self.exchange}-{number}-rest", self.send_raw
+                )
+                running = self._groups[group] = Group(group, rest)
             await self._place(running, set(streams))
 
     async def _place(self, group: Group, streams: set[str]) -> None:
@@ -287,16 +291,42 @@ class ExchangeSource(Service):
 
     def groups(self) -> dict[str, GroupStatus]:
         return {
-            key: GroupStatus(
-                key,
-                sum(len(s.desired) for s in group.slots),
-                [s.status() for s in group.slots],
-                dict(group.last_seen),
-            )
+            key: GroupStatus(key, sum(len(s.desired) for s in group.slots), [s.status() for s in group.slots])
             for key, group in self._groups.items()
         }
 
+    # -- the continuity engine's side -------------------------------------------------------------
+
+    def stream_changed(self, group: str, symbols: list[str], down: bool) -> None:
+        if self._on_stream is not None and symbols:
+            self._on_stream(group, symbols, down)
+
+    def fetch_history(self, command: FetchTrades) -> None:
+        """Carry out a history request of the continuity engine, if this worker runs its group (when
+        it does not, the engine asks again later, of whoever runs it then)."""
+        running = self._groups.get(command.group)
+        instrument = self._adapter.by_symbol.get(command.symbol) if self._adapter is not None else None
+        if running is None or instrument is None:
+            log.debug("history for %s not fetched: %s is not run here", command.symbol, command.group)
+            return
+        request = self.adapter.history_request(instrument, command.from_id, command.cursor)
+        task = asyncio.ensure_future(self._history(running, command, request))
+        self._history_tasks.add(task)
+        task.add_done_callback(self._history_tasks.discard)
+
+    async def _history(self, group: Group, command: FetchTrades, request: Any) -> None:
+        try:
+            answer = await group.rest.fetch(request, command.request_id)
+        except Exception:  # the REST/broker boundary: the engine asks again
+            log.exception("history request %s for %s failed", command.request_id, command.symbol)
+            answer = None
+        if (answer is None or answer.body is None) and self._on_refused is not None:
+            retry_after_ms = int(answer.retry_after * 1000) if answer is not None else 0
+            self._on_refused(command.symbol, command.request_id, retry_after_ms)
+
     async def on_stop(self) -> None:
+        for task in list(self._history_tasks):
+            task.cancel()
         for key in list(self._groups):
             await self.release_group(key)
         if self._rest is not None:

@@ -19,8 +19,11 @@ import faust
 from agents import faust_patches, metrics
 from agents.adapters import AdapterDirectory
 from agents.control import Control, install_control
+from agents.distribution import install_distribution
 from agents.embedded_broker import EmbeddedBroker, free_port
 from agents.pipeline import Pipeline, install_pipeline
+from agents.sinks import Sinks, build_sinks, install_sink_views
+from agents.sinks.health import RedisReachability
 from agents.state import Manager, StateAgents, event_emitter, install_state, recovery_sender
 from streams.app import APP_ID, faust_settings
 from streams.config import EMBEDDED_BROKER_PORT, CollectorConfig
@@ -55,10 +58,17 @@ class CollectorApp(faust.App):
         super().__init__(APP_ID, autodiscover=False, **settings)
         self.collector_config = config
         self.embedded_broker = embedded
+        self.sinks: Sinks | None = None  # set by build_app; its `health` feeds /health and /sinks
         # host:port list every other Kafka client of this worker connects to (the embedded broker's
         # actual address when it runs one).
         self.bootstrap_servers = (
             [embedded.bootstrap] if embedded is not None else config.kafka.bootstrap_servers
+        )
+        # How long the Faust consumer's fetches may wait (agents/faust_patches.py): short where raw
+        # topics are read back through it, longer where nothing latency-bound is.
+        reads_raw = config.collection and embedded is None
+        self.fetch_max_wait_ms = (
+            faust_patches.FETCH_MAX_WAIT_MS if reads_raw else faust_patches.RELAXED_FETCH_MAX_WAIT_MS
         )
 
     async def on_first_start(self) -> None:
@@ -97,7 +107,8 @@ def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:
 
 def build_app(config: CollectorConfig) -> CollectorApp:
     """A complete worker: state tables and views, subscriptions and control, sources and normalize
-    agents (unless `collection` is off), metrics."""
+    agents (unless `collection` is off), the configured sinks, live distribution to WebSocket clients,
+    metrics."""
     faust_patches.apply()
     embedded = embedded_broker_for(config)
     bootstrap = [embedded.bootstrap] if embedded is not None else config.kafka.bootstrap_servers
@@ -126,9 +137,26 @@ def build_app(config: CollectorConfig) -> CollectorApp:
         recovery_sender(app, subscriptions), config.monitoring.alerts.webhookUrl,
     )  # fmt: skip
     install_state(app, state_agents, manager)
-    install_views(app, StateViews(app, config, store, local_spool=metrics.spool_usage))
+    sinks = build_sinks(config, bootstrap, APP_ID)  # none configured: an empty service
+    app.sinks = sinks
+    app.service(sinks)  # type: ignore[arg-type]  # an instance: Faust starts it as is
+    install_sink_views(app, sinks.health)
+    health = sinks.health if sinks.services else None
+    install_views(app, StateViews(app, config, store, health, local_spool=metrics.spool_usage))
 
     if control is not None:
-        pipeline = Pipeline(app, config, adapters, emit_event, control.ownership, frames_heard, bootstrap)
+        pipeline = Pipeline(
+            app,
+            config,
+            adapters,
+            emit_event,
+            control.ownership,
+            frames_heard,
+            bootstrap,
+            embedded is not None,
+        )
         install_pipeline(app, pipeline)
+    redis_sink = config.sinks.redis
+    redis_state = RedisReachability(redis_sink.url) if redis_sink is not None else None
+    install_distribution(app, config, bootstrap, redis_state)  # every worker serves clients, followers too
     return app

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.distribution import DistributionResult, distribution_table, run_distribution_step
 from bench.procfs import machine
 from bench.profile import summarize
 from bench.report import machine_line, slice_table, summary, table, write_results
@@ -42,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument("--soak-rate", type=int, default=10000)
     parser.add_argument("--soak-slice", type=float, default=30.0, help="seconds per reported slice")
+    parser.add_argument(
+        "--distribution-rate", type=int, default=5000,
+        help="distribution step: one worker at this rate, fewest symbols, with WebSocket clients; 0 skips",
+    )  # fmt: skip
+    parser.add_argument(
+        "--distribution-clients", type=int, default=200, help="clients filtered to one symbol"
+    )
+    parser.add_argument("--distribution-full", type=int, default=5, help="clients on the full stream")
     args = parser.parse_args(argv)
     if args.soak > 0:
         return _soak(min(_ints(args.symbols)), args.soak_rate, args.soak, args.soak_slice, args.warmup)
@@ -76,7 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.two_workers_rate:
         step(min(_ints(args.symbols)), args.two_workers_rate, workers=2)
 
-    text = _machine_now() + "\n" + table(results) + "\n" + summary(results)
+    text = _machine_now() + "\n"
+    if results:
+        text += table(results) + "\n" + summary(results)
+    if args.distribution_rate:
+        distributed = _distribution_step(args, min(_ints(args.symbols)), failures)
+        if distributed is not None:
+            text += "\nDistribution (`/ws/exchange`):\n\n" + distribution_table([distributed])
     if failures:
         text += "\nSteps that could not be measured:\n" + "".join(f"- {f}\n" for f in failures)
     print("\n" + text)
@@ -84,6 +99,27 @@ def main(argv: list[str] | None = None) -> int:
         write_results(Path(args.output), text)
         print(f"bench: results written to {args.output}")
     return 0
+
+
+def _distribution_step(
+    args: argparse.Namespace, symbols: int, failures: list[str]
+) -> DistributionResult | None:
+    print(
+        f"bench: distribution, {symbols} symbols, {args.distribution_rate:,} events/s, "
+        f"{args.distribution_clients} one-symbol + {args.distribution_full} full-stream clients …",
+        flush=True,
+    )
+    try:
+        result = run_distribution_step(
+            symbols, args.distribution_rate, args.distribution_clients, args.distribution_full,
+            warmup=args.warmup, baseline=min(args.duration, 8.0), duration=args.duration,
+        )  # fmt: skip
+    except (TimeoutError, OSError, RuntimeError) as exc:
+        print(f"bench: distribution step failed: {exc!r}", flush=True)
+        failures.append(f"distribution, {symbols} symbols: {exc!r}")
+        return None
+    print(distribution_table([result]), flush=True)
+    return result
 
 
 def _machine_now() -> str:

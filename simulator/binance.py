@@ -3,6 +3,8 @@
 WebSocket: raw `/ws`, `/ws/<stream>[/<stream>...]` and combined `/stream?streams=a/b`, live
 SUBSCRIBE / UNSUBSCRIBE / LIST_SUBSCRIPTIONS / SET_PROPERTY / GET_PROPERTY, server pings, the
 5 messages/s and 1024 streams limits, and a `serverShutdown` event when the simulator stops.
+Diff depth streams (`<s>@depth@100ms`, `<s>@depth`) and the depth snapshot come from the market's
+ground-truth books (simulator/book.py).
 REST: `/api/v3/` ping, time, exchangeInfo, trades, historicalTrades, aggTrades, klines, ticker/24hr and
 depth, with request weights reported in `X-MBX-USED-WEIGHT-1M` and enforced per minute.
 
@@ -29,6 +31,7 @@ from aiohttp import WSMsgType, web
 
 from simulator import binance_format as fmt
 from simulator import invented
+from simulator.book import DepthFeed, DiffEvent
 from simulator.connections import PONG, Connection, StreamHub, text_frame
 from simulator.faults import Faults
 from simulator.market import KLINE_INTERVALS, Instrument, Market, Tick, Trade, bar_open_time
@@ -56,9 +59,10 @@ _Answerer = Callable[[Mapping[str, str]], Any]  # a REST endpoint's body; raises
 @dataclass(frozen=True, slots=True)
 class Stream:
     name: str  # "btcusdt@kline_1m"
-    kind: str  # trade, aggTrade, kline, ticker or bookTicker: also the frame counter's key
+    kind: str  # trade, aggTrade, kline, ticker, bookTicker or depth: also the frame counter's key
     symbol: str  # the market's "BTC/USDT"
     interval: str | None = None
+    speed_ms: int = 0  # depth: the time between a diff stream's events
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +131,8 @@ class BinanceSpot:
     """Serves one `Market` the way Binance spot does."""
 
     name = "binance"
+    # Diff depth channels and their speeds (`@depth` is one second on spot).
+    depth_channels: dict[str, int] = {"depth": 1000, "depth@100ms": 100}
 
     def __init__(
         self,
@@ -174,6 +180,7 @@ class BinanceSpot:
         self.rest_requests = 0
         self.rest_rejected = 0
         self.faults = Faults()  # test-triggered faults, and the per-IP handshake limit
+        self.depth = self._depth_feed()
 
     # -- routes -----------------------------------------------------------------------------------
 
@@ -345,6 +352,8 @@ class BinanceSpot:
             stream = Stream(name, kind, names.instrument.symbol)
         elif kind.startswith("kline_") and kind[6:] in KLINE_INTERVALS:
             stream = Stream(name, "kline", names.instrument.symbol, kind[6:])
+        elif kind in self.depth_channels:
+            stream = Stream(name, "depth", names.instrument.symbol, speed_ms=self.depth_channels[kind])
         else:
             return None
         self._streams[name] = stream
@@ -361,12 +370,16 @@ class BinanceSpot:
                 self._klines[stream.interval] = {}
                 self._bar_open[stream.interval] = bar_open_time(stream.interval, self._now_ms())
             self._klines[stream.interval][stream.name] = stream
+        elif stream.kind == "depth":
+            self.depth.open_stream(stream.name, stream.symbol, stream.speed_ms)
 
     def _forget(self, name: str) -> None:
         """The stream lost its last subscriber: stop producing its periodic frames."""
         stream = self._streams[name]
         if stream.kind == "ticker":
             self._tickers.pop(name, None)
+        elif stream.kind == "depth":
+            self.depth.close_stream(name)
         elif stream.kind == "kline" and stream.interval in self._klines:
             streams = self._klines[stream.interval]
             streams.pop(name, None)
@@ -401,10 +414,41 @@ class BinanceSpot:
                     payload = fmt.book_ticker_event(names.exchange_symbol, names.instrument, quote)
                     self._fan_out(names.book_ticker, "bookTicker", listeners, _encode(payload))
         # A paused market is silent: no klines or tickers either, only keepalive.
+        # Diff depth after the bookTickers of the tick: Binance batches it, bookTicker is real-time.
+        self._publish_depth(tick)
         if not self.market.paused and (self._klines or self._tickers):
             self._publish_periodic(tick.time)
         if monotonic_now >= self._next_housekeeping:
             self._housekeeping(monotonic_now)
+
+    def _publish_depth(self, tick: Tick) -> None:
+        """Advance the books in use to the tick; send the diff events that are due."""
+        depth = self.depth
+        depth.advance(tick)
+        if not depth.streams:
+            return
+        subscribers = self._hub.subscribers
+        for event in depth.due_events(tick.time):
+            listeners = subscribers.get(event.stream)
+            if listeners:
+                payload = self._depth_event(event, tick.time)
+                self._fan_out(event.stream, "depth", listeners, _encode(payload))
+
+    def _depth_feed(self) -> DepthFeed:
+        names = {
+            spelling: symbol
+            for symbol, n in self._symbols.items()
+            for spelling in (symbol, n.exchange_symbol)
+        }
+        return DepthFeed(self.market, names, fmt._price, fmt._quantity)
+
+    def _depth_event(self, event: DiffEvent, event_time: int) -> dict[str, Any]:
+        instrument = self.market.instruments[event.symbol]
+        return {
+            "e": "depthUpdate", "E": event_time, "s": self._symbols[event.symbol].exchange_symbol,
+            "U": event.first_update_id, "u": event.last_update_id,
+            "b": self.depth.format(instrument, event.bids), "a": self.depth.format(instrument, event.asks),
+        }  # fmt: skip
 
     def _publish_periodic(self, now_ms: int) -> None:
         # Bars that closed since the previous tick get their final (x=true) update right away.
@@ -719,7 +763,8 @@ class BinanceSpot:
     def _depth(self, params: Mapping[str, str]) -> dict[str, Any]:
         names = self._symbol(params)
         limit = _limit(params, default=100, maximum=5000)
-        return fmt.depth_snapshot(names.instrument, self.market.quote(names.instrument.symbol), limit)
+        update_id, _, bids, asks = self.depth.snapshot(names.instrument.symbol, limit)
+        return {"lastUpdateId": update_id, "bids": bids, "asks": asks}
 
     def _symbol(self, params: Mapping[str, str]) -> _SymbolStreams:
         symbol = params.get("symbol")

@@ -233,31 +233,6 @@ def rest_ticker(
     return body
 
 
-def depth_snapshot(instrument: Instrument, quote: Quote, limit: int) -> dict[str, Any]:
-    """A book `limit` levels deep whose top is the current best bid and ask.
-
-    Levels below the top sit one tick apart with quantities derived from the price, so the same
-    book state always gives the same snapshot.
-    """
-    bids = [[_price(instrument, quote.bid_ticks), _quantity(instrument, quote.bid_lots)]]
-    asks = [[_price(instrument, quote.ask_ticks), _quantity(instrument, quote.ask_lots)]]
-    for level in range(1, limit):
-        bid = quote.bid_ticks - level
-        if bid <= 0:
-            break
-        bids.append([_price(instrument, bid), _quantity(instrument, _level_lots(instrument, bid))])
-    for level in range(1, limit):
-        ask = quote.ask_ticks + level
-        asks.append([_price(instrument, ask), _quantity(instrument, _level_lots(instrument, ask))])
-    return {"lastUpdateId": quote.update_id, "bids": bids, "asks": asks}
-
-
-def _level_lots(instrument: Instrument, price_ticks: int) -> int:
-    # A cheap integer hash of the price spreads resting sizes between 1 and ~6 mean trade sizes.
-    mixed = (price_ticks * 2_654_435_761 + instrument.first_update_id) % 4_294_967_291
-    return 1 + mixed % (6 * instrument.mean_quantity)
-
-
 def symbol_info(instrument: Instrument) -> dict[str, Any]:
     tick = format_units(1, instrument.price_decimals, PLACES)
     lot = format_units(1, instrument.quantity_decimals, PLACES)

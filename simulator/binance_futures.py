@@ -2,11 +2,12 @@
 
 It is the spot dialect with the futures rules (exchange-protocols.md §2):
 
-- Routed entry points `/public/{ws,stream}` (bookTicker) and `/market/{ws,stream}` (aggTrade, kline,
-  ticker). A stream subscribed on the wrong route is acknowledged but never delivers, as the live
-  exchange does; the simulator counts it as a `wrongRoute` violation so tests notice.
+- Routed entry points `/public/{ws,stream}` (bookTicker, diff depth) and `/market/{ws,stream}`
+  (aggTrade, kline, ticker). A stream subscribed on the wrong route is acknowledged but never delivers,
+  as the live exchange does; the simulator counts it as a `wrongRoute` violation so tests notice.
 - No `@trade` stream and no `1s` klines; bookTicker carries `e`, `E` and `T`; the 24 h ticker has no
-  bid/ask.
+  bid/ask. Diff depth (`@depth` every 250 ms, `@depth@100ms`, `@depth@500ms`) carries `pu`, the
+  stream's previous `u`; `/fapi/v1/depth` takes limits 5 to 1000 and carries `E` and `T`.
 - 10 incoming messages per second, a server ping every 3 minutes and 10 minutes to answer it,
   2400 REST weight per minute.
 """
@@ -22,6 +23,7 @@ from aiohttp import web
 from simulator import binance_format as spot_fmt
 from simulator.binance import (
     BinanceConnection,
+    BinanceError,
     BinanceSpot,
     Stream,
     _encode,
@@ -29,6 +31,7 @@ from simulator.binance import (
     _SymbolStreams,
     _ticker_weight,
 )
+from simulator.book import DepthFeed, DiffEvent
 from simulator.market import Instrument, Market, Quote, RollingStats, Tick, Trade, format_units
 
 log = logging.getLogger(__name__)
@@ -39,13 +42,16 @@ PONG_TIMEOUT = 600.0
 MAX_MESSAGES_PER_SECOND = 10
 PUBLIC = "public"
 MARKET = "market"
-_ROUTE_OF_KIND = {"bookTicker": PUBLIC, "aggTrade": MARKET, "kline": MARKET, "ticker": MARKET}
+_ROUTE_OF_KIND = {"bookTicker": PUBLIC, "depth": PUBLIC,
+                  "aggTrade": MARKET, "kline": MARKET, "ticker": MARKET}  # fmt: skip
+_DEPTH_WEIGHTS = {5: 2, 10: 2, 20: 2, 50: 2, 100: 5, 500: 10, 1000: 20}
 
 
 class BinanceFutures(BinanceSpot):
     """Serves one `Market` the way Binance USD-M futures does."""
 
     name = "binance-futures"
+    depth_channels = {"depth": 250, "depth@100ms": 100, "depth@500ms": 500}
 
     def __init__(
         self,
@@ -79,7 +85,7 @@ class BinanceFutures(BinanceSpot):
             "aggTrades": (lambda _: 20, self._futures_agg_trades),
             "klines": (lambda _: 5, self._klines_rest),
             "ticker/24hr": (_ticker_weight, self._ticker_24hr),
-            "depth": (lambda _: 10, self._depth),
+            "depth": (_depth_weight, self._futures_depth),
         }
         for path, (weigh, answer) in endpoints.items():
             app.router.add_get(f"/fapi/v1/{path}", self._rest_handler(weigh, answer))
@@ -128,6 +134,8 @@ class BinanceFutures(BinanceSpot):
                 if listeners:
                     payload = book_ticker_event(names.exchange_symbol, names.instrument, quote, tick.time)
                     self._fan_out(names.book_ticker, "bookTicker", listeners, _encode(payload))
+        # Diff depth after the bookTickers of the tick: Binance batches it, bookTicker is real-time.
+        self._publish_depth(tick)
         if not self.market.paused and (self._klines or self._tickers):
             self._publish_periodic(tick.time)
         if monotonic_now >= self._next_housekeeping:
@@ -141,6 +149,15 @@ class BinanceFutures(BinanceSpot):
         stats = self.market.rolling_stats(stream.symbol, now_ms)
         payload = ticker_event(names.exchange_symbol, names.instrument, stats, now_ms)
         self._fan_out(stream.name, "ticker", listeners, _encode(payload))
+
+    def _depth_feed(self) -> DepthFeed:
+        names = {symbol: symbol for symbol in self._symbols}
+        names |= {n.exchange_symbol: symbol for symbol, n in self._symbols.items()}
+        return DepthFeed(self.market, names, _price, _quantity)
+
+    def _depth_event(self, event: DiffEvent, event_time: int) -> dict[str, Any]:
+        payload = super()._depth_event(event, event_time)
+        return {**payload, "T": event_time, "pu": event.prev_update_id}
 
     # -- ground truth (/_sim/trades?exchange=binance-futures) ----------------------------------------
 
@@ -169,6 +186,14 @@ class BinanceFutures(BinanceSpot):
             "symbols": [symbol_info(names) for names in self._symbols.values()],
         }  # fmt: skip
 
+    def _futures_depth(self, params: Mapping[str, str]) -> dict[str, Any]:
+        names = self._symbol(params)
+        limit = _limit(params, default=500, maximum=1000)
+        if limit not in _DEPTH_WEIGHTS:
+            raise BinanceError(-1130, "Data sent for parameter 'limit' is not valid.")
+        update_id, time_ms, bids, asks = self.depth.snapshot(names.instrument.symbol, limit)
+        return {"lastUpdateId": update_id, "E": self._now_ms(), "T": time_ms, "bids": bids, "asks": asks}
+
     def _futures_trades(self, params: Mapping[str, str]) -> list[dict[str, Any]]:
         names = self._symbol(params)
         limit = _limit(params, default=500, maximum=1000)
@@ -181,6 +206,11 @@ class BinanceFutures(BinanceSpot):
         history = self.market.history(names.instrument.symbol)
         trades = (history.at(history.index_of_id(row["a"])) for row in self._agg_trades(params))
         return [rest_agg_trade(trade) for trade in trades]
+
+
+def _depth_weight(params: Mapping[str, str]) -> int:
+    text = params.get("limit", "500")
+    return _DEPTH_WEIGHTS.get(int(text), 20) if text.isdigit() and len(text) < 6 else 20
 
 
 def _price(instrument: Instrument, ticks: int) -> str:

@@ -17,6 +17,8 @@ Control endpoints, for tests and demos:
                                        invent, refuse, shutdown, rest, throttle-then-refuse, limits, clear
     GET  /_sim/faults, /_sim/faults/skipped, /_sim/invented
                                        fault state, the trades skipped, the trades invented
+    GET  /_sim/book?symbol=BTCUSDT     the ground-truth order book, now or as of a recent update id;
+                                       depth faults (skipped diffs, stale snapshots): simulator/book.py
 
 Every dialect other than Binance spot runs its own market (its own symbols and trade tape) on the
 same port: Binance USD-M futures under `/public`, `/market` and `/fapi/v1` (its real paths), Upbit and
@@ -42,7 +44,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from simulator import binance_format, faults
+from simulator import binance_format, book, faults
 from simulator.binance import BinanceSpot
 from simulator.binance_futures import BinanceFutures
 from simulator.market import Market
@@ -138,6 +140,7 @@ class Simulator:
         app.router.add_post("/_sim/disconnect", self._disconnect)
         app.router.add_post("/_sim/inject", self._inject)
         faults.add_routes(app, self.venues, default=self.binance.name)
+        book.add_routes(app, self.venues, self.binance.name)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, self.config.host, self.config.port)

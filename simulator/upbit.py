@@ -4,7 +4,8 @@ WebSocket `<prefix>/websocket/v1` (exchange-protocols.md §3.1, §4.1):
 - A request is a JSON array `[{ticket}, {type, codes, is_only_snapshot?, is_only_realtime?}...,
   {format}]`; it **replaces** the connection's whole subscription set (the simulator's answer to the
   documentation's silence) and is never acknowledged. Types: trade, ticker, orderbook (codes may carry
-  a `.N` level count), candle.1s … candle.240m (not candle.10m). Format DEFAULT or SIMPLE.
+  a `.N` level count: 1, 5, 15 or 30 on Upbit, 1 to 30 on Bithumb, else 30), candle.1s …
+  candle.240m (not candle.10m). Format DEFAULT or SIMPLE.
 - Errors are `{"error": {"name": "NO_TICKET" | "NO_TYPE" | "NO_CODES" | "WRONG_FORMAT" |
   "INVALID_PARAM", "message": ...}}`; more than 5 requests in a second closes the connection (1008).
 - Every server frame is a **binary** frame of UTF-8 JSON; numbers are JSON numbers.
@@ -14,10 +15,14 @@ WebSocket `<prefix>/websocket/v1` (exchange-protocols.md §3.1, §4.1):
   that keeps going after `block_after` rejections is blocked for 10 minutes.
 
 REST `<prefix>/v1/`: `market/all`, `trades/ticks` (market, count ≤ 500, cursor = sequential_id: the
-page of trades before it; newest first), `ticker` (markets=A,B). Upbit: 10 requests/s per IP in each
-group (market, candle, trade, ticker), `Remaining-Req: group=<g>; min=1800; sec=<left>` on every answer
-(`sec=0` on a 429), 429 without Retry-After over the limit, and after 10 such 429s within a minute a
-30 s ban answered 418 (simulator/limits.py; `/_sim/faults/limits` changes the numbers).
+page of trades before it; newest first), `ticker` (markets=A,B), `orderbook` (markets=A,B, count ≤ 30,
+default 15). Upbit: 10 requests/s per IP in each
+group (market, candle, trade, ticker, orderbook), `Remaining-Req: group=<g>; min=1800; sec=<left>` on
+every answer (`sec=0` on a 429), 429 without Retry-After over the limit, and after 10 such 429s within a
+minute a 30 s ban answered 418 (simulator/limits.py; `/_sim/faults/limits` changes the numbers).
+
+Order books are the market's ground-truth books (simulator/book.py): every orderbook message is the
+top N levels of the symbol's book after a tick that changed it, its `timestamp` that tick's time.
 
 Faults (simulator/faults.py) work here as on Binance: drop, stall, skip, invent, refuse, rest
 (answered in this dialect's 429/418 shape, without Retry-After), shutdown (no announcement: a 1001
@@ -47,11 +52,12 @@ from typing import Any
 import msgspec
 from aiohttp import WSMsgType, web
 
+from simulator.book import DepthFeed, Levels
 from simulator.connections import PONG, Connection, StreamHub
 from simulator.faults import Faults
 from simulator.invented import InventError, make_trade, odd_size, real_trade_below_newest, unit_price_trade
 from simulator.limits import GroupRateLimit
-from simulator.market import Instrument, Market, Quote, Tick, Trade, TradeHistory, bar_open_time, format_units
+from simulator.market import Instrument, Market, Tick, Trade, TradeHistory, bar_open_time, format_units
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +123,14 @@ class Flavor:
     rest_ban_after: int | None = 10  # REST 429s within a minute that get a client banned
     rest_ban_seconds: float = 30.0
     rest_groups: tuple[tuple[str, str], ...] = ()  # renamed REST groups (Bithumb's "other" category)
+    # Orderbook counts served as asked (`KRW-BTC.15`); any other count gets 30 levels.
+    book_counts: frozenset[str] = frozenset({"1", "5", "15", "30"})
 
 
 UPBIT = Flavor("upbit", "/upbit", False, False, True, 5, 10, False, None)
 BITHUMB = Flavor("bithumb", "/bithumb", True, True, False, 10, 150, True, 10, remaining_req_header=False,
-                 rest_ban_status=429, rest_groups=(("market", "other"),))  # fmt: skip
+                 rest_ban_status=429, rest_groups=(("market", "other"),),
+                 book_counts=frozenset(str(count) for count in range(1, 31)))  # fmt: skip
 # Invented `sequential_id`s far outside the real ones: a trade time in the 23rd century (Upbit), an
 # 18-digit value (Bithumb) checked against the issued ones.
 FAR_UPBIT_SEQUENTIAL_ID = 90_000_000_000_000_425
@@ -175,6 +184,9 @@ class UpbitStyle:
         self.rest_rejected = 0
         # Test-triggered faults; the exchange's own connect limit is per second, so none per 5 minutes.
         self.faults = Faults(connect_attempts=None, retry_after_header=False)
+        names = {code: instrument.symbol for code, instrument in self._codes.items()}
+        names |= {symbol: symbol for symbol in market.instruments}
+        self.depth = DepthFeed(market, names, Instrument.price, Instrument.quantity, self._book_id)
 
     # -- routes -----------------------------------------------------------------------------------
 
@@ -184,6 +196,7 @@ class UpbitStyle:
         app.router.add_get(f"{prefix}/v1/market/all", self._rest("market", self._markets))
         app.router.add_get(f"{prefix}/v1/trades/ticks", self._rest("trade", self._ticks))
         app.router.add_get(f"{prefix}/v1/ticker", self._rest("ticker", self._tickers))
+        app.router.add_get(f"{prefix}/v1/orderbook", self._rest("orderbook", self._orderbooks))
         if self.flavor.candles:
             app.router.add_get(f"{prefix}/v1/candles/seconds", self._rest("candle", self._candles("1s")))
             for minutes in ("1", "3", "5", "15", "30", "60", "240"):
@@ -329,7 +342,7 @@ class UpbitStyle:
                 if kind == "orderbook":
                     levels = (
                         int(count)
-                        if count in ("1", "5", "15", "30")
+                        if count in self.flavor.book_counts
                         else 30
                         if count
                         else DEFAULT_BOOK_LEVELS
@@ -369,27 +382,36 @@ class UpbitStyle:
             "sequential_id": sequential_id, "stream_type": stream_type,
         }  # fmt: skip
 
-    def _book_body(self, instrument: Instrument, quote: Quote, levels: int, now_ms: int, stream_type: str
-                   ) -> dict[str, Any]:  # fmt: skip
-        units = []
-        for level in range(levels):
-            units.append({
-                "ask_price": _number(instrument.price(quote.ask_ticks + level)),
-                "bid_price": _number(instrument.price(max(1, quote.bid_ticks - level))),
-                "ask_size": _number(instrument.quantity(quote.ask_lots + level)),
-                "bid_size": _number(instrument.quantity(quote.bid_lots + level)),
-            })  # fmt: skip
-        timestamp: int | str = now_ms
-        if self.flavor.microsecond_book_time:
-            timestamp = str(now_ms * 1000 + quote.update_id % 1000)
+    def _book_body(self, instrument: Instrument, levels: int, stream_type: str) -> dict[str, Any]:
+        """The symbol's book as it stands: its top `levels` levels, at the time of its last change."""
+        book = self.depth.book(instrument.symbol)
+        body = self._book_fields(instrument, *book.top(levels), book.update_id, book.time)
+        return {"type": "orderbook", "code": f"{instrument.quote}-{instrument.base}", **body,
+                "stream_type": stream_type}  # fmt: skip
+
+    def _book_fields(
+        self, instrument: Instrument, bids: Levels, asks: Levels, update_id: int, time_ms: int
+    ) -> dict[str, Any]:
+        price, quantity = instrument.price, instrument.quantity
+        units = [
+            {"ask_price": _number(price(ask)), "bid_price": _number(price(bid)),
+             "ask_size": _number(quantity(ask_lots)), "bid_size": _number(quantity(bid_lots))}
+            for (bid, bid_lots), (ask, ask_lots) in zip(bids, asks, strict=False)
+        ]  # fmt: skip
+        timestamp = self._book_id(update_id, time_ms)
         return {
-            "type": "orderbook", "code": f"{instrument.quote}-{instrument.base}",
-            "total_ask_size": _number(instrument.quantity(sum(quote.ask_lots + n for n in range(levels)))),
-            "total_bid_size": _number(instrument.quantity(sum(quote.bid_lots + n for n in range(levels)))),
-            "orderbook_units": units, "timestamp": timestamp,
+            "total_ask_size": _number(quantity(sum(lots for _, lots in asks))),
+            "total_bid_size": _number(quantity(sum(lots for _, lots in bids))),
+            "orderbook_units": units,
+            "timestamp": timestamp if self.flavor.microsecond_book_time else int(timestamp),
             "level": 1 if self.flavor.name == "bithumb" else 0,
-            "stream_type": stream_type,
-        }  # fmt: skip
+        }
+
+    def _book_id(self, update_id: int, time_ms: int) -> str:
+        """The orderbook timestamp as sent: Upbit's ms; Bithumb's µs string, made unique per update."""
+        if self.flavor.microsecond_book_time:
+            return str(time_ms * 1000 + update_id % 1000)
+        return str(time_ms)
 
     def _ticker_body(self, instrument: Instrument, now_ms: int, stream_type: str) -> dict[str, Any]:
         day_start = now_ms - now_ms % 86_400_000
@@ -449,9 +471,7 @@ class UpbitStyle:
             body = self._trade_body(instrument, last, now_ms, "SNAPSHOT")
         elif kind == "orderbook":
             levels = connection.book_levels.get(stream, DEFAULT_BOOK_LEVELS)
-            body = self._book_body(
-                instrument, self.market.quote(instrument.symbol), levels, now_ms, "SNAPSHOT"
-            )
+            body = self._book_body(instrument, levels, "SNAPSHOT")
         elif kind == "ticker":
             body = self._ticker_body(instrument, now_ms, "SNAPSHOT")
         else:
@@ -473,6 +493,7 @@ class UpbitStyle:
             connection.push(kind, payload, now)
 
     def publish(self, tick: Tick, monotonic_now: float) -> None:
+        self.depth.advance(tick)
         subscribers = self._hub.subscribers
         if subscribers:
             now_ms = tick.time
@@ -491,8 +512,7 @@ class UpbitStyle:
                 instrument = self.market.instruments[quote.symbol]
                 stream = f"orderbook:{instrument.quote}-{instrument.base}"
                 for connection in list(subscribers.get(stream, ())):
-                    body = self._book_body(instrument, quote, connection.book_levels.get(stream, 1), now_ms,
-                                           "REALTIME")  # fmt: skip
+                    body = self._book_body(instrument, connection.book_levels.get(stream, 1), "REALTIME")
                     connection.push("orderbook", self._frame(connection, body), monotonic_now)
             for code, instrument in traded.items():
                 if f"ticker:{code}" in subscribers:
@@ -665,6 +685,20 @@ class UpbitStyle:
             return rows
 
         return answer
+
+    def _orderbooks(self, params: Mapping[str, str]) -> list[dict[str, Any]]:
+        codes = [code for code in params.get("markets", "").split(",") if code]
+        if not codes or any(code not in self._codes for code in codes):
+            raise _RequestError("INVALID_PARAM", "markets")
+        count = params.get("count", str(DEFAULT_BOOK_LEVELS))
+        if not count.isdigit() or not 1 <= int(count) <= 30:
+            raise _RequestError("INVALID_PARAM", "count")
+        rows = []
+        for code in codes:
+            instrument = self._codes[code]
+            update_id, time_ms, bids, asks = self.depth.snapshot_levels(instrument.symbol, int(count))
+            rows.append({"market": code, **self._book_fields(instrument, bids, asks, update_id, time_ms)})
+        return rows
 
     def _tickers(self, params: Mapping[str, str]) -> list[dict[str, Any]]:
         codes = [code for code in params.get("markets", "").split(",") if code]

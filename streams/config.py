@@ -1,8 +1,9 @@
 """The YAML configuration contract (DESIGN.md), validated with pydantic.
 
 `load_config` reads `COLLECTOR_CONFIG` (default `config/default.yaml`) and applies the environment
-overrides `COLLECTOR_KAFKA_BROKERS` (comma list, or `embedded`), `COLLECTOR_SERVER_PORT` and
-`COLLECTOR_COLLECTION` (`true`/`false`). Any
+overrides `COLLECTOR_KAFKA_BROKERS` (comma list, or `embedded`), `COLLECTOR_SERVER_PORT`,
+`COLLECTOR_COLLECTION` (`true`/`false`), `COLLECTOR_POSTGRES_DSN` and `COLLECTOR_REDIS_URL` (the
+sinks' addresses). Any
 unknown key or bad value raises ConfigError whose message names the key.
 """
 
@@ -16,8 +17,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from streams.depth import DepthSettings
 from streams.exchanges import adapter_class
-from streams.exchanges.base import DataType
+from streams.exchanges.base import DataType, DepthSettingError
 
 DEFAULT_CONFIG_PATH = Path("config/default.yaml")
 EMBEDDED: Literal["embedded"] = "embedded"
@@ -43,8 +45,19 @@ class ConnectionsConfig(_Strict):
     streamsPerConnection: Annotated[int, Field(ge=1)] = 1000
     # A subscribed connection that receives no frame for this long is recycled.
     silenceTimeoutSeconds: Annotated[float, Field(gt=0)] = 60.0
+    # A connection silent this many of its usual gaps between frames (at least 2 s) has stalled and is
+    # replaced make-before-break (streams/liveness.py); 0 leaves only silenceTimeoutSeconds.
+    stallAfterGaps: Annotated[float, Field(ge=0, le=1000)] = 8.0
     # Roll connections over (make-before-break) after this long; default: the exchange's limit less 15 min.
     lifetimeSeconds: Annotated[float | None, Field(gt=0)] = None
+
+
+class DepthConfig(_Strict):
+    """Order books; each key left out takes the exchange's default (README, "Order books")."""
+
+    levels: Annotated[int | None, Field(ge=1)] = None  # levels per side in depth records
+    speed: str | None = None  # the diff stream's speed, e.g. 100ms
+    snapshotIntervalSeconds: Annotated[float | None, Field(gt=0)] = None  # a snapshot record this often
 
 
 class ExchangeConfig(_Strict):
@@ -53,6 +66,7 @@ class ExchangeConfig(_Strict):
     symbols: Annotated[list[str], Field(min_length=1)]
     dataTypes: Annotated[list[str], Field(min_length=1)]
     connections: ConnectionsConfig = ConnectionsConfig()
+    depth: DepthConfig = DepthConfig()
 
     @field_validator("wsEndpoint")
     @classmethod
@@ -175,6 +189,73 @@ class LoggingConfig(_Strict):
     format: Literal["json", "text"] = "json"
 
 
+SinkType = Literal["trade", "kline", "ticker", "bbo"]
+SINK_TYPES: tuple[SinkType, ...] = ("trade", "kline", "ticker", "bbo")  # what sinks store (depth: later)
+
+
+def _unique_types(value: list[SinkType]) -> list[SinkType]:
+    if len(set(value)) != len(value):
+        raise ValueError("types are listed twice")
+    return value
+
+
+class PostgresSinkConfig(_Strict):
+    # Required, but COLLECTOR_POSTGRES_DSN can supply it, so a file need not hold the password.
+    dsn: Annotated[str, Field(min_length=1)]
+    types: Annotated[list[SinkType], Field(min_length=1)] = list(SINK_TYPES)
+    batchRows: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000  # records per database transaction
+    batchMs: Annotated[int, Field(ge=1, le=60_000)] = 500  # longest a record waits for its batch
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn(cls, value: str) -> str:
+        if not (re.match(r"^postgres(ql)?://", value) or "=" in value):
+            raise ValueError("must be a postgresql:// URL or a libpq key=value string")
+        return value
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, value: list[SinkType]) -> list[SinkType]:
+        return _unique_types(value)
+
+
+class RedisSinkConfig(_Strict):
+    url: Annotated[str, Field(min_length=1)]  # or COLLECTOR_REDIS_URL
+    types: Annotated[list[SinkType], Field(min_length=1)] = list(SINK_TYPES)
+    streamMaxLen: Annotated[int | None, Field(ge=1)] = None  # a stream per symbol, trimmed ~ this; None: none
+    ttlSeconds: Annotated[int | None, Field(ge=1)] = None  # keys expire this long after their last write
+    batchRows: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    batchMs: Annotated[int, Field(ge=1, le=60_000)] = 100
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^(rediss?|unix)://", value):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, value: list[SinkType]) -> list[SinkType]:
+        return _unique_types(value)
+
+
+class SinksConfig(_Strict):
+    postgres: PostgresSinkConfig | None = None
+    redis: RedisSinkConfig | None = None
+
+
+class DistributionConfig(_Strict):
+    """`distribution:` live delivery to `/ws/exchange` clients (agents/distribution.py)."""
+
+    # A client whose unsent data would pass this is closed with 1008 "too slow".
+    maxBufferBytes: Annotated[int, Field(ge=64 * 1024, le=1024**3)] = 4 * 1024 * 1024
+    pingIntervalSeconds: Annotated[float, Field(gt=0, le=3600)] = 20.0
+    # How long a fetch of the market topics may wait for data. The embedded broker holds every fetch
+    # this long, so it is the latency it adds there (and each fetch costs it CPU); Kafka answers at once.
+    fetchMaxWaitMs: Annotated[int, Field(ge=1, le=10_000)] = 25
+
+
 class CollectorConfig(_Strict):
     server: ServerConfig = ServerConfig()
     # false: this worker connects to no exchange and normalizes nothing; it serves the views, clients
@@ -185,6 +266,9 @@ class CollectorConfig(_Strict):
     monitoring: MonitoringConfig = MonitoringConfig()
     logging: LoggingConfig = LoggingConfig()
     validation: ValidationConfig = ValidationConfig()
+    sinks: SinksConfig = SinksConfig()
+
+    distribution: DistributionConfig = DistributionConfig()
 
     @model_validator(mode="after")
     def _exchanges_known(self) -> CollectorConfig:
@@ -205,7 +289,18 @@ class CollectorConfig(_Strict):
                     ("exchanges", name, "connections", "streamsPerConnection"),
                     f"{name} allows at most {limit} streams per connection",
                 )
+            if exchange.depth != DepthConfig():
+                try:
+                    self.depth_settings(name)
+                except DepthSettingError as exc:
+                    raise _KeyedError(("exchanges", name, "depth", exc.key), str(exc)) from None
         return self
+
+    def depth_settings(self, exchange: str) -> DepthSettings:
+        """The exchange's depth settings: the config's values, the exchange's defaults for the rest."""
+        depth = self.exchanges[exchange].depth
+        adapter = adapter_class(exchange)
+        return adapter.depth_settings(depth.levels, depth.speed, depth.snapshotIntervalSeconds)
 
 
 class _KeyedError(ValueError):
@@ -214,6 +309,12 @@ class _KeyedError(ValueError):
     def __init__(self, location: tuple[str | int, ...], message: str) -> None:
         super().__init__(message)
         self.location = location
+
+
+_MISSING_HINTS = {
+    ("sinks", "postgres", "dsn"): "required: write it here or set COLLECTOR_POSTGRES_DSN",
+    ("sinks", "redis", "url"): "required: write it here or set COLLECTOR_REDIS_URL",
+}
 
 
 def _dotted(location: tuple[str | int, ...]) -> str:
@@ -231,6 +332,8 @@ def _describe(error: ValidationError) -> str:
             location, message = cause.location, str(cause)
         elif item["type"] == "extra_forbidden":
             message = "unknown key"
+        elif item["type"] == "missing" and location in _MISSING_HINTS:
+            message = _MISSING_HINTS[location]
         else:
             message = item["msg"].removeprefix("Value error, ")
         line = f"{_dotted(location)}: {message}"
@@ -272,6 +375,26 @@ def _apply_environment(document: dict[str, Any], environ: os._Environ[str] | dic
         document["server"] = server
 
 
+_SINK_SECRETS = (("COLLECTOR_POSTGRES_DSN", "postgres", "dsn"), ("COLLECTOR_REDIS_URL", "redis", "url"))
+
+
+def _apply_sink_secrets(document: dict[str, Any], environ: os._Environ[str] | dict[str, str]) -> None:
+    """COLLECTOR_POSTGRES_DSN / COLLECTOR_REDIS_URL set the sink's address, and so turn the sink on."""
+    for variable, sink, key in _SINK_SECRETS:
+        value = environ.get(variable, "").strip()
+        if not value:
+            continue
+        sinks = document.get("sinks") or {}
+        if not isinstance(sinks, dict):
+            raise ConfigError("sinks: must be a mapping")
+        section = sinks.get(sink) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"sinks.{sink}: must be a mapping")
+        section[key] = value
+        sinks[sink] = section
+        document["sinks"] = sinks
+
+
 def load_config(environ: os._Environ[str] | dict[str, str] | None = None) -> CollectorConfig:
     environ = os.environ if environ is None else environ
     path = Path(environ.get("COLLECTOR_CONFIG") or DEFAULT_CONFIG_PATH)
@@ -290,4 +413,5 @@ def load_config(environ: os._Environ[str] | dict[str, str] | None = None) -> Col
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     _apply_environment(document, environ)
+    _apply_sink_secrets(document, environ)
     return parse_config(document, str(path))

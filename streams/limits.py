@@ -119,3 +119,53 @@ class WeightBudget:
 
     def block(self, now: float, retry_after: float) -> None:
         self.blocked_until = max(self.blocked_until, now + max(1.0, retry_after))
+
+
+REQUEST_RATE_SHARE = 0.8  # of a per-second request limit: it is counted per group, so less is left unseen
+BRIEF_BACKOFF = 1.0  # seconds after a 429 that names no Retry-After (Upbit, Bithumb): the limit is per second
+MAX_BRIEF_BACKOFF = 8.0
+
+
+class RequestRate:
+    """Requests per second per endpoint group (Upbit, Bithumb), with what the exchange says is left.
+
+    Pure like the other limiters: `now` is monotonic seconds. A group the exchange reports exhausted
+    (`Remaining-Req ... sec=0`) or answered 429 without Retry-After waits briefly, doubling while the
+    429s repeat, never the long pause a missing Retry-After once meant.
+    """
+
+    def __init__(self, per_second: float, share: float = REQUEST_RATE_SHARE) -> None:
+        self.limit = max(1, int(per_second * share))
+        self._windows: dict[str, SlidingWindow] = {}
+        self._blocked_until: dict[str, float] = {}
+        self._backoff: dict[str, float] = {}
+
+    def _window(self, group: str) -> SlidingWindow:
+        window = self._windows.get(group)
+        if window is None:
+            window = self._windows[group] = SlidingWindow(self.limit, 1.0)
+        return window
+
+    def delay(self, now: float, group: str) -> float:
+        blocked = self._blocked_until.get(group, float("-inf")) - now
+        return max(blocked, self._window(group).delay(now), 0.0)
+
+    def record(self, now: float, group: str) -> None:
+        self._window(group).record(now)
+
+    def remaining(self, now: float, group: str, left: int) -> None:
+        """The exchange's own count: nothing left means wait for the next second."""
+        if left <= 0:
+            self._blocked_until[group] = max(self._blocked_until.get(group, float("-inf")), now + 1.0)
+
+    def throttled(self, now: float, group: str) -> float:
+        """A 429 without Retry-After: seconds this group now waits."""
+        wait = self._backoff.get(group, BRIEF_BACKOFF / 2) * 2
+        wait = min(wait, MAX_BRIEF_BACKOFF)
+        self._backoff[group] = wait
+        self._blocked_until[group] = max(self._blocked_until.get(group, float("-inf")), now + wait)
+        return wait
+
+    def answered(self, group: str) -> None:
+        """A request of the group succeeded: the next 429 backs off briefly again."""
+        self._backoff.pop(group, None)

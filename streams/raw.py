@@ -9,7 +9,8 @@ each connection's frames in order on one partition.
      "frames": [[sequence, receivedAt, b"<frame bytes>"], ...]}
 
 `sequence` counts frames per connection from 0, so a consumer tells a lost frame from a quiet market.
-`receivedAt` is epoch milliseconds. `source` is `ws`, or `rest:<request>` for REST responses.
+`receivedAt` is epoch milliseconds. `source` is `ws`, or `rest:<request>` for REST responses; `request`
+names the continuity engine's history request a REST response answers.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class RawBatch(msgspec.Struct, rename="camel", frozen=True):
     frames: list[RawFrame]
     source: str = "ws"
     v: int = RAW_FORMAT_VERSION
+    # A REST answer to the continuity engine's request of this id (streams/continuity/); None otherwise.
+    request: str | None = None
 
 
 _encoder = msgspec.msgpack.Encoder()

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import msgspec
 
-RecordType = Literal["trade", "kline", "ticker", "bbo"]
+RecordType = Literal["trade", "kline", "ticker", "bbo", "depth"]
 
 
 class Trade(msgspec.Struct, rename="camel", frozen=True):
@@ -58,7 +58,24 @@ class Bbo(msgspec.Struct, rename="camel", frozen=True):
     update_id: str
 
 
-MarketData = Trade | Kline | Ticker | Bbo
+class Depth(msgspec.Struct, rename="camel", frozen=True):
+    """An order book record (`market.depth.<exchange>.<symbol>`; README, "Order book record").
+
+    A snapshot is the whole book (the configured levels) at `last_update_id`, and its first id equals
+    its last; an update carries the levels changed since the previous depth record of the symbol, whose
+    `last_update_id` is its `prev_update_id` (None on a symbol's first record). Levels are
+    `[price, quantity]` pairs, best first; quantity "0" removes a level.
+    """
+
+    snapshot: bool
+    first_update_id: str
+    last_update_id: str
+    prev_update_id: str | None
+    bids: list[tuple[str, str]]
+    asks: list[tuple[str, str]]
+
+
+MarketData = Trade | Kline | Ticker | Bbo | Depth
 
 
 class MarketRecord(msgspec.Struct, rename="camel", frozen=True):
@@ -71,7 +88,8 @@ class MarketRecord(msgspec.Struct, rename="camel", frozen=True):
 
     @property
     def natural_id(self) -> str:
-        """The id consumers dedupe on: tradeId, kline startTime+interval, bbo updateId."""
+        """The id consumers dedupe on: tradeId, kline startTime+interval, bbo updateId, depth
+        lastUpdateId (`<id>:snapshot` for snapshots, which may repeat an update's last id)."""
         data = self.data
         if isinstance(data, Trade):
             return data.trade_id
@@ -79,6 +97,8 @@ class MarketRecord(msgspec.Struct, rename="camel", frozen=True):
             return f"{data.start_time}:{data.interval}"
         if isinstance(data, Bbo):
             return data.update_id
+        if isinstance(data, Depth):
+            return f"{data.last_update_id}:snapshot" if data.snapshot else data.last_update_id
         return str(self.timestamp)
 
 
@@ -88,6 +108,7 @@ _decoders: dict[str, msgspec.json.Decoder[Any]] = {
     "kline": msgspec.json.Decoder(Kline),
     "ticker": msgspec.json.Decoder(Ticker),
     "bbo": msgspec.json.Decoder(Bbo),
+    "depth": msgspec.json.Decoder(Depth),
 }
 
 

@@ -2,7 +2,8 @@
 
 A `RestRequest` is built by the exchange adapter; its `tag` travels in the raw record's `source`
 (`rest:<tag>`) so the normalize agent can hand the response body back to the same adapter to parse.
-Tags are `trades/<exchange symbol>`, `klines/<exchange symbol>/<interval>` and `ticker/<exchange symbol>`.
+Tags are `trades/<exchange symbol>`, `klines/<exchange symbol>/<interval>`, `ticker/<exchange symbol>`
+and `depth/<exchange symbol>/<levels asked for>` (an order book snapshot, `parse_depth_snapshot`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-RestKind = Literal["trades", "klines", "ticker"]
+RestKind = Literal["trades", "klines", "ticker", "depth"]
 TRADES_PAGE = 1000  # trades per history request: the most Binance returns
 
 
@@ -22,15 +23,16 @@ class RestRequest:
     weight: int
     exchange_symbol: str
     interval: str | None = None
+    limit: int | None = None  # depth: the levels asked for (a side that long may be cut short)
 
     @property
     def tag(self) -> str:
         parts = [self.kind, self.exchange_symbol] + ([self.interval] if self.interval else [])
-        return "/".join(parts)
+        return "/".join(parts + ([str(self.limit)] if self.limit is not None else []))
 
     @property
     def described(self) -> RestTag:
-        return RestTag(self.kind, self.exchange_symbol, self.interval)
+        return RestTag(self.kind, self.exchange_symbol, self.interval, self.limit)
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class RestTag:
     kind: RestKind
     exchange_symbol: str
     interval: str | None
+    limit: int | None = None
 
 
 def parse_source(source: str) -> RestTag | None:
@@ -49,6 +52,11 @@ def parse_source(source: str) -> RestTag | None:
         return RestTag(parts[0], parts[1], None)  # type: ignore[arg-type]
     if parts[0] == "klines" and len(parts) == 3 and parts[1] and parts[2]:
         return RestTag("klines", parts[1], parts[2])
+    if parts[0] == "depth" and len(parts) in (2, 3) and parts[1]:
+        if len(parts) == 2:
+            return RestTag("depth", parts[1], None)
+        if parts[2].isdigit() and parts[2].isascii() and len(parts[2]) <= 6:
+            return RestTag("depth", parts[1], None, int(parts[2]))
     return None
 
 

@@ -11,11 +11,19 @@ it. A record that breaks a rule is refused with a `Rejection` whose reason is th
                            from the receive time (only the future side is checked for REST input,
                            whose records may legitimately be old)
     inconsistent-kline     high < max(open, close), low > min(open, close), or endTime < startTime
-    crossed-book           a bbo or ticker whose bid is not below its ask
+    crossed-book           a bbo or ticker whose bid is not below its ask; an order book snapshot whose
+                           best bid is not below its best ask
     invalid-trade-id       a trade id that is not an integer on an exchange with increasing ids
+    invalid-update-id      a depth record or diff whose update ids are not non-negative integers, or
+                           whose first id is past its last
 
-A repeated trade id is not an error: `check` returns `DUPLICATE`, which the caller drops and counts.
-A jump in increasing ids is a gap: the record is accepted and a `Gap` is queued for `take_gaps`.
+Order book levels (`depth_problem` for what adapters parse, the same rules for depth records): a price
+must be a positive plain decimal of at most 18 decimals (invalid-price); a quantity a plain decimal,
+zero only in a diff or update, where it removes the level (invalid-quantity: negative, not a number,
+or zero in a snapshot).
+
+Continuity (repeats, gaps, ids that do not follow) is not checked here: the continuity engine
+(streams/continuity/) does that for every trade that passes these checks.
 
 Speed: this runs for every record (30k+/s; about 1 µs per trade). Plain-decimal checks are string
 methods, not Decimal; comparisons go through floats, which decide exactly whenever they differ
@@ -24,50 +32,31 @@ methods, not Decimal; comparisons go through floats, which decide exactly whenev
 
 from __future__ import annotations
 
-from collections import deque
 from decimal import Decimal
 from typing import Literal, NamedTuple
 
-from streams.events import CollectorEvent
-from streams.records import Bbo, Kline, MarketRecord, Ticker, Trade
+from streams.book import PRICE_DECIMALS, price_key
+from streams.depth import DepthBook, DepthDiff, DepthSnapshot
+from streams.records import Bbo, Depth, Kline, MarketRecord, Ticker, Trade
 
 TradeIdPolicy = Literal["increasing", "unique", "none"]
-"""How an exchange's trade ids behave, declared by each adapter (`ExchangeAdapter.trade_ids`):
+"""How an exchange's trade ids behave, declared by each adapter (`ExchangeAdapter.trade_ids`) and
+followed by the continuity engine:
 
-increasing  ids rise by one per trade and symbol (Binance): dedupe, and report jumps as gaps
-unique      ids are unique but not ordered (Upbit, Bithumb `sequential_id`): dedupe in a window
+increasing  ids rise by one per trade and symbol (Binance): a jump is a gap
+unique      ids are unique but not ordered (Upbit, Bithumb `sequential_id`): repeats are dropped, gaps
+            are found from the connection and repaired from history
 none        ids carry no guarantee: no tracking
 """
 
 DEFAULT_CLOCK_SKEW_SECONDS = 300.0
 EARLIEST_PLAUSIBLE_MS = 1_230_768_000_000  # 2009-01-01: no exchange traded before; catches seconds
 MAX_NUMBER_LENGTH = 64  # longer digit strings are garbage, and would be slow to compare
-MAX_HOLES_PER_SYMBOL = 32  # unfilled gaps remembered per symbol for increasing ids
-UNIQUE_WINDOW = 512  # recent ids remembered per symbol for unique ids
 
 
 class Rejection(NamedTuple):
     reason: str
     detail: str = ""
-
-
-DUPLICATE = Rejection("duplicate", "trade id already delivered")
-
-
-class Gap(NamedTuple):
-    """Increasing trade ids jumped: ids `first_missing`..`last_missing` have not been seen."""
-
-    exchange: str
-    symbol: str
-    first_missing: int
-    last_missing: int
-    after_time: int  # trade time of the trade before the gap
-    before_time: int  # trade time of the trade after it
-    received_at: int
-
-    @property
-    def missing(self) -> int:
-        return self.last_missing - self.first_missing + 1
 
 
 def _unsigned(text: str) -> bool:
@@ -91,78 +80,6 @@ def _less(a: str, b: str) -> bool:
     return Decimal(a) < Decimal(b)
 
 
-class _IncreasingIds:
-    """Ids of one symbol on an exchange whose ids rise by one per trade.
-
-    Every id in [floor, last] has been delivered except those in `holes` (inclusive ranges, oldest
-    first). Ids below `floor` predate what is remembered and are let through: at-least-once delivery
-    prefers a possible duplicate to a loss.
-    """
-
-    __slots__ = ("floor", "holes", "last", "last_time")
-
-    def __init__(self, first: int, time: int) -> None:
-        self.floor = first
-        self.last = first
-        self.last_time = time
-        self.holes: list[list[int]] = []
-
-    def observe(self, trade_id: int, time: int) -> tuple[int, int, int] | bool:
-        """True: new; False: a duplicate; (first, last, after_time): new, after a gap."""
-        last = self.last
-        if trade_id == last + 1:
-            self.last, self.last_time = trade_id, time
-            return True
-        if trade_id > last:
-            after_time = self.last_time
-            self.last, self.last_time = trade_id, time
-            self.holes.append([last + 1, trade_id - 1])
-            if len(self.holes) > MAX_HOLES_PER_SYMBOL:
-                self.floor = self.holes.pop(0)[1] + 1
-            return (last + 1, trade_id - 1, after_time)
-        if trade_id < self.floor:
-            return True
-        return self._fill(trade_id)
-
-    def _fill(self, trade_id: int) -> bool:
-        holes = self.holes
-        for index, hole in enumerate(holes):
-            low, high = hole
-            if low <= trade_id <= high:
-                if low == high:
-                    del holes[index]
-                elif trade_id == low:
-                    hole[0] = low + 1
-                elif trade_id == high:
-                    hole[1] = high - 1
-                else:
-                    hole[1] = trade_id - 1
-                    holes.insert(index + 1, [trade_id + 1, high])
-                    if len(holes) > MAX_HOLES_PER_SYMBOL:
-                        self.floor = holes.pop(0)[1] + 1
-                return True
-        return False
-
-
-class _RecentIds:
-    """The last UNIQUE_WINDOW ids of one symbol, for exchanges whose ids are unique but unordered."""
-
-    __slots__ = ("order", "seen")
-
-    def __init__(self) -> None:
-        self.order: deque[str] = deque()
-        self.seen: set[str] = set()
-
-    def observe(self, trade_id: str) -> bool:
-        if trade_id in self.seen:
-            return False
-        self.seen.add(trade_id)
-        self.order.append(trade_id)
-        if len(self.order) > UNIQUE_WINDOW:
-            self.seen.discard(self.order.popleft())
-        return True
-
-
 class Validator:
     """Checks the records of one exchange; holds only per-symbol state of bounded size."""
 
@@ -175,12 +92,9 @@ class Validator:
         self.exchange = exchange
         self.trade_ids = trade_ids
         self.skew_ms = int(clock_skew_seconds * 1000)
-        self._increasing: dict[str, _IncreasingIds] = {}
-        self._recent: dict[str, _RecentIds] = {}
-        self._gaps: list[Gap] = []
 
     def check(self, record: MarketRecord, live: bool = True) -> Rejection | None:
-        """None when the record may be published; else why not (DUPLICATE: drop, don't dead-letter).
+        """None when the record may go on (to the continuity engine, for trades); else why not.
 
         `live` is False for REST input, whose records may be older than the clock-skew window.
         """
@@ -200,11 +114,10 @@ class Validator:
                 return Rejection("invalid-price", f"price {data.price!r}")
             if not _positive(data.quantity):
                 return Rejection("invalid-quantity", f"quantity {data.quantity!r}")
-            policy = self.trade_ids
-            if policy == "increasing":
-                return self._increasing_id(record.symbol, data, received_at)
-            if policy == "unique":
-                return self._unique_id(record.symbol, data.trade_id)
+            if self.trade_ids == "increasing":
+                text = data.trade_id
+                if not (text.isdigit() and text.isascii() and len(text) <= 20):
+                    return Rejection("invalid-trade-id", f"trade id {text!r} is not a non-negative integer")
             return None
         if type(data) is Bbo:
             return _bbo(data)
@@ -212,39 +125,9 @@ class Validator:
             return _kline(data)
         if type(data) is Ticker:
             return _ticker(data)
+        if type(data) is Depth:
+            return _depth_record(data)
         return None
-
-    def take_gaps(self) -> list[Gap]:
-        """The gaps found since the last call."""
-        gaps, self._gaps = self._gaps, []
-        return gaps
-
-    def _increasing_id(self, symbol: str, trade: Trade, received_at: int) -> Rejection | None:
-        text = trade.trade_id
-        if not (text.isdigit() and text.isascii() and len(text) <= 20):
-            return Rejection("invalid-trade-id", f"trade id {text!r} is not a non-negative integer")
-        trade_id = int(text)
-        ids = self._increasing.get(symbol)
-        if ids is None:
-            self._increasing[symbol] = _IncreasingIds(trade_id, trade.trade_time)
-            return None
-        if trade_id == ids.last + 1:  # the usual case, kept free of calls
-            ids.last, ids.last_time = trade_id, trade.trade_time
-            return None
-        outcome = ids.observe(trade_id, trade.trade_time)
-        if outcome is True:
-            return None
-        if outcome is False:
-            return DUPLICATE
-        first, last, after_time = outcome
-        self._gaps.append(Gap(self.exchange, symbol, first, last, after_time, trade.trade_time, received_at))
-        return None
-
-    def _unique_id(self, symbol: str, trade_id: str) -> Rejection | None:
-        recent = self._recent.get(symbol)
-        if recent is None:
-            recent = self._recent[symbol] = _RecentIds()
-        return None if recent.observe(trade_id) else DUPLICATE
 
 
 def _implausible(time: int, received_at: int, skew_ms: int) -> Rejection:
@@ -307,19 +190,49 @@ def _ticker(ticker: Ticker) -> Rejection | None:
     return None
 
 
-def gap_event(gap: Gap) -> CollectorEvent:
-    """The `collector.events` record announcing a gap, for backfill to react to."""
-    return CollectorEvent(
-        type="gap",
-        exchange=gap.exchange,
-        time=gap.received_at,
-        symbol=gap.symbol,
-        detail={
-            "dataType": "trade",
-            "firstMissingId": gap.first_missing,
-            "lastMissingId": gap.last_missing,
-            "missing": gap.missing,
-            "afterTime": gap.after_time,
-            "beforeTime": gap.before_time,
-        },
-    )
+def depth_problem(item: DepthDiff | DepthBook | DepthSnapshot) -> Rejection | None:
+    """Why an adapter's order book item must not touch a book, or None. A diff's levels may have
+    quantity zero (removal); a whole book or snapshot's may not, and must not be crossed."""
+    if isinstance(item, DepthDiff):
+        first, last = item.first_update_id, item.last_update_id
+        if first < 0 or first > last or (item.prev_update_id is not None and item.prev_update_id < 0):
+            previous = item.prev_update_id
+            return Rejection("invalid-update-id", f"update ids {first}..{last} (previous {previous})")
+        return _levels_problem(item.bids, False) or _levels_problem(item.asks, False)
+    update_id = item.update_id if isinstance(item, DepthBook) else item.last_update_id
+    if update_id < 0:
+        return Rejection("invalid-update-id", f"update id {update_id}")
+    return _whole_book_problem(item.bids, item.asks)
+
+
+def _levels_problem(levels: list[tuple[str, str]], whole_book: bool) -> Rejection | None:
+    for price, quantity in levels:
+        point = price.find(".")
+        if not _positive(price) or (point >= 0 and len(price) - point - 1 > PRICE_DECIMALS):
+            return Rejection("invalid-price", f"level price {price!r}")
+        if not (_positive(quantity) if whole_book else _unsigned(quantity)):
+            what = "zero in a whole book" if whole_book and _unsigned(quantity) else "not a size"
+            return Rejection("invalid-quantity", f"level quantity {quantity!r} at {price} ({what})")
+    return None
+
+
+def _whole_book_problem(bids: list[tuple[str, str]], asks: list[tuple[str, str]]) -> Rejection | None:
+    problem = _levels_problem(bids, True) or _levels_problem(asks, True)
+    if problem is None and bids and asks:
+        best_bid = max(bids, key=lambda level: price_key(level[0]))[0]
+        best_ask = min(asks, key=lambda level: price_key(level[0]))[0]
+        if price_key(best_bid) >= price_key(best_ask):
+            return Rejection("crossed-book", f"best bid {best_bid} is not below best ask {best_ask}")
+    return problem
+
+
+def _depth_record(depth: Depth) -> Rejection | None:
+    ids = (depth.first_update_id, depth.last_update_id, depth.prev_update_id or "0")
+    if not all(text.isdigit() and text.isascii() and len(text) <= 20 for text in ids):
+        return Rejection("invalid-update-id", f"update ids {ids}")
+    if int(depth.first_update_id) > int(depth.last_update_id):
+        first, last = depth.first_update_id, depth.last_update_id
+        return Rejection("invalid-update-id", f"first update id {first} past last {last}")
+    if depth.snapshot:
+        return _whole_book_problem(depth.bids, depth.asks)
+    return _levels_problem(depth.bids, False) or _levels_problem(depth.asks, False)

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from streams.events import CollectorEvent
+from streams.exchanges import adapter_class
 from streams.exchanges.base import DataType, ExchangeAdapter
 from tables.records import FlowSummary
 
@@ -341,6 +342,7 @@ def apply_flow(summary: FlowSummary, offset: int, tables: Tables) -> Changes:
     exchange = summary.exchange
     seconds = max((summary.ended_at - summary.started_at) / 1000.0, 0.001)
     total = 0
+    flowing: dict[str, int] = {}  # connector → newest receipt of a record of a coin it carries
     for symbol, flow in summary.coins.items():
         key = coin_key(exchange, symbol)
         coin = tables.coin(key) or new_coin(exchange, symbol, summary.started_at)
@@ -368,7 +370,11 @@ def apply_flow(summary: FlowSummary, offset: int, tables: Tables) -> Changes:
             coin["lastError"] = None
             _enter(coin, "subscribed", flow.last_received_at)
         changes.coins[key] = coin
+        if count and coin.get("connector"):
+            flowing[coin["connector"]] = max(flowing.get(coin["connector"], 0), flow.last_received_at)
 
+    if not _acknowledges_subscriptions(exchange):
+        _subscribed_by_data(flowing, tables, changes)
     _apply_connection_flow(summary, tables, changes)
     collector = tables.collector(exchange) or new_collector(exchange, summary.started_at)
     if _fresh(collector, FLOW_SOURCE, offset):
@@ -391,6 +397,27 @@ def apply_flow(summary: FlowSummary, offset: int, tables: Tables) -> Changes:
             _enter(collector, "running", summary.ended_at)
         changes.collectors[exchange] = collector
     return changes
+
+
+def _acknowledges_subscriptions(exchange: str) -> bool:
+    try:
+        return adapter_class(exchange).acknowledges_subscriptions
+    except KeyError:
+        return True
+
+
+def _subscribed_by_data(flowing: dict[str, int], tables: Tables, changes: Changes) -> None:
+    """Exchanges that never acknowledge a subscription (Upbit, Bithumb) prove it by sending data: a
+    connector requesting subscriptions whose coins' records were received after the request is
+    subscribed, as a `subscribed` event would have made it. Replays change nothing (the state moved on)."""
+    for name, received_at in flowing.items():
+        connector = changes.connectors.get(name) or tables.connector(name)
+        if connector is None or connector["state"] != "subscription-requesting":
+            continue
+        if received_at > connector["since"]:
+            connector["subscribeOk"] += 1
+            _enter(connector, "connected", received_at)
+            changes.connectors[name] = connector
 
 
 def _apply_connection_flow(summary: FlowSummary, tables: Tables, changes: Changes) -> None:

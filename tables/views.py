@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import wraps
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import aiohttp
 import faust
@@ -39,7 +39,7 @@ from tables.summary import collector_overview, spool_bytes
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
-_STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+_STATIC_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".txt": "text/plain"}
 _SYMBOL = re.compile(r"^(?P<base>[A-Za-z0-9]{1,20})[/-](?P<quote>[A-Za-z0-9]{1,20})$")
 BROKER_CHECK_TIMEOUT = 3.0
 FORWARD_TIMEOUT = 10.0
@@ -104,6 +104,14 @@ async def broker_reachable(app: faust.App) -> tuple[bool, str]:
     return True, "metadata received"
 
 
+class SinksHealth(Protocol):
+    """What /health reads of the worker's sinks (agents/sinks/health.py: SinkHealth)."""
+
+    def reasons(self, now: int) -> list[str]: ...
+
+    def report(self, now: int) -> dict[str, dict[str, Any]]: ...
+
+
 class StateViews:
     """What the JSON views answer, from this worker's state tables."""
 
@@ -112,11 +120,13 @@ class StateViews:
         app: faust.App,
         config: CollectorConfig,
         store: StateStore,
+        sinks: SinksHealth | None = None,
         local_spool: Callable[[], Mapping[str, QueueUsage]] | None = None,
     ) -> None:
         self.app = app
         self.config = config
         self.store = store
+        self.sinks = sinks  # the answering worker's sinks, when it runs any
         # This worker's raw spools, read live (agents/metrics.py spool_usage): while the broker is
         # away, its flow reports cannot reach the collectors table.
         self.local_spool = local_spool or _no_spool
@@ -182,7 +192,9 @@ class StateViews:
             if held > settings.spool_alert_bytes:
                 held_text = describe_bytes(held)
                 reasons.append(f"the raw spool of {exchange} holds {held_text} the broker has not taken")
-        body = {
+        if self.sinks is not None:
+            reasons += self.sinks.reasons(now)
+        body: dict[str, Any] = {
             "status": "ok" if not reasons else "unhealthy",
             "reasons": reasons,
             "broker": {"reachable": reachable, "detail": broker_detail},
@@ -193,6 +205,8 @@ class StateViews:
             "time": now,
             "servedBy": store.worker,
         }
+        if self.sinks is not None:
+            body["sinks"] = self.sinks.report(now)
         return (200 if not reasons else 503), body
 
     def spools(self, now: int) -> dict[str, int]:

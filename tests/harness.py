@@ -521,7 +521,16 @@ def pause_broker(broker: Any) -> BrokerPause:
     """SIGSTOP the broker (see `broker_pid`); call `resume()` on the answer, or use `broker_paused`."""
     pid = broker_pid(broker)
     os.kill(pid, signal.SIGSTOP)
+    # The signal is delivered asynchronously: the pause begins when the kernel shows it stopped.
+    wait_for(lambda: _process_state(pid) in {"T", "t"}, 5, "the broker to stop")
     return BrokerPause(pid, time.time())
+
+
+def _process_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
 
 
 @contextmanager
@@ -732,8 +741,9 @@ class FaultTally:
         """Every trade each symbol's market made, oldest first."""
         truth = {}
         for symbol in self.symbols:
-            rows = self.market.trades_made(symbol)
+            # Counted first: a running market makes more trades between the two requests.
             generated = self.market.trades_generated()[symbol]
+            rows = self.market.trades_made(symbol)
             if len(rows) < generated and rows:
                 raise RuntimeError("the simulator forgot trades (--history-limit): the tally needs them all")
             truth[symbol] = [truth_key(self.exchange, row) for row in rows]

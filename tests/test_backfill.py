@@ -1,4 +1,4 @@
-"""The normalize side of backfill: REST raw records, the published floor, last ids read from Kafka."""
+"""The normalize side of history: REST raw records, where each symbol continues, seeds read from Kafka."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from agents.embedded_broker import EmbeddedBroker
-from agents.lastseen import last_trade_ids
+from agents.lastseen import read_seeds
 from agents.normalize import Normalizer
 from agents.writer import TopicWriter
+from streams.continuity import Seed
 from streams.exchanges.base import Instrument
 from streams.exchanges.binance import BinanceAdapter
 from streams.raw import RawBatch, RawFrame, encode_batch
@@ -69,17 +70,17 @@ class Published:
 async def test_rest_trades_and_live_frames_publish_each_trade_once_above_what_the_topic_held() -> None:
     published = Published()
 
-    async def last_ids(symbols: object) -> dict[str, int]:
-        return {"BTC/USDT": 104}  # the market topic already ends at 104
+    async def seeds(symbols: object) -> dict[str, Seed]:
+        return {"BTC/USDT": Seed(last_id=104, last_price="100.0", last_time=NOW)}  # the topic ends at 104
 
     normalizer = Normalizer(BinanceAdapter([BTC]), TopicWriter(published.produce, published.declare),
-                            read_last_trade_ids=last_ids)  # fmt: skip
+                            read_seeds=seeds)  # fmt: skip
     await normalizer.handle([
         batch("rest:trades/BTCUSDT", rest_trades(range(101, 111))),  # 101-104 were published before
         batch("ws", *(ws_trade(i) for i in range(108, 114))),  # 108-110 overlap the REST page
     ])  # fmt: skip
     assert published.trade_ids() == list(range(105, 114))
-    assert normalizer.duplicates == 4 + 3
+    assert normalizer.duplicates == 3
     assert published.dead_letter_reasons() == []
 
 
@@ -89,23 +90,25 @@ class UnorderedIdsBinance(BinanceAdapter):
     trade_ids = "unique"
 
 
-async def test_no_published_id_floor_applies_where_trade_ids_are_not_ordered() -> None:
+async def test_where_trade_ids_are_not_ordered_new_ids_are_published_whatever_their_value() -> None:
     published = Published()
-    asked: list[object] = []
 
-    async def last_ids(symbols: object) -> dict[str, int]:
-        asked.append(symbols)
-        return {"BTC/USDT": 10**9}  # an unordered id far above the new trades' ids
+    async def seeds(symbols: object) -> dict[str, Seed]:
+        # An unordered id far above the new trades' ids: only the position (the trade time) orders.
+        return {"BTC/USDT": Seed(last_position=NOW - 5, last_price="100.0", last_time=NOW - 5,
+                                 recent_ids=(str(10**9),))}  # fmt: skip
 
     normalizer = Normalizer(UnorderedIdsBinance([BTC]), TopicWriter(published.produce, published.declare),
-                            read_last_trade_ids=last_ids)  # fmt: skip
+                            read_seeds=seeds)  # fmt: skip
     await normalizer.handle([batch("ws", *(ws_trade(i) for i in (7, 3, 9)))])
-    assert published.trade_ids() == [7, 3, 9]
-    assert asked == []
+    # A restart: the engine asks history first (nothing is asked here, so it waits); the trades are
+    # held, not lost, and not published out of turn.
+    assert published.trade_ids() == []
+    assert normalizer.engine.held() == 3
 
 
 @pytest.mark.parametrize(("source", "reason"), [
-    ("rest:depth/BTCUSDT", "unknown-source"),
+    ("rest:orderbook/BTCUSDT", "unknown-source"),
     ("rest:trades/XYZUSDT", "unknown-symbol"),
 ])  # fmt: skip
 async def test_rest_records_the_normalizer_cannot_route_or_read_are_dead_lettered(
@@ -118,14 +121,8 @@ async def test_rest_records_the_normalizer_cannot_route_or_read_are_dead_lettere
     assert published.trade_ids() == []
 
 
-@pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker() as running:
-        yield running
-
-
 @pytest.mark.e2e  # a real broker process
-async def test_last_trade_ids_read_the_end_of_each_market_topic(broker: EmbeddedBroker) -> None:
+async def test_seeds_read_the_end_of_each_market_topic(broker: EmbeddedBroker) -> None:
     topic = market_topic("trade", "binance", "BTC/USDT")
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})
     for created in admin.create_topics([NewTopic(topic, 1, 1)]).values():
@@ -133,11 +130,20 @@ async def test_last_trade_ids_read_the_end_of_each_market_topic(broker: Embedded
     producer = Producer({"bootstrap.servers": broker.bootstrap})
     for batch_ids in ((5, 6), (7, 8, 9)):  # two produce batches: the end is inside the second
         for trade_id in batch_ids:
-            trade = Trade("1.0", "1.0", "buy", str(trade_id), NOW)
+            trade = Trade(f"1.{trade_id}", "1.0", "buy", str(trade_id), NOW + trade_id)
             producer.produce(
                 topic, encode_record(MarketRecord("binance", "BTC/USDT", "trade", NOW, NOW, trade))
             )
         assert producer.flush(10) == 0
-    found = await last_trade_ids([broker.bootstrap], "binance", ["BTC/USDT", "ETH/USDT"])
-    assert found == {"BTC/USDT": 9}  # ETH has no topic yet: nothing to continue from
-    assert await last_trade_ids([broker.bootstrap], "binance", []) == {}
+    found = await read_seeds([broker.bootstrap], "binance", ["BTC/USDT", "ETH/USDT"])
+    assert list(found) == ["BTC/USDT"]  # ETH has no topic yet: nothing to continue from
+    seed = found["BTC/USDT"]
+    assert (seed.last_id, seed.last_price, seed.last_time) == (9, "1.9", NOW + 9)
+    recent = await read_seeds([broker.bootstrap], "binance", ["BTC/USDT"], recent=4, position=int_id)
+    assert recent["BTC/USDT"].recent_ids == ("6", "7", "8", "9")
+    assert recent["BTC/USDT"].last_position == 9
+    assert await read_seeds([broker.bootstrap], "binance", []) == {}
+
+
+def int_id(trade: Trade) -> int:
+    return int(trade.trade_id)

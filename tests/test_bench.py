@@ -70,6 +70,7 @@ def test_a_tiny_step_reads_back_every_trade_the_simulator_sent(tmp_path: Path) -
     assert sum(s.delivered_rate for s in result.slices) == pytest.approx(2 * result.delivered_rate, rel=0.5)
 
 
+@pytest.mark.e2e
 def test_the_broker_probe_fetches_new_records_at_each_partition_size() -> None:
     rows = broker_probe.run(ladder=(20, 60), rounds=5)
     assert [stored for stored, _ in rows] == [20, 60]

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from streams.depth import DepthDiff
 from streams.exchanges import adapter_class
 from streams.exchanges import binance as binance_module
 from streams.exchanges.base import (
@@ -185,11 +186,11 @@ def test_recorded_frame(adapter: BinanceAdapter, received_at: int, frame: bytes)
     # The source agent's per-frame check must pass every market frame through untouched.
     assert adapter.control_events(frame) == []
     if channel.startswith("depth"):
-        # Depth is a collector data type this adapter does not parse yet: the frames go to the dead
-        # letter topic under a reason that says so, rather than one that suggests a broken frame.
-        with pytest.raises(FrameError) as caught:
-            adapter.parse_frame(frame, received_at)
-        assert caught.value.reason == "unsupported-data-type"
+        # Diff depth is not a market record: the depth engine turns it into depth records.
+        bids, asks = ([tuple(level) for level in data[side]] for side in ("b", "a"))
+        expected_diff = DepthDiff(normalized(data["s"]), data["E"], received_at, data["U"], data["u"], None,
+                                  bids, asks)  # fmt: skip
+        assert adapter.parse_frame(frame, received_at) == [expected_diff]
         return
     expected = {"bookTicker": expected_bbo, "kline_1m": expected_kline, "aggTrade": expected_trade}[channel]
     assert as_contract_json(adapter.parse_frame(frame, received_at)) == expected(data, received_at)
@@ -375,6 +376,7 @@ def test_subscribe_and_unsubscribe_messages(adapter: BinanceAdapter) -> None:
         ("kline_1s", "btcusdt@kline_1s"),
         ("ticker", "btcusdt@ticker"),
         ("bbo", "btcusdt@bookTicker"),
+        ("depth", "btcusdt@depth@100ms"),
     ],
 )
 def test_stream_names_and_route(adapter: BinanceAdapter, data_type: str, stream: str) -> None:
@@ -385,7 +387,7 @@ def test_stream_names_and_route(adapter: BinanceAdapter, data_type: str, stream:
     assert binance_module._BY_CHANNEL_NAME.get(stream.split("@", 1)[1]) is not None
 
 
-@pytest.mark.parametrize("data_type", ["depth", "kline_2m", "kline_7d"])
+@pytest.mark.parametrize("data_type", ["kline_2m", "kline_7d"])
 def test_unsupported_data_types(adapter: BinanceAdapter, data_type: str) -> None:
     assert not BinanceAdapter.supports(DataType.parse(data_type))
     with pytest.raises(ValueError):
@@ -397,7 +399,7 @@ def test_supported_data_types() -> None:
     intervals += ["1w", "1M"]
     for text in ["trade", "ticker", "bbo", *(f"kline_{i}" for i in intervals)]:
         assert BinanceAdapter.supports(DataType.parse(text)), text
-    assert BinanceAdapter.data_kinds == {"trade", "kline", "ticker", "bbo"}
+    assert BinanceAdapter.data_kinds == {"trade", "kline", "ticker", "bbo", "depth"}
     assert BinanceAdapter.kline_intervals == set(intervals)
 
 
@@ -482,9 +484,9 @@ MALFORMED = [
     pytest.param(combined("bnbbtc", DOC_TRADE), "unknown-stream", id="no-channel"),
     pytest.param(combined("bnbbtc@kline_2m", DOC_KLINE), "unknown-stream", id="unknown-interval"),
     pytest.param(combined("!miniTicker@arr", {}), "unknown-stream", id="market-wide-stream"),
-    pytest.param(combined("bnbbtc@depth", {}), "unsupported-data-type", id="depth-stream"),
+    pytest.param(combined("bnbbtc@depth", {}), "schema-mismatch", id="depth-without-fields"),
     pytest.param(combined("bnbbtc@depth20@100ms", {}), "unsupported-data-type", id="partial-depth"),
-    pytest.param(b'{"e":"depthUpdate","E":1,"s":"BNBBTC"}', "unsupported-data-type", id="raw-depth"),
+    pytest.param(b'{"e":"depthUpdate","E":1,"s":"BNBBTC"}', "schema-mismatch", id="raw-depth-without-ids"),
     pytest.param(b'{"e":"24hrMiniTicker","E":1,"s":"BNBBTC"}', "unknown-event", id="raw-unknown-event"),
     pytest.param(b'{"lastUpdateId":160,"bids":[],"asks":[]}', "unknown-event", id="raw-partial-depth"),
     pytest.param(b"{}", "unknown-event", id="empty-object"),

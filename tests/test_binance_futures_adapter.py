@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from streams.depth import DepthDiff
 from streams.exchanges import adapter_class
 from streams.exchanges.base import Ack, DataType, ErrorReply, FrameError, Instrument, SubscriptionList
 from streams.exchanges.binance_futures import BinanceFuturesAdapter
@@ -107,7 +108,12 @@ def test_recorded_frame(adapter: BinanceFuturesAdapter, received_at: int, frame:
     channel = source["stream"].split("@", 1)[1]
     assert adapter.control_events(frame) == []
     if channel.startswith("depth"):
-        assert reason_of(adapter, frame) == "unsupported-data-type"
+        data = source["data"]
+        base, quote = MARKETS[data["s"]]
+        levels = [[tuple(level) for level in data[side]] for side in ("b", "a")]
+        expected_diff = DepthDiff(f"{base}/{quote}", data["E"], received_at, data["U"], data["u"], data["pu"],
+                                  *levels)  # fmt: skip
+        assert adapter.parse_frame(frame, received_at) == [expected_diff]
         return
     build = {"aggTrade": expected_trade, "kline_1m": expected_kline, "bookTicker": expected_bbo}[channel]
     assert contract_json(adapter.parse_frame(frame, received_at)) == build(source["data"], received_at)
@@ -207,7 +213,7 @@ def test_plan_puts_book_tickers_and_market_streams_on_separate_connections(
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("data_type", ["kline_1s", "depth", "kline_2m"])
+@pytest.mark.parametrize("data_type", ["kline_1s", "kline_2m"])
 def test_unsupported_data_types(adapter: BinanceFuturesAdapter, data_type: str) -> None:
     assert not BinanceFuturesAdapter.supports(DataType.parse(data_type))
     with pytest.raises(ValueError):
@@ -266,7 +272,9 @@ MALFORMED = [
                  .encode(), "unknown-symbol", id="unknown-symbol"),
     pytest.param(json.dumps({"stream": "bnbusdt@aggTrade", "data": DOC_AGG_TRADE}).encode(),
                  "symbol-mismatch", id="symbol-mismatch"),
-    pytest.param(b'{"e":"depthUpdate","E":1,"s":"BTCUSDT"}', "unsupported-data-type", id="raw-depth"),
+    pytest.param(b'{"e":"depthUpdate","E":1,"s":"BTCUSDT"}', "schema-mismatch", id="raw-depth-without-ids"),
+    pytest.param(b'{"e":"depthUpdate","E":1,"s":"BTCUSDT","U":1,"u":2,"b":[],"a":[]}', "schema-mismatch",
+                 id="depth-without-pu"),
     pytest.param(b"{}", "unknown-event", id="empty-object"),
 ]  # fmt: skip
 

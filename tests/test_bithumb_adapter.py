@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agents.backfill import PagesTradesBackwards
+from streams.depth import DepthBook
 from streams.exchanges import adapter_class
 from streams.exchanges.base import DataType, FrameError, Instrument
 from streams.exchanges.bithumb import BithumbAdapter
@@ -66,10 +66,14 @@ def test_trade_with_a_string_sequential_id(adapter: BithumbAdapter) -> None:
 
 
 def test_orderbook_microsecond_string_timestamp(adapter: BithumbAdapter) -> None:
-    record = contract(adapter.parse_frame(DOC_ORDERBOOK, RECEIVED_AT))
+    bbo, book = adapter.parse_frame(DOC_ORDERBOOK, RECEIVED_AT)
+    record = contract([bbo])
     assert record["timestamp"] == 1783657882348  # µs string → ms
     assert record["data"] == {"bidPrice": "95339000", "bidQuantity": "0.0024", "askPrice": "95340000",
                               "askQuantity": "0.0007", "updateId": "1783657882348968"}  # fmt: skip
+    # The same message is the whole book; its id is the µs timestamp.
+    assert book == DepthBook("BTC/KRW", 1783657882348, RECEIVED_AT, 1783657882348968,
+                             [("95339000", "0.0024")], [("95340000", "0.0007")])  # fmt: skip
 
 
 def test_ticker(adapter: BithumbAdapter) -> None:
@@ -99,7 +103,9 @@ def test_a_trade_stands_at_its_trade_time_not_its_unordered_id(adapter: BithumbA
 
 def test_rest_history_pages_back_from_the_newest_trades(adapter: BithumbAdapter) -> None:
     btc = adapter.by_symbol["BTC/KRW"]
-    assert BithumbAdapter.rest_history and isinstance(adapter, PagesTradesBackwards)
+    assert BithumbAdapter.rest_history
+    assert adapter.history_request(btc, None, None).params == {"market": "KRW-BTC", "count": "500"}
+    assert adapter.history_request(btc, None, "862683813820523888").params["cursor"] == "862683813820523888"
     newest = adapter.trades_request(btc, 1783658381138 * 10_000, 1000)
     assert (newest.path, newest.params) == ("/v1/trades/ticks", {"market": "KRW-BTC", "count": "500"})
     older = adapter.older_trades_request(btc, "862683813820523888", 1000)
@@ -108,7 +114,7 @@ def test_rest_history_pages_back_from_the_newest_trades(adapter: BithumbAdapter)
 
 def test_what_bithumb_offers(adapter: BithumbAdapter) -> None:
     assert adapter_class("bithumb") is BithumbAdapter and issubclass(BithumbAdapter, UpbitAdapter)
-    assert BithumbAdapter.data_kinds == {"trade", "ticker", "bbo"}
+    assert BithumbAdapter.data_kinds == {"trade", "ticker", "bbo", "depth"}
     assert not BithumbAdapter.supports(DataType.parse("kline_1m"))  # no candles on the public WebSocket
     assert (
         BithumbAdapter.limits.max_connection_attempts,

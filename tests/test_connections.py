@@ -1,6 +1,7 @@
 """Connection groups against the in-process simulator: live subscription changes, shutdown, silence,
-rollover and takeover backfill, with every raw record run through the real normalizer so that
-"exactly once" is checked on what would be published.
+rollover and takeover, with every raw record run through the real normalizer and its continuity
+engine (history requests carried out by the source, as on a worker) so that "exactly once" is checked
+on what would be published.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import aiohttp
 import pytest
 
 from agents.adapters import fetch_instruments
-from agents.normalize import Normalizer
+from agents.normalize import Normalizer, RawInput
 from agents.source import ExchangeSource
 from agents.writer import TopicWriter
 from simulator.server import Simulator, SimulatorConfig
 from streams.config import ExchangeConfig
-from streams.events import CollectorEvent
+from streams.continuity import Seed
+from streams.events import CollectorEvent, decode_event
 from streams.exchanges.binance import BinanceAdapter
 from streams.raw import decode_batch
 from streams.records import Trade, decode_record
+from streams.topics import EVENTS
 
 SYMBOLS = ["BTC/USDT", "ETH/USDT"]
 WAIT = 15.0
@@ -38,7 +41,8 @@ async def until(condition: Callable[[], Any], what: str, within: float = WAIT) -
 
 
 class Harness:
-    """One ExchangeSource whose raw records and events are kept, and a normalizer fed with them."""
+    """One ExchangeSource and a normalizer wired as a worker wires them: raw records are normalized as
+    they come, the engine's history requests go to the source, its stream news to the engine."""
 
     def __init__(
         self, sim: Simulator, adapter: BinanceAdapter, last_published: dict[str, int], **connections: Any
@@ -65,13 +69,10 @@ class Harness:
         async def emit(event: CollectorEvent) -> None:
             self.events.append(event)
 
-        async def last_ids(symbols: Collection[str]) -> dict[str, int]:
-            return {s: i for s, i in last_published.items() if s in symbols}
-
-        self.source = ExchangeSource("binance", settings, get_adapter, send_raw, emit, last_ids)
-
         async def produce(topic: str, key: bytes, value: bytes) -> Awaitable[None]:
             self.published.append((topic, key, value))
+            if topic == EVENTS:
+                self.events.append(decode_event(value))
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done
@@ -79,10 +80,35 @@ class Harness:
         async def declare(topic: str) -> None:
             return None
 
-        self.normalizer = Normalizer(adapter, TopicWriter(produce, declare))
+        async def seeds(symbols: Collection[str]) -> dict[str, Seed]:
+            return {s: Seed(last_id=i, last_time=0) for s, i in last_published.items() if s in symbols}
+
+        def stream(group: str, symbols: list[str], down: bool) -> None:
+            now = int(time.time() * 1000)
+            (self.normalizer.stream_down if down else self.normalizer.stream_up)(group, symbols, now)
+
+        def refused(symbol: str, request_id: str, retry_after_ms: int) -> None:
+            self.normalizer.refused(symbol, request_id, retry_after_ms, int(time.time() * 1000))
+
+        self.source = ExchangeSource("binance", settings, get_adapter, send_raw, emit, stream, refused)
+        self.normalizer = Normalizer(
+            adapter, TopicWriter(produce, declare), read_seeds=seeds, fetch=self.source.fetch_history
+        )
         self._normalized = 0
+        self._running = asyncio.ensure_future(self._normalize_continuously())
+
+    async def _normalize_continuously(self) -> None:
+        while True:
+            pending = [RawInput(value, key) for key, value in self.raw[self._normalized :]]
+            self._normalized += len(pending)
+            if pending:
+                await self.normalizer.handle(pending)
+            await self.normalizer.tick(int(time.time() * 1000))
+            await asyncio.sleep(0.02)
 
     async def close(self) -> None:
+        self._running.cancel()
+        await asyncio.wait([self._running])
         for group in list(self.source.groups()):
             await self.source.release_group(group)
         await self.source.rest.close()
@@ -93,11 +119,8 @@ class Harness:
     def events_of(self, kind: str) -> list[CollectorEvent]:
         return [e for e in self.events if e.type == kind]
 
-    async def normalize(self) -> dict[str, list[int]]:
-        """Run the raw records so far through the normalizer; trade ids published per symbol."""
-        pending = [value for _, value in self.raw[self._normalized :]]
-        self._normalized += len(pending)
-        await self.normalizer.handle(pending)
+    def published_ids(self) -> dict[str, list[int]]:
+        """Trade ids published so far, per symbol."""
         ids: dict[str, list[int]] = {}
         for topic, _, value in self.published:
             if topic.startswith("market.trade."):
@@ -123,6 +146,7 @@ async def adapter(sim: Simulator) -> BinanceAdapter:
         return BinanceAdapter(await fetch_instruments(BinanceAdapter, sim.url, session))
 
 
+@pytest.mark.e2e
 async def test_live_changes_subscribe_and_unsubscribe_without_reconnecting_anything(
     sim: Simulator, adapter: BinanceAdapter
 ) -> None:
@@ -163,6 +187,7 @@ async def test_live_changes_subscribe_and_unsubscribe_without_reconnecting_anyth
         await harness.close()
 
 
+@pytest.mark.e2e
 async def test_server_shutdown_reconnects_at_once_and_backfills_the_gap_exactly_once(
     sim: Simulator, adapter: BinanceAdapter
 ) -> None:
@@ -171,7 +196,7 @@ async def test_server_shutdown_reconnects_at_once_and_backfills_the_gap_exactly_
     try:
         await source.assign_group("binance:0", ["btcusdt@trade", "ethusdt@trade"])
         await until(lambda: harness.sim_connections(), "connected")
-        await until(lambda: len(source.groups()["binance:0"].last_trade_ids) == 2, "trades of both symbols")
+        await until(lambda: len(harness.published_ids()) == 2, "trades of both symbols")
         old = set(harness.sim_connections())
         sim.binance.send_server_shutdown()
         await until(
@@ -188,6 +213,7 @@ async def test_server_shutdown_reconnects_at_once_and_backfills_the_gap_exactly_
         await harness.close()
 
 
+@pytest.mark.e2e
 async def test_a_silent_connection_is_recycled_and_rest_fills_what_it_missed(
     sim: Simulator, adapter: BinanceAdapter
 ) -> None:
@@ -195,18 +221,19 @@ async def test_a_silent_connection_is_recycled_and_rest_fills_what_it_missed(
     source = harness.source
     try:
         await source.assign_group("binance:0", ["btcusdt@trade", "ethusdt@trade"])
-        await until(lambda: len(source.groups()["binance:0"].last_trade_ids) == 2, "trades of both symbols")
+        await until(lambda: len(harness.published_ids()) == 2, "trades of both symbols")
         old = set(harness.sim_connections())
         sim.binance.faults.stall(sim.binance.open_connections(), 30)
         await until(lambda: harness.events_of("stale"), "the stale connection")
         await until(lambda: harness.sim_connections().keys() - old, "a new connection")
         gaps = await until(lambda: harness.events_of("gap"), "the gap events")
-        assert all(g.detail["complete"] and g.detail["size"] > 0 for g in gaps)
+        assert all(g.detail["outcome"] == "repaired" and g.detail["missing"] > 0 for g in gaps)
         await check_exactly_once(harness)
     finally:
         await harness.close()
 
 
+@pytest.mark.e2e
 async def test_rollover_is_make_before_break_and_loses_and_duplicates_nothing(
     sim: Simulator, adapter: BinanceAdapter
 ) -> None:
@@ -228,6 +255,7 @@ async def test_rollover_is_make_before_break_and_loses_and_duplicates_nothing(
         await harness.close()
 
 
+@pytest.mark.e2e
 async def test_a_group_taken_over_backfills_from_the_last_published_id_before_live_frames(
     sim: Simulator, adapter: BinanceAdapter
 ) -> None:
@@ -238,11 +266,9 @@ async def test_a_group_taken_over_backfills_from_the_last_published_id_before_li
     source = harness.source
     try:
         await source.assign_group("binance:0", ["btcusdt@trade"])
-        await until(lambda: any(decode_batch(v).source == "ws" for _, v in harness.raw), "live frames")
-        sources = [decode_batch(v).source for _, v in harness.raw]
-        assert sources[0] == "rest:trades/BTCUSDT"  # REST history before any live frame
-        gaps = harness.events_of("gap")
-        assert gaps and gaps[0].detail["firstMissing"] == last_published + 1
+        gaps = await until(lambda: harness.events_of("gap"), "the gap repaired from history")
+        assert gaps[0].detail["firstMissingId"] == str(last_published + 1)
+        assert any(decode_batch(v).source == "rest:trades/BTCUSDT" for _, v in harness.raw)
         ids = await check_exactly_once(harness, {"BTC/USDT": last_published})
         assert ids["BTC/USDT"][0] == last_published + 1
     finally:
@@ -257,15 +283,12 @@ async def check_exactly_once(harness: Harness, after: dict[str, int] | None = No
     }
     published: dict[str, list[int]] = {}
 
-    async def caught_up() -> bool:
+    def caught_up() -> bool:
         nonlocal published
-        published = await harness.normalize()
+        published = harness.published_ids()
         return bool(published) and all(newest[s] <= ids[-1] for s, ids in published.items())
 
-    deadline = time.monotonic() + WAIT
-    while not await caught_up():
-        assert time.monotonic() < deadline, "the published trades never caught up"
-        await asyncio.sleep(0.05)
+    await until(caught_up, "the published trades to catch up")
     for symbol, ids in published.items():
         start = (after or {}).get(symbol, ids[0] - 1)
         assert ids == sorted(set(ids)), f"{symbol}: duplicates or disorder"

@@ -25,12 +25,6 @@ DATA_TYPES = ["trade", "kline_1s", "kline_1m", "ticker", "bbo"]
 TRADES_PER_SYMBOL = 150
 
 
-@pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker() as running:
-        yield running
-
-
 def _subscriptions(simulator: Simulator) -> int:
     stats = simulator.get("/_sim/stats")
     return sum(len(streams) for streams in stats["subscriptions"].values())

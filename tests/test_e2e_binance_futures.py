@@ -23,12 +23,6 @@ SYMBOLS = ["BTC/USDT", "ETH/USDT"]
 DATA_TYPES = ["trade", "kline_1m", "ticker", "bbo"]
 
 
-@pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker() as running:
-        yield running
-
-
 def aggregate_trade(row: dict[str, Any]) -> ExpectedTrade:
     return ExpectedTrade(str(row["a"]), row["p"], row["q"], "sell" if row["m"] else "buy", row["T"])
 

@@ -20,25 +20,19 @@ import aiohttp
 import msgspec
 import pytest
 
-from agents.backfill import RestFiller
+from agents.backfill import RestWriter
 from agents.embedded_broker import EmbeddedBroker
 from agents.normalize import Normalizer
 from agents.rest import RestClient
 from agents.writer import TopicWriter
 from simulator.server import Simulator as InProcessSimulator
 from simulator.server import SimulatorConfig
+from streams.continuity import FetchTrades, Seed
 from streams.exchanges.bithumb import BithumbAdapter
-from streams.raw import RawBatch, RawFrame, encode_batch
 from streams.records import Trade, decode_record
 from tests.test_e2e_upbit import run_across_a_drop, run_upbit_compatible_exactly_once
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker() as running:
-        yield running
 
 
 def test_bithumb_trades_arrive_exactly_once(broker: EmbeddedBroker, tmp_path: Path, record_property) -> None:
@@ -77,9 +71,10 @@ class _Published:
         return None
 
 
-async def test_backfill_pages_back_over_a_gap_of_several_pages() -> None:
-    """1200 trades missed (more than two pages): the filler pages `trades/ticks` back past the last
-    trade seen, and the normalize agent publishes each missed trade once, in time order."""
+async def test_history_pages_back_over_a_gap_of_several_pages() -> None:
+    """1200 trades missed (more than two pages) while the stream was down: the continuity engine pages
+    `trades/ticks` back past the last trade published (the source's RestWriter carrying out its
+    requests against the simulator), and publishes each missed trade once, in time order."""
     config = SimulatorConfig(symbols=["BTC/USDT"], trades_per_second=2000, seed=11,
                              venue_symbols={"binance-futures": ["BTC/USDT"], "upbit": ["BTC/KRW"],
                                             "bithumb": ["BTC/KRW"]})  # fmt: skip
@@ -100,29 +95,39 @@ async def test_backfill_pages_back_over_a_gap_of_several_pages() -> None:
         btc = adapter.by_symbol["BTC/KRW"]
         seen = len(rows) - 1200
         truth = [msgspec.json.decode(row) for row in rows]
-        last_seen = {"BTC/KRW": truth[seen - 1]["timestamp"] * 10_000}
+        last = truth[seen - 1]
         written: list[bytes] = []
+        fetches: list[FetchTrades] = []
 
         async def send_raw(key: str, value: bytes) -> None:
             written.append(value)
 
-        rest = RestClient(adapter, f"{sim.url}/bithumb")
-        try:
-            filler = RestFiller(adapter, rest, "bithumb-g0", "bithumb-g0-rest", send_raw, last_seen)
-            fetched = await filler.trades(btc, None, None)
-        finally:
-            await rest.close()
-        assert fetched.complete and fetched.requests == 3  # 500 + 500 + the page reaching back
-        assert last_seen["BTC/KRW"] == truth[-1]["timestamp"] * 10_000
+        async def seeds(symbols: object) -> dict[str, Seed]:
+            recent = tuple(str(row["sequential_id"]) for row in truth[seen - 500 : seen])
+            position, price = last["timestamp"] * 10_000, str(last["trade_price"])
+            seed = Seed(last_position=position, last_price=price, last_time=last["timestamp"],
+                        recent_ids=recent)  # fmt: skip
+            return {"BTC/KRW": seed}
 
         published = _Published()
-        normalizer = Normalizer(adapter, TopicWriter(published.produce, published.declare))
-        # What the stream published before the drop: the 500 trades up to the last one seen.
-        before = b"[" + b",".join(reversed(rows[seen - 500 : seen])) + b"]"
-        frame = RawFrame(0, truth[seen - 1]["timestamp"], before)
-        earlier = RawBatch("bithumb", "bithumb-g0-c1", [frame], source="rest:trades/KRW-BTC")
-        await normalizer.handle([encode_batch(earlier)])
-        assert len(published.trades) == 500
-        published.trades.clear()
-        await normalizer.handle(written)
+        normalizer = Normalizer(
+            adapter, TopicWriter(published.produce, published.declare), read_seeds=seeds, fetch=fetches.append
+        )
+        await normalizer.seed()
+        rest = RestClient(adapter, f"{sim.url}/bithumb")
+        try:
+            writer = RestWriter(adapter, rest, "bithumb:0", "bithumb-0-rest", send_raw)
+            normalizer.stream_down("bithumb:0", ["BTC/KRW"], truth[-1]["timestamp"])
+            requests = 0
+            while fetches:
+                command = fetches.pop(0)
+                requests += 1
+                answer = await writer.fetch(adapter.history_request(btc, command.from_id, command.cursor),
+                                            command.request_id)  # fmt: skip
+                assert answer.body is not None
+                await normalizer.handle(written)
+                written.clear()
+        finally:
+            await rest.close()
+        assert requests == 3  # 500 + 500 + the page reaching back
         assert [t.trade_id for t in published.trades] == [str(row["sequential_id"]) for row in truth[seen:]]

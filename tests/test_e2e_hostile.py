@@ -73,12 +73,6 @@ def hostile_frames() -> list[tuple[str, bytes, bool, str]]:
     ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker() as running:
-        yield running
-
-
 def inject(simulator: Simulator, payload: bytes, binary: bool = False) -> int:
     body = {"data": base64.b64encode(payload).decode(), "binary": binary, "stream": "btcusdt@trade"}
     return int(simulator.post("/_sim/inject", body)["sent"])

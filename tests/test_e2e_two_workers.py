@@ -14,7 +14,6 @@ import signal
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +31,6 @@ SYMBOLS = ["LINK/USDT", "ADA/USDT", "BNB/USDT", "SOL/USDT", "DOGE/USDT", "ETH/US
 GROUPS = {f"binance:{n}" for n in range(8)}
 STREAMS = {symbol.replace("/", "").lower() + "@trade" for symbol in SYMBOLS}
 MOVE_LIMIT_SECONDS = 15.0
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as running:
-        yield running
 
 
 class StreamWatch:

@@ -32,12 +32,6 @@ SYMBOLS = ["BTC/KRW", "ETH/KRW"]
 TRADES_PER_SYMBOL = 100
 
 
-@pytest.fixture(scope="module")
-def broker():
-    with EmbeddedBroker() as running:
-        yield running
-
-
 def upbit_trade(row: dict[str, Any]) -> ExpectedTrade:
     # The JSON number's digits, as a string: equal in value and in spelling.
     return ExpectedTrade(
@@ -72,7 +66,7 @@ def run_across_a_drop(
 
     Returns every trade the simulator made for the symbol, and a summary.
     """
-    # Its own symbol: the module's broker still holds the other test's BTC/KRW and ETH/KRW trades.
+    # Its own symbol, apart from the other test's BTC/KRW and ETH/KRW trades.
     symbol = "BNB/KRW"
     with collecting(
         exchange, [symbol], ["trade"], broker.bootstrap, tmp_path, route=f"/{exchange}", rate=rate

@@ -7,6 +7,7 @@ must find exactly those. No collector code takes part, so the check does not mov
 
 from __future__ import annotations
 
+import re
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -167,7 +168,7 @@ def test_a_workers_embedded_broker_pauses_and_resumes_and_a_killed_worker_comes_
     try:
         worker.wait_ready()
         broker = embedded_broker_pid(worker)
-        port = int(worker.log().split("embedded broker listening on 127.0.0.1:")[1].split()[0])
+        port = int(re.findall(r"embedded broker listening on 127\.0\.0\.1:(\d+)", worker.log())[0])
         with broker_paused(worker) as pause:
             assert pause.pid == broker
             assert not _answers_kafka("127.0.0.1", port)  # stopped: the socket is open, nothing answers

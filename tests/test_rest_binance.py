@@ -42,7 +42,15 @@ def test_requests_name_the_endpoint_weight_and_a_tag_the_raw_record_carries(adap
 
 @pytest.mark.parametrize(
     "source",
-    ["ws", "rest:", "rest:trades", "rest:klines/BTCUSDT", "rest:depth/BTCUSDT", "rest:trades/BTCUSDT/x"],
+    [
+        "ws",
+        "rest:",
+        "rest:trades",
+        "rest:klines/BTCUSDT",
+        "rest:depth",
+        "rest:depth/BTCUSDT/x",
+        "rest:trades/BTCUSDT/x",
+    ],
 )
 def test_sources_that_name_no_known_request_are_not_rest_tags(source: str) -> None:
     assert parse_source(source) is None

@@ -155,6 +155,7 @@ async def post(simulator: Simulator, path: str) -> Any:
 # -- WebSocket protocol --------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 async def test_combined_subscribe_acks_then_sends_every_stream_type(sim: Simulator) -> None:
     streams = [
         "btcusdt@trade",
@@ -201,6 +202,7 @@ async def test_combined_subscribe_acks_then_sends_every_stream_type(sim: Simulat
     assert Decimal(final_kline["h"]) == max(Decimal(t["price"]) for t in in_bar)
 
 
+@pytest.mark.e2e
 async def test_raw_and_combined_urls_and_the_combined_property(sim: Simulator) -> None:
     async with ws_connect(sim, "/ws/btcusdt@trade") as ws:
         assert (await recv(ws))["e"] == "trade"
@@ -224,6 +226,7 @@ async def test_raw_and_combined_urls_and_the_combined_property(sim: Simulator) -
         }
 
 
+@pytest.mark.e2e
 async def test_unsubscribe_stops_frames_and_list_subscriptions_follows(sim: Simulator) -> None:
     async with ws_connect(sim, "/ws") as ws:
         subscribe = {"method": "SUBSCRIBE", "params": ["btcusdt@trade", "ethusdt@aggTrade"], "id": 1}
@@ -251,6 +254,7 @@ async def post_free_stats(simulator: Simulator) -> dict[str, Any]:
     return stats
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("message", "reply"),
     [
@@ -324,6 +328,7 @@ async def test_bad_requests_get_binance_error_replies(
         assert await request(ws, {"method": "LIST_SUBSCRIPTIONS", "id": 99}) == {"result": [], "id": 99}
 
 
+@pytest.mark.e2e
 async def test_server_pings_and_drops_a_client_that_never_pongs() -> None:
     config = SimulatorConfig(symbols=SYMBOLS, trades_per_second=5, ping_interval=0.3, pong_timeout=0.8)
     async with Simulator(config) as simulator, aiohttp.ClientSession() as session:
@@ -347,6 +352,7 @@ async def test_server_pings_and_drops_a_client_that_never_pongs() -> None:
     assert stats["violations"] == 0
 
 
+@pytest.mark.e2e
 async def test_ten_messages_in_a_second_is_a_violation_and_a_disconnect(sim: Simulator) -> None:
     async with ws_connect(sim, "/ws") as ws:
         for request_id in range(10):
@@ -361,6 +367,7 @@ async def test_ten_messages_in_a_second_is_a_violation_and_a_disconnect(sim: Sim
     assert stats["violationsByReason"]["messageRate"] == 1
 
 
+@pytest.mark.e2e
 async def test_more_than_1024_streams_is_a_violation() -> None:
     symbols = [f"C{i}/USDT" for i in range(52)]  # 52 symbols x 20 stream kinds = 1040 streams
     async with Simulator(SimulatorConfig(symbols=symbols, trades_per_second=1)) as simulator:
@@ -392,6 +399,7 @@ async def test_more_than_1024_streams_is_a_violation() -> None:
     assert stats["violationsByReason"] == {"messageRate": 0, "streamLimit": 1}
 
 
+@pytest.mark.e2e
 async def test_pause_stops_generation_and_resume_restarts_it(sim: Simulator) -> None:
     async with ws_connect(sim, "/ws/btcusdt@trade") as ws:
         await recv(ws)
@@ -409,6 +417,7 @@ async def test_pause_stops_generation_and_resume_restarts_it(sim: Simulator) -> 
         assert (await recv(ws))["t"] == last_id + 1  # the tape continues where it stopped
 
 
+@pytest.mark.e2e
 async def test_disconnect_drops_every_connection_without_a_close_frame(sim: Simulator) -> None:
     async with ws_connect(sim, "/ws/btcusdt@trade") as first, ws_connect(sim, "/stream") as second:
         await recv(first)
@@ -420,6 +429,7 @@ async def test_disconnect_drops_every_connection_without_a_close_frame(sim: Simu
     assert (await post_free_stats(sim))["connections"] == {"open": 0, "total": 2}
 
 
+@pytest.mark.e2e
 async def test_stop_announces_server_shutdown_and_is_idempotent() -> None:
     simulator = Simulator(SimulatorConfig(symbols=SYMBOLS))
     await simulator.start()
@@ -436,6 +446,7 @@ async def test_stop_announces_server_shutdown_and_is_idempotent() -> None:
 # -- REST ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 async def test_rest_trades_match_the_websocket(sim: Simulator) -> None:
     async with ws_connect(sim, "/ws/btcusdt@trade") as ws:
         frames = [await recv(ws) for _ in range(20)]
@@ -463,6 +474,7 @@ async def test_rest_trades_match_the_websocket(sim: Simulator) -> None:
     assert historical == [t for t in truth if ids[0] <= t["id"] <= ids[-1]]
 
 
+@pytest.mark.e2e
 async def test_rest_klines_ticker_and_depth_agree_with_the_ground_truth(sim: Simulator) -> None:
     async with ws_connect(sim, "/ws/btcusdt@bookTicker") as ws:
         book = await recv(ws)
@@ -513,6 +525,7 @@ async def test_rest_klines_ticker_and_depth_agree_with_the_ground_truth(sim: Sim
     assert len(bids) == len(asks) == 10
 
 
+@pytest.mark.e2e
 async def test_exchange_info_and_rest_errors(sim: Simulator) -> None:
     status, _, info = await get(sim, "/api/v3/exchangeInfo")
     assert status == 200 and info["rateLimits"][0]["rateLimitType"] == "REQUEST_WEIGHT"
@@ -537,6 +550,7 @@ async def test_exchange_info_and_rest_errors(sim: Simulator) -> None:
         assert isinstance(body["msg"], str)
 
 
+@pytest.mark.e2e
 async def test_weight_header_tracks_the_documented_weights() -> None:
     config = SimulatorConfig(symbols=SYMBOLS, rest_weight_limit=300)
     async with Simulator(config) as simulator:
@@ -625,6 +639,7 @@ def test_history_limit_keeps_the_newest_trades() -> None:
 # -- command line -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 async def test_cli_prints_its_address_and_stops_on_sigterm() -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,

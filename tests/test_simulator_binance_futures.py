@@ -56,6 +56,7 @@ async def adapter(simulator: Simulator) -> BinanceFuturesAdapter:
         return BinanceFuturesAdapter(BinanceFuturesAdapter.parse_instruments(await response.read()))
 
 
+@pytest.mark.e2e
 async def test_routed_streams_parse_with_the_adapter(sim: Simulator) -> None:
     parser = await adapter(sim)
     assert set(parser.by_symbol) == {"BTC/USDT", "ETH/USDT"}
@@ -81,6 +82,7 @@ async def test_routed_streams_parse_with_the_adapter(sim: Simulator) -> None:
     assert stats["violations"] == 0
 
 
+@pytest.mark.e2e
 async def test_a_stream_on_the_wrong_route_is_acknowledged_but_silent(sim: Simulator) -> None:
     async with connect(sim.ws_url + "/public/stream", proxy=None) as ws:
         await subscribe(ws, ["btcusdt@aggTrade"])
@@ -90,6 +92,7 @@ async def test_a_stream_on_the_wrong_route_is_acknowledged_but_silent(sim: Simul
     assert stats["violationsByReason"]["wrongRoute"] == 1
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stream", ["btcusdt@trade", "btcusdt@kline_1s", "btcusdt@depthfoo"])
 async def test_spot_only_streams_are_invalid(sim: Simulator, stream: str) -> None:
     async with connect(sim.ws_url + "/market/ws", proxy=None) as ws:
@@ -98,6 +101,7 @@ async def test_spot_only_streams_are_invalid(sim: Simulator, stream: str) -> Non
         assert reply == {"error": {"code": 2, "msg": "Invalid request: invalid stream"}, "id": 9}
 
 
+@pytest.mark.e2e
 async def test_ten_messages_a_second_are_allowed_the_eleventh_closes(sim: Simulator) -> None:
     async with connect(sim.ws_url + "/market/ws", proxy=None) as ws:
         for n in range(10):
@@ -108,6 +112,7 @@ async def test_ten_messages_a_second_are_allowed_the_eleventh_closes(sim: Simula
         assert ws.close_code == 1008
 
 
+@pytest.mark.e2e
 async def test_rest_agg_trades_backfill_matches_the_stream_and_the_ground_truth(sim: Simulator) -> None:
     parser = await adapter(sim)
     btc = parser.by_symbol["BTC/USDT"]
@@ -131,6 +136,7 @@ async def test_rest_agg_trades_backfill_matches_the_stream_and_the_ground_truth(
     assert status == 200 and sum(Decimal(k[5]) for k in klines) > 0
 
 
+@pytest.mark.e2e
 async def test_exchange_info_lists_perpetuals_with_their_assets(sim: Simulator) -> None:
     status, info = await get(sim, "/fapi/v1/exchangeInfo")
     assert status == 200

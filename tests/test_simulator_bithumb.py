@@ -36,6 +36,7 @@ async def connect_statuses(simulator: Simulator, exchange: str, attempts: int) -
         return await asyncio.gather(*(attempt() for _ in range(attempts)))
 
 
+@pytest.mark.e2e
 async def test_connect_limits_differ_between_upbit_and_bithumb(sim: Simulator) -> None:
     assert (UPBIT.connects_per_second, BITHUMB.connects_per_second) == (5, 10)
     bithumb = [status for status, _ in await connect_statuses(sim, "bithumb", 14)]
@@ -44,6 +45,7 @@ async def test_connect_limits_differ_between_upbit_and_bithumb(sim: Simulator) -
     assert upbit.count(101) == 5 and upbit.count(429) == 3
 
 
+@pytest.mark.e2e
 async def test_bithumb_answers_429_with_an_empty_body_and_blocks_a_client_that_keeps_going(
     sim: Simulator,
 ) -> None:

@@ -49,6 +49,7 @@ async def subscribed(sim: Simulator, stream: str = "btcusdt@trade") -> ClientCon
     return ws
 
 
+@pytest.mark.e2e
 async def test_drop_cuts_every_connection_without_a_close_frame(sim: Simulator) -> None:
     ws = await subscribed(sim)
     answer = await post(sim, "/_sim/faults/drop")
@@ -59,6 +60,7 @@ async def test_drop_cuts_every_connection_without_a_close_frame(sim: Simulator) 
     assert closed.value.rcvd is None  # no close frame: the TCP connection just went away
 
 
+@pytest.mark.e2e
 async def test_a_stalled_connection_stays_open_but_silent_while_new_ones_get_data(sim: Simulator) -> None:
     stalled = await subscribed(sim)
     await asyncio.wait_for(stalled.recv(), WAIT)  # trades flow before the stall
@@ -75,6 +77,7 @@ async def test_a_stalled_connection_stays_open_but_silent_while_new_ones_get_dat
     await stalled.close()
 
 
+@pytest.mark.e2e
 async def test_refused_handshakes_fail_with_503_until_the_window_ends(sim: Simulator) -> None:
     await post(sim, "/_sim/faults/refuse", {"seconds": 0.5})
     with pytest.raises(InvalidStatus) as refused:
@@ -93,6 +96,7 @@ async def test_refused_handshakes_fail_with_503_until_the_window_ends(sim: Simul
     assert status[2]["counts"]["refusedHandshakes"] >= 1 and not status[2]["refusing"]
 
 
+@pytest.mark.e2e
 async def test_shutdown_announces_server_shutdown_then_closes_after_the_grace(sim: Simulator) -> None:
     ws = await subscribed(sim)
     await post(sim, "/_sim/faults/shutdown", {"grace": 0.3})
@@ -106,6 +110,7 @@ async def test_shutdown_announces_server_shutdown_then_closes_after_the_grace(si
     await ws2.close()
 
 
+@pytest.mark.e2e
 async def test_rest_faults_answer_with_retry_after_and_count_clients_that_ignore_it(sim: Simulator) -> None:
     await post(sim, "/_sim/faults/rest", {"status": 429, "seconds": 5, "retryAfter": 2})
     status, headers, body = await get(sim, "/api/v3/trades?symbol=BTCUSDT&limit=1")
@@ -120,6 +125,7 @@ async def test_rest_faults_answer_with_retry_after_and_count_clients_that_ignore
     assert (await get(sim, "/api/v3/trades?symbol=BTCUSDT&limit=1"))[0] == 200
 
 
+@pytest.mark.e2e
 async def test_handshakes_beyond_the_per_ip_attempt_limit_are_refused_and_counted(sim: Simulator) -> None:
     await post(sim, "/_sim/faults/limits", {"connectAttempts": 2, "window": 60})
     first, second = await connect(sim.ws_url + "/stream"), await connect(sim.ws_url + "/stream")
@@ -132,6 +138,7 @@ async def test_handshakes_beyond_the_per_ip_attempt_limit_are_refused_and_counte
     await second.close()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("body", [{"seconds": -1}, {"seconds": "x"}, {"status": 500}])
 async def test_fault_parameters_are_checked(sim: Simulator, body: dict[str, Any]) -> None:
     path = "/_sim/faults/rest" if "status" in body else "/_sim/faults/stall"

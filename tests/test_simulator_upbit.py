@@ -19,7 +19,7 @@ from simulator.upbit import BITHUMB, UPBIT
 from streams.exchanges.base import DataType
 from streams.exchanges.bithumb import BithumbAdapter
 from streams.exchanges.upbit import UpbitAdapter
-from streams.records import Bbo, Kline, Ticker, Trade
+from streams.records import Bbo, Kline, MarketRecord, Ticker, Trade
 from streams.rest import RestTag
 
 WAIT = 5.0
@@ -57,6 +57,7 @@ def ws(simulator: Simulator, exchange: str) -> connect:
     return connect(f"{simulator.ws_url}/{exchange}/websocket/v1", proxy=None, open_timeout=WAIT)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("exchange", ["upbit", "bithumb"])
 async def test_every_data_type_arrives_as_binary_frames_the_adapter_reads(
     sim: Simulator, exchange: str
@@ -74,13 +75,15 @@ async def test_every_data_type_arrives_as_binary_frames_the_adapter_reads(
         while set(seen) != set(wanted):
             frame = await receive(client)  # every frame is binary
             for record in adapter.parse_frame(frame, 1):
-                seen[record.type] = record
+                if isinstance(record, MarketRecord):  # an orderbook is also a DepthBook (depth)
+                    seen[record.type] = record
     for kind, data_class in wanted.items():
         assert isinstance(seen[kind].data, data_class) and seen[kind].symbol == "BTC/KRW"
     if exchange == "bithumb":
         assert len(seen["bbo"].data.update_id) == 16  # the µs timestamp string
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("exchange", ["upbit", "bithumb"])
 async def test_a_request_replaces_the_whole_set(sim: Simulator, exchange: str) -> None:
     async with ws(sim, exchange) as client:
@@ -98,6 +101,7 @@ async def test_a_request_replaces_the_whole_set(sim: Simulator, exchange: str) -
         assert later[-10:] == ["KRW-ETH"] * 10
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("request_text", "name"),
     [
@@ -120,6 +124,7 @@ async def test_bad_requests_get_named_errors(sim: Simulator, request_text: str, 
         assert event.message.startswith(name)  # type: ignore[union-attr]
 
 
+@pytest.mark.e2e
 async def test_ping_gets_status_up_and_an_idle_connection_is_closed(sim: Simulator) -> None:
     upbit = sim.venues["upbit"]
     upbit.idle_timeout = 0.6
@@ -133,6 +138,7 @@ async def test_ping_gets_status_up_and_an_idle_connection_is_closed(sim: Simulat
     assert stats["idleCloses"] >= 1
 
 
+@pytest.mark.e2e
 async def test_more_than_five_requests_a_second_close_the_connection(sim: Simulator) -> None:
     async with ws(sim, "upbit") as client:
         for n in range(6):
@@ -141,6 +147,7 @@ async def test_more_than_five_requests_a_second_close_the_connection(sim: Simula
         assert client.close_code == 1008
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("exchange", ["upbit", "bithumb"])
 async def test_rest_ticks_page_back_by_cursor_and_match_the_stream(sim: Simulator, exchange: str) -> None:
     adapter = await adapter_for(sim, exchange)
@@ -180,6 +187,7 @@ class _QuickKeepalive(UpbitAdapter):
     keepalive = (0.2, b"PING")
 
 
+@pytest.mark.e2e
 async def test_the_collectors_link_sends_whole_sets_and_keeps_the_connection_alive(sim: Simulator) -> None:
     """agents.connection.Link honours Upbit's traits: no acks, whole-set requests, text PING keepalive."""
     adapter = _QuickKeepalive((await adapter_for(sim, "upbit")).instruments.values())
@@ -192,7 +200,7 @@ async def test_the_collectors_link_sends_whole_sets_and_keeps_the_connection_ali
         events.append(kind)
 
     link = Link(adapter, f"{sim.ws_url}/upbit/websocket/v1", "upbit-test", "upbit-0", send_raw, emit,
-                silence_timeout=5.0, on_trade=lambda symbol, trade_id: None, held=False)  # fmt: skip
+                silence_timeout=5.0)  # fmt: skip
     await link.open()
 
     async def subscriptions() -> list[list[str]]:
@@ -221,6 +229,7 @@ async def test_the_collectors_link_sends_whole_sets_and_keeps_the_connection_ali
     assert "subscribe-requested" in events
 
 
+@pytest.mark.e2e
 async def test_rest_candles_match_the_streamed_bar(sim: Simulator) -> None:
     adapter = await adapter_for(sim, "upbit")
     btc = adapter.by_symbol["BTC/KRW"]
@@ -239,6 +248,7 @@ async def test_rest_candles_match_the_streamed_bar(sim: Simulator) -> None:
     assert status == 404  # Bithumb's candles are not simulated (its WebSocket has none)
 
 
+@pytest.mark.e2e
 async def test_streamed_candles_close_with_the_bars_final_state(sim: Simulator) -> None:
     """Candles have no closed flag: the adapter closes a bar when the next starts. The simulator pushes
     a bar's final state as the next bar starts, so the closing record equals the REST candle."""

@@ -325,3 +325,51 @@ def test_flow_summaries_tell_each_connector_how_far_its_frames_were_received_and
     rows.flow(later)
     row = rows.connectors["binance-0"]
     assert (row["lastFrameAt"], row["normalizedThrough"]) == (3_990, 3_950)
+
+
+def _upbit_event(rows: Rows, kind: str, time: int, **fields: Any) -> None:
+    offset = rows.offsets["events"]
+    rows.offsets["events"] += 1
+    event = CollectorEvent(type=kind, exchange="upbit", time=time, **fields)
+    rows.write(apply_event(event, offset, rows.tables))
+
+
+def _upbit_flow(rows: Rows, started: int, ended: int, records: int) -> None:
+    offset = rows.offsets["flow"]
+    rows.offsets["flow"] += 1
+    flow = FlowSummary(
+        exchange="upbit", worker="w1", started_at=started, ended_at=ended,
+        coins={"BTC/KRW": CoinFlow(records={"trade": records}, last_received_at=ended - 10,
+                                   last_event_at=ended - 12)} if records else {},
+    )  # fmt: skip
+    rows.write(apply_flow(flow, offset, rows.tables))
+
+
+def test_a_connector_of_an_exchange_that_never_acknowledges_is_subscribed_once_its_data_flows() -> None:
+    rows = Rows()
+    connection = "upbit-0-1700000000000-1"
+    _upbit_event(rows, "connected", 1000, connection_id=connection)
+    _upbit_event(rows, "subscribe-requested", 1100, connection_id=connection, detail={"symbols": ["BTC/KRW"]})
+    assert rows.connectors["upbit-0"]["state"] == "subscription-requesting"
+    _upbit_flow(rows, 0, 1050, records=0)  # nothing yet: still requesting
+    assert rows.connectors["upbit-0"]["state"] == "subscription-requesting"
+    _upbit_flow(rows, 1050, 3000, records=5)
+    connector = rows.connectors["upbit-0"]
+    assert (connector["state"], connector["since"], connector["subscribeOk"]) == ("connected", 2990, 1)
+    assert rows.coins["upbit:BTC/KRW"]["state"] == "subscribed"
+    _upbit_flow(rows, 3000, 5000, records=5)  # later data changes nothing more
+    assert rows.connectors["upbit-0"]["subscribeOk"] == 1
+    # A new request (Upbit replaces the whole set) is proven again by records received after it.
+    _upbit_event(rows, "subscribe-requested", 6000, connection_id=connection, detail={"symbols": ["BTC/KRW"]})
+    _upbit_flow(rows, 5000, 5900, records=3)  # received before the request: proves nothing
+    assert rows.connectors["upbit-0"]["state"] == "subscription-requesting"
+    _upbit_flow(rows, 5900, 7000, records=3)
+    assert rows.connectors["upbit-0"]["state"] == "connected"
+
+
+def test_a_connector_of_an_exchange_that_acknowledges_waits_for_the_acknowledgement() -> None:
+    rows = Rows()
+    rows.event("connected", 1000, connection_id=CONNECTION)
+    rows.event("subscribe-requested", 1100, connection_id=CONNECTION, detail={"symbols": ["BTC/USDT"]})
+    rows.flow(summary(1050, 3000, BTC_USDT={"trade": 5}))
+    assert rows.connectors["binance-0"]["state"] == "subscription-requesting"

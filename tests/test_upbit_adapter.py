@@ -13,14 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agents.backfill import PagesTradesBackwards
+from streams.continuity import Settings
+from streams.depth import DepthBook
 from streams.exchanges import adapter_class
 from streams.exchanges.base import DataType, ErrorReply, FrameError, Instrument, SubscriptionList
 from streams.exchanges.upbit import UpbitAdapter, millis, plain
 from streams.plan import plan_connections
 from streams.records import MarketRecord, Trade, decode_record, encode_record
 from streams.rest import RestTag
-from streams.validation import UNIQUE_WINDOW
 
 FIXTURE = Path(__file__).parent / "fixtures" / "upbit.ws"
 RECEIVED_AT = 1_700_000_000_123
@@ -80,7 +80,16 @@ def test_fixture_is_binary_simple_trades_and_orderbooks() -> None:
 def test_recorded_frame(adapter: UpbitAdapter, received_at: int, frame: bytes) -> None:
     source = json.loads(frame, parse_float=Decimal)
     assert adapter.control_events(frame) == []
-    [record] = contract(adapter.parse_frame(frame, received_at))
+    items = adapter.parse_frame(frame, received_at)
+    if source["ty"] == "orderbook":  # the bbo record, then the whole book (the depth engine's input)
+        items, book = items[:1], items[1]
+        units = source["obu"]
+        assert book == DepthBook(
+            f"{source['cd'].split('-')[1]}/{source['cd'].split('-')[0]}", source["tms"], received_at,
+            source["tms"], [(exact(u["bp"]), exact(u["bs"])) for u in units],
+            [(exact(u["ap"]), exact(u["as"])) for u in units],
+        )  # fmt: skip
+    [record] = contract(items)
     quote, base = source["cd"].split("-")
     common = {"exchange": "upbit", "symbol": f"{base}/{quote}", "timestamp": source["tms"],
               "receivedAt": received_at}  # fmt: skip
@@ -152,7 +161,7 @@ def test_documented_ticker(adapter: UpbitAdapter) -> None:
 
 
 def test_documented_orderbook_top_is_the_bbo(adapter: UpbitAdapter) -> None:
-    assert contract(adapter.parse_frame(DOC_ORDERBOOK, RECEIVED_AT))[0]["data"] == {
+    assert contract(adapter.parse_frame(DOC_ORDERBOOK, RECEIVED_AT)[:1])[0]["data"] == {
         "bidPrice": "100465000", "bidQuantity": "0.02", "askPrice": "100473000", "askQuantity": "0.43",
         "updateId": "1730336862082"}  # fmt: skip
 
@@ -339,13 +348,15 @@ def test_trade_position_of_a_parsed_trade_is_its_marker(adapter: UpbitAdapter) -
     [record] = adapter.parse_frame(frame, RECEIVED_AT)
     assert isinstance(record, MarketRecord) and isinstance(record.data, Trade)
     assert adapter.trade_marker(frame) == ("BTC/KRW", adapter.trade_position(record.data))
-    assert isinstance(adapter, PagesTradesBackwards)  # the backfill pages trades/ticks back by cursor
+    btc = adapter.by_symbol["BTC/KRW"]
+    assert adapter.history_request(btc, None, "17303368620470000").params["cursor"] == "17303368620470000"
+    assert adapter.trade_id_consistent(record.data)  # the id carries the trade time
 
 
 def test_the_dedupe_window_holds_more_than_a_rest_page(adapter: UpbitAdapter) -> None:
     # The page that reaches back past the last trade seen repeats up to a page of published trades.
     page = int(adapter.trades_request(adapter.by_symbol["BTC/KRW"], None, 10_000).params["count"])
-    assert adapter.trade_ids == "unique" and page < UNIQUE_WINDOW
+    assert adapter.trade_ids == "unique" and page == adapter.history_page < Settings().recent_ids
 
 
 def test_rest_candles_oldest_first_closed_when_over(adapter: UpbitAdapter) -> None:

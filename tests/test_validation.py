@@ -1,27 +1,16 @@
-"""The validation rules and trade-id tracking of streams/validation.py, one rule at a time."""
+"""The validation rules of streams/validation.py, one rule at a time (continuity: test_continuity.py)."""
 
 from __future__ import annotations
 
-import random
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
-from streams.events import decode_event, encode_event
 from streams.exchanges.base import ExchangeAdapter, FrameError, Instrument
 from streams.exchanges.binance import BinanceAdapter
 from streams.records import Bbo, Kline, MarketRecord, Ticker, Trade
-from streams.validation import (
-    DUPLICATE,
-    EARLIEST_PLAUSIBLE_MS,
-    MAX_HOLES_PER_SYMBOL,
-    UNIQUE_WINDOW,
-    Gap,
-    Rejection,
-    Validator,
-    gap_event,
-)
+from streams.validation import EARLIEST_PLAUSIBLE_MS, Validator
 
 NOW = 1_700_000_000_000
 RECORDED = Path(__file__).resolve().parent / "fixtures" / "recorded" / "BINANCE.ws.1.0"
@@ -237,44 +226,12 @@ def test_ticker_rules(changes: dict[str, str | None], expected: str | None) -> N
     assert reason(ticker(**changes)) == expected
 
 
-# -- increasing trade ids (Binance) ------------------------------------------------------------------------
-
-
-def feed(validator: Validator, ids: list[int], symbol: str = "BTC/USDT") -> list[Rejection | None]:
-    return [validator.check(trade(trade_id=str(i), symbol=symbol)) for i in ids]
+# -- trade ids --------------------------------------------------------------------------------------------
 
 
 def test_adapters_declare_their_trade_id_policy() -> None:
     assert BinanceAdapter.trade_ids == "increasing"
     assert ExchangeAdapter.trade_ids == "unique"  # the safe default: dedupe only
-
-
-def test_increasing_ids_drop_duplicates_without_dead_lettering() -> None:
-    validator = Validator("binance", "increasing")
-    assert feed(validator, [1, 2, 3, 3, 2, 4]) == [None, None, None, DUPLICATE, DUPLICATE, None]
-    assert DUPLICATE.reason == "duplicate"
-    assert validator.take_gaps() == []
-
-
-def test_a_jump_in_increasing_ids_is_a_gap_and_its_fill_is_accepted_once() -> None:
-    validator = Validator("binance", "increasing")
-    assert feed(validator, [10, 11, 15]) == [None, None, None]
-    (gap,) = validator.take_gaps()
-    assert (gap.symbol, gap.first_missing, gap.last_missing, gap.missing) == ("BTC/USDT", 12, 14, 3)
-    assert validator.take_gaps() == []  # taken once
-    # A backfill delivers the missing ids, in any order, once; repeats and old ids are duplicates.
-    assert feed(validator, [13, 13, 12, 14, 12, 11, 15]) == [
-        None, DUPLICATE, None, None, DUPLICATE, DUPLICATE, DUPLICATE,
-    ]  # fmt: skip
-    assert feed(validator, [16]) == [None]
-    assert validator.take_gaps() == []
-
-
-def test_symbols_are_tracked_independently() -> None:
-    validator = Validator("binance", "increasing")
-    assert feed(validator, [5, 6], "BTC/USDT") == [None, None]
-    assert feed(validator, [5, 6], "ETH/USDT") == [None, None]
-    assert feed(validator, [6], "ETH/USDT") == [DUPLICATE]
 
 
 def test_non_integer_id_on_an_increasing_exchange_is_rejected() -> None:
@@ -283,69 +240,6 @@ def test_non_integer_id_on_an_increasing_exchange_is_rejected() -> None:
         assert reason(trade(trade_id=bad), validator) == "invalid-trade-id"
 
 
-def test_remembered_gaps_are_bounded_and_forgotten_ones_let_ids_through() -> None:
+def test_repeats_and_jumps_are_not_validation_s_business() -> None:
     validator = Validator("binance", "increasing")
-    ids = [0] + [2 * n for n in range(1, 200)]  # every other id missing: 199 gaps
-    feed(validator, ids)
-    assert len(validator.take_gaps()) == 199
-    state = validator._increasing["BTC/USDT"]
-    assert len(state.holes) == MAX_HOLES_PER_SYMBOL
-    # A forgotten gap's ids can no longer be told from repeats: let through (at least once, never lost).
-    assert feed(validator, [1]) == [None]
-    assert feed(validator, [397]) == [None]  # still remembered: a fill
-    assert feed(validator, [397, 398]) == [DUPLICATE, DUPLICATE]
-
-
-def test_state_stays_bounded_over_a_long_hostile_run() -> None:
-    validator = Validator("binance", "increasing")
-    rng = random.Random(7)
-    next_id = 1
-    for n in range(100_000):
-        roll = rng.random()
-        if roll < 0.01:
-            next_id += rng.randint(2, 1000)  # a gap
-        elif roll < 0.05:
-            validator.check(trade(trade_id=str(max(1, next_id - rng.randint(1, 5000)))))  # late or repeated
-            continue
-        validator.check(trade(trade_id=str(next_id), symbol=f"S{n % 50}/USDT"))
-        next_id += 1
-        if n % 1000 == 0:
-            validator.take_gaps()
-    assert len(validator._increasing) == 51
-    assert all(len(state.holes) <= MAX_HOLES_PER_SYMBOL for state in validator._increasing.values())
-
-
-# -- unique, unordered ids (Upbit, Bithumb) ----------------------------------------------------------------
-
-
-def test_unique_ids_dedupe_without_order_or_gaps() -> None:
-    validator = Validator("upbit", "unique")
-    assert feed(validator, [5, 3, 9, 3, 5, 4]) == [None, None, None, DUPLICATE, DUPLICATE, None]
-    assert validator.take_gaps() == []
-
-
-def test_unique_id_memory_is_a_bounded_window() -> None:
-    validator = Validator("upbit", "unique")
-    feed(validator, list(range(UNIQUE_WINDOW * 3)))
-    recent = validator._recent["BTC/USDT"]
-    assert len(recent.seen) == len(recent.order) == UNIQUE_WINDOW
-    assert feed(validator, [UNIQUE_WINDOW * 3 - 1]) == [DUPLICATE]  # recent: remembered
-    assert feed(validator, [0]) == [None]  # long gone: let through
-
-
-def test_no_policy_no_tracking() -> None:
-    validator = Validator("other", "none")
-    assert feed(validator, [1, 1, 1]) == [None, None, None]
-
-
-# -- the gap event -----------------------------------------------------------------------------------------
-
-
-def test_gap_event_for_collector_events() -> None:
-    event = gap_event(Gap("binance", "BTC/USDT", 12, 14, NOW - 10, NOW - 2, NOW))
-    assert decode_event(encode_event(event)) == event
-    assert (event.type, event.exchange, event.symbol, event.time) == ("gap", "binance", "BTC/USDT", NOW)
-    assert event.detail == {
-        "dataType": "trade", "firstMissingId": 12, "lastMissingId": 14, "missing": 3,
-        "afterTime": NOW - 10, "beforeTime": NOW - 2,
-    }  # fmt: skip
+    assert [validator.check(trade(trade_id=str(i))) for i in (5, 5, 9)] == [None, None, None]

@@ -16,6 +16,7 @@ import pytest
 from agents.metrics import DEADLETTERS
 from agents.normalize import MAX_DEAD_LETTER_FRAME, Normalizer
 from agents.writer import TopicWriter
+from streams.continuity import FetchTrades, Seed
 from streams.deadletter import DeadLetter, decode_dead_letter
 from streams.events import CollectorEvent, decode_event
 from streams.exchanges.base import Instrument
@@ -38,6 +39,7 @@ class MemoryTopics:
 
     def __init__(self) -> None:
         self.topics: dict[str, list[tuple[bytes, bytes]]] = defaultdict(list)
+        self.fetches: list[FetchTrades] = []  # history the continuity engine asked for
 
     async def produce(self, topic: str, key: bytes, value: bytes) -> asyncio.Future[None]:
         self.topics[topic].append((key, value))
@@ -58,10 +60,22 @@ class MemoryTopics:
         return [decode_event(value) for _, value in self.topics.get(EVENTS, [])]
 
 
-def make_normalizer(clock_skew_seconds: float = 300) -> tuple[Normalizer, MemoryTopics]:
+def make_normalizer(
+    clock_skew_seconds: float = 300, last_id: int | None = None
+) -> tuple[Normalizer, MemoryTopics]:
+    """A Normalizer writing to memory; with `last_id`, the BTC trade topic is taken to end there."""
     memory = MemoryTopics()
     writer = TopicWriter(memory.produce, memory.declare)
-    return Normalizer(BinanceAdapter(INSTRUMENTS), writer, clock_skew_seconds), memory
+
+    async def seeds(symbols: object) -> dict[str, Seed]:
+        return (
+            {} if last_id is None else {"BTC/USDT": Seed(last_id=last_id, last_price="100.5", last_time=NOW)}
+        )
+
+    normalizer = Normalizer(
+        BinanceAdapter(INSTRUMENTS), writer, clock_skew_seconds, read_seeds=seeds, fetch=memory.fetches.append
+    )
+    return normalizer, memory
 
 
 def trade_frame(trade_id: int, price: str = "100.5", quantity: str = "0.25", **extra: Any) -> bytes:
@@ -73,13 +87,13 @@ def trade_frame(trade_id: int, price: str = "100.5", quantity: str = "0.25", **e
 def rest_trades(*ids: int, time: int = NOW - 3_600_000) -> bytes:
     """A REST `trades` body, as backfill fetches it (by default an hour old)."""
     rows = [{"id": n, "price": "100.5", "qty": "0.25", "quoteQty": "25.125", "time": time,
-             "isBuyerMaker": True, "isBestMatch": True} for n in ids]  # fmt: skip
+             "isBuyerMaker": False, "isBestMatch": True} for n in ids]  # fmt: skip
     return json.dumps(rows).encode()
 
 
-def batch(*payloads: bytes, source: str = "ws", first_sequence: int = 0) -> bytes:
+def batch(*payloads: bytes, source: str = "ws", first_sequence: int = 0, request: str | None = None) -> bytes:
     frames = [RawFrame(first_sequence + n, NOW, payload) for n, payload in enumerate(payloads)]
-    return encode_batch(RawBatch("binance", "binance-0-1-1", frames, source=source))
+    return encode_batch(RawBatch("binance", "binance-0-1-1", frames, source=source, request=request))
 
 
 def run(normalizer: Normalizer, *values: bytes) -> None:
@@ -91,13 +105,17 @@ def test_a_record_breaking_a_rule_is_dead_lettered_with_its_reason_and_counted()
     counter = DEADLETTERS.labels("binance", "invalid-price")
     before = counter._value.get()
     run(normalizer, batch(trade_frame(1), trade_frame(2, price="-3"), trade_frame(3)))
-    assert [t.data.trade_id for t in memory.trades()] == ["1", "3"]  # type: ignore[union-attr]
     (letter,) = memory.dead_letters()
     assert (letter.reason, letter.sequence, letter.connection_id) == ("invalid-price", 1, "binance-0-1-1")
     assert letter.frame == trade_frame(2, price="-3").decode()
     assert "'-3'" in letter.detail
     assert normalizer.dead_lettered == 1
     assert counter._value.get() == before + 1
+    # Trade 2 never reached the stream intact: 3 waits while the exchange's history is asked for 2.
+    assert [t.data.trade_id for t in memory.trades()] == ["1"]  # type: ignore[union-attr]
+    assert [f.from_id for f in memory.fetches] == [2]
+    run(normalizer, batch(rest_trades(2, 3, time=NOW - 4), source="rest:trades/BTCUSDT", request="1"))
+    assert [t.data.trade_id for t in memory.trades()] == ["1", "2", "3"]  # type: ignore[union-attr]
 
 
 def test_a_duplicate_is_dropped_and_counted_not_dead_lettered() -> None:
@@ -108,23 +126,28 @@ def test_a_duplicate_is_dropped_and_counted_not_dead_lettered() -> None:
     assert normalizer.duplicates == 2
 
 
-def test_a_gap_in_trade_ids_becomes_a_collector_event_and_the_trades_still_flow() -> None:
+def test_a_gap_in_trade_ids_is_filled_from_history_before_later_trades_and_reported() -> None:
     normalizer, memory = make_normalizer()
     run(normalizer, batch(trade_frame(1), trade_frame(2), trade_frame(6), trade_frame(7)))
-    assert [t.data.trade_id for t in memory.trades()] == ["1", "2", "6", "7"]  # type: ignore[union-attr]
+    assert [t.data.trade_id for t in memory.trades()] == ["1", "2"]  # type: ignore[union-attr]
+    [fetch] = memory.fetches
+    assert (fetch.symbol, fetch.from_id, fetch.group) == ("BTC/USDT", 3, "binance:0")
+    run(normalizer, batch(rest_trades(3, 4, 5, 6, 7), source="rest:trades/BTCUSDT", request=fetch.request_id))
+    assert [t.data.trade_id for t in memory.trades()] == ["1", "2", "3", "4", "5", "6", "7"]  # type: ignore[union-attr]
     (event,) = memory.events()
     assert (event.type, event.exchange, event.symbol) == ("gap", "binance", "BTC/USDT")
-    assert (event.detail["firstMissingId"], event.detail["lastMissingId"]) == (3, 5)
-    # A REST backfill of the gap fills it exactly once, however old its trades are.
-    run(normalizer, batch(rest_trades(3, 4, 5, 4), source="rest:trades/BTCUSDT"))
-    assert [t.data.trade_id for t in memory.trades()][4:] == ["3", "4", "5"]  # type: ignore[union-attr]
-    assert len(memory.events()) == 1
+    assert (event.detail["firstMissingId"], event.detail["lastMissingId"], event.detail["missing"]) == (
+        "3",
+        "5",
+        3,
+    )
+    assert (event.detail["outcome"], event.detail["unrecoverable"]) == ("repaired", False)
 
 
 def test_stale_live_frames_are_refused_but_rest_input_may_be_old() -> None:
-    normalizer, memory = make_normalizer(clock_skew_seconds=1)
+    normalizer, memory = make_normalizer(clock_skew_seconds=1, last_id=8)
     old = json.dumps({"stream": "btcusdt@trade", "data": {
-        "e": "trade", "E": NOW - 60_000, "s": "BTCUSDT", "t": 9, "p": "1", "q": "1", "T": NOW - 60_000,
+        "e": "trade", "E": NOW - 60_000, "s": "BTCUSDT", "t": 9, "p": "100.5", "q": "1", "T": NOW - 60_000,
         "m": True}}).encode()  # fmt: skip
     run(normalizer, batch(old))
     assert [d.reason for d in memory.dead_letters()] == ["implausible-timestamp"]

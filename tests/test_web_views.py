@@ -215,7 +215,7 @@ def test_silent_coins_raise_alerts_make_health_fail_and_recover(cluster: Cluster
     try:
         wait_for(lambda: b.request("/health")[0] == 503, 30, "health to report the stale coins")
         _, health = a.request("/health")
-        assert health["staleCoins"] == ["binance:BTC/USDT", "binance:ETH/USDT"]
+        assert health["staleCoins"] == ["binance:BTC/USDT", "binance:ETH/USDT"], health
         assert any(reason.startswith("2 stale coins") for reason in health["reasons"])
         alerts = wait_for(
             lambda: len(get(a, "/alerts")["open"]) == 2 and get(a, "/alerts"), 30, "two open alerts"

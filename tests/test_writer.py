@@ -73,20 +73,22 @@ def _settings(bootstrap: str, **overrides: object) -> dict[str, object]:
     return confluent_settings([bootstrap], linger_ms=5, compression="lz4", **overrides)
 
 
-async def test_flush_returns_with_every_record_of_many_topics_in_order_on_the_broker() -> None:
-    with EmbeddedBroker() as broker:
-        delivery = ConfluentDelivery(_settings(broker.bootstrap))
-        writer = TopicWriter(None, _declarer(broker.bootstrap), delivery=delivery)
-        topics = [f"market.trade.test.s{i}" for i in range(20)]
-        for n in range(2000):
-            writer.send(topics[n % 20], b"key", str(n).encode())
-        await asyncio.wait_for(writer.flush(), timeout=30)
-        assert writer.sent == 2000 and writer.retries == 0
-        # Acknowledged means readable: nothing is still on its way after flush returned.
-        found = _read_all(broker.bootstrap, topics, 2000, timeout=10)
-        for i, topic in enumerate(topics):
-            assert [int(v) for v in found[topic]] == list(range(i, 2000, 20))
-        delivery.close()
+async def test_flush_returns_with_every_record_of_many_topics_in_order_on_the_broker(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    broker = shared_broker
+    delivery = ConfluentDelivery(_settings(broker.bootstrap))
+    writer = TopicWriter(None, _declarer(broker.bootstrap), delivery=delivery)
+    topics = [f"market.trade.test.s{i}" for i in range(20)]
+    for n in range(2000):
+        writer.send(topics[n % 20], b"key", str(n).encode())
+    await asyncio.wait_for(writer.flush(), timeout=30)
+    assert writer.sent == 2000 and writer.retries == 0
+    # Acknowledged means readable: nothing is still on its way after flush returned.
+    found = _read_all(broker.bootstrap, topics, 2000, timeout=10)
+    for i, topic in enumerate(topics):
+        assert [int(v) for v in found[topic]] == list(range(i, 2000, 20))
+    delivery.close()
 
 
 async def _writer_on_a_broker_to_stop(topic: str) -> tuple[EmbeddedBroker, TopicWriter]:
@@ -139,40 +141,42 @@ async def test_a_record_the_broker_can_never_accept_is_dropped_instead_of_stalli
     assert writer.retries == 0
 
 
-async def test_commit_returns_at_once_and_calls_back_only_when_the_broker_has_every_record() -> None:
-    with EmbeddedBroker() as broker:
-        declare = _declarer(broker.bootstrap)
-        topics = [f"market.trade.test.c{i}" for i in range(5)]
-        for topic in topics:
-            await declare(topic)
-        delivery = ConfluentDelivery(_settings(broker.bootstrap))
-        writer = TopicWriter(None, declare, delivery=delivery)
-        acknowledged: list[int] = []
-        all_acknowledged = asyncio.Event()
-        committed_at: dict[int, int] = {}
+async def test_commit_returns_at_once_and_calls_back_only_when_the_broker_has_every_record(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    broker = shared_broker
+    declare = _declarer(broker.bootstrap)
+    topics = [f"market.trade.test.c{i}" for i in range(5)]
+    for topic in topics:
+        await declare(topic)
+    delivery = ConfluentDelivery(_settings(broker.bootstrap))
+    writer = TopicWriter(None, declare, delivery=delivery)
+    acknowledged: list[int] = []
+    all_acknowledged = asyncio.Event()
+    committed_at: dict[int, int] = {}
 
-        def on_acknowledged(step: int, acknowledged_at: AcknowledgedAt) -> None:
-            # Each topic's acknowledgement time, between the step's commit and this callback.
-            assert set(acknowledged_at) == set(topics)
-            assert all(committed_at[step] <= t <= now_ms() for t in acknowledged_at.values())
-            acknowledged.append(step)
-            if len(acknowledged) == 3:
-                all_acknowledged.set()
+    def on_acknowledged(step: int, acknowledged_at: AcknowledgedAt) -> None:
+        # Each topic's acknowledgement time, between the step's commit and this callback.
+        assert set(acknowledged_at) == set(topics)
+        assert all(committed_at[step] <= t <= now_ms() for t in acknowledged_at.values())
+        acknowledged.append(step)
+        if len(acknowledged) == 3:
+            all_acknowledged.set()
 
-        for step in range(3):
-            for n in range(100):
-                writer.send(topics[n % 5], b"key", f"{step}:{n}".encode())
-            committed_at[step] = now_ms()
-            await writer.commit(functools.partial(on_acknowledged, step))
-        # Delivery reports are served on this event loop, so none can have arrived yet.
-        assert acknowledged == []
-        await asyncio.wait_for(all_acknowledged.wait(), timeout=30)
-        assert sorted(acknowledged) == [0, 1, 2] and writer.sent == 300
-        found = _read_all(broker.bootstrap, topics, 300, timeout=10)
-        assert sorted(v.decode() for values in found.values() for v in values) == sorted(
-            f"{step}:{n}" for step in range(3) for n in range(100)
-        )
-        delivery.close()
+    for step in range(3):
+        for n in range(100):
+            writer.send(topics[n % 5], b"key", f"{step}:{n}".encode())
+        committed_at[step] = now_ms()
+        await writer.commit(functools.partial(on_acknowledged, step))
+    # Delivery reports are served on this event loop, so none can have arrived yet.
+    assert acknowledged == []
+    await asyncio.wait_for(all_acknowledged.wait(), timeout=30)
+    assert sorted(acknowledged) == [0, 1, 2] and writer.sent == 300
+    found = _read_all(broker.bootstrap, topics, 300, timeout=10)
+    assert sorted(v.decode() for values in found.values() for v in values) == sorted(
+        f"{step}:{n}" for step in range(3) for n in range(100)
+    )
+    delivery.close()
 
 
 async def test_commits_wait_while_too_many_are_unacknowledged_and_none_is_called_back_early() -> None:
@@ -203,21 +207,23 @@ async def test_commits_wait_while_too_many_are_unacknowledged_and_none_is_called
         revived.stop()
 
 
-async def test_the_raw_producer_keeps_a_key_in_order_carries_big_frames_and_delivers_on_close() -> None:
-    with EmbeddedBroker() as broker:
-        _create_topic(broker.bootstrap, "raw.test")
-        producer = RawProducer(_settings(broker.bootstrap))
-        big = b"b" * (6 * 1024 * 1024)  # the largest frame a connection accepts travels alone
-        values = [f"r{n}".encode() for n in range(500)]
-        for value in values[:250]:
-            await producer.send("raw.test", b"binance:0", value)
-        await producer.send("raw.test", b"binance:0", big)
-        for value in values[250:]:
-            await producer.send("raw.test", b"binance:0", value)
-        await asyncio.wait_for(producer.close(), timeout=30)
-        assert producer.failed == 0
-        found = _read_all(broker.bootstrap, ["raw.test"], 501, timeout=20)["raw.test"]
-        assert found == [*values[:250], big, *values[250:]]
+async def test_the_raw_producer_keeps_a_key_in_order_carries_big_frames_and_delivers_on_close(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    broker = shared_broker
+    _create_topic(broker.bootstrap, "raw.test")
+    producer = RawProducer(_settings(broker.bootstrap))
+    big = b"b" * (6 * 1024 * 1024)  # the largest frame a connection accepts travels alone
+    values = [f"r{n}".encode() for n in range(500)]
+    for value in values[:250]:
+        await producer.send("raw.test", b"binance:0", value)
+    await producer.send("raw.test", b"binance:0", big)
+    for value in values[250:]:
+        await producer.send("raw.test", b"binance:0", value)
+    await asyncio.wait_for(producer.close(), timeout=30)
+    assert producer.failed == 0
+    found = _read_all(broker.bootstrap, ["raw.test"], 501, timeout=20)["raw.test"]
+    assert found == [*values[:250], big, *values[250:]]
 
 
 # -- a paused broker (SIGSTOP): it keeps every connection open and answers nothing until continued ----
@@ -237,85 +243,81 @@ async def _produce_steadily(writer: TopicWriter, topic: str, until: asyncio.Even
         await asyncio.sleep(0.005)
 
 
-async def test_market_records_in_flight_through_a_pause_past_the_request_timeout_are_written_once() -> None:
+async def test_market_records_in_flight_through_a_pause_past_the_request_timeout_are_written_once(
+    broker: EmbeddedBroker,
+) -> None:
     topic = "market.trade.test.paused"
-    with EmbeddedBroker() as broker:
-        declare = _declarer(broker.bootstrap)
-        await declare(topic)
-        delivery = ConfluentDelivery(_settings(broker.bootstrap, **{"socket.timeout.ms": 6000}))
-        delivery.STALL_PURGE_SECONDS = 3.0  # before the 6 s request timeout, as 240 s is before 300 s
-        writer = TopicWriter(None, declare, delivery=delivery)
-        sent: list[bytes] = []
-        stop = asyncio.Event()
-        producing = asyncio.ensure_future(_produce_steadily(writer, topic, stop, sent))
-        await asyncio.sleep(1.0)
-        with broker_paused(broker):
-            await asyncio.sleep(9.0)  # the pause itself: past the purge and the request timeout
-        await asyncio.sleep(1.0)
-        stop.set()
-        await asyncio.wait_for(producing, timeout=60)
-        await asyncio.wait_for(writer.flush(), timeout=60)
-        found = _read_all(broker.bootstrap, [topic], len(sent) + 1, timeout=5)[topic]  # one more: none
-        assert delivery.purges >= 1 and delivery.found_in_doubt > 0  # records were in flight: in doubt
-        assert len(found) == len(sent) and found == sent  # each once, in order
-        delivery.close()
+    declare = _declarer(broker.bootstrap)
+    await declare(topic)
+    delivery = ConfluentDelivery(_settings(broker.bootstrap, **{"socket.timeout.ms": 6000}))
+    delivery.STALL_PURGE_SECONDS = 3.0  # before the 6 s request timeout, as 240 s is before 300 s
+    writer = TopicWriter(None, declare, delivery=delivery)
+    sent: list[bytes] = []
+    stop = asyncio.Event()
+    producing = asyncio.ensure_future(_produce_steadily(writer, topic, stop, sent))
+    await asyncio.sleep(1.0)
+    with broker_paused(broker):
+        await asyncio.sleep(9.0)  # the pause itself: past the purge and the request timeout
+    await asyncio.sleep(1.0)
+    stop.set()
+    await asyncio.wait_for(producing, timeout=60)
+    await asyncio.wait_for(writer.flush(), timeout=60)
+    found = _read_all(broker.bootstrap, [topic], len(sent) + 1, timeout=5)[topic]  # one more: none
+    assert delivery.purges >= 1 and delivery.found_in_doubt > 0  # records were in flight: in doubt
+    assert len(found) == len(sent) and found == sent  # each once, in order
+    delivery.close()
 
 
 async def test_raw_batches_through_a_pause_wait_in_the_spool_on_disk_and_go_out_once_in_order(
+    broker: EmbeddedBroker,
     tmp_path: Path,
 ) -> None:
-    with EmbeddedBroker() as broker:
-        _create_topic(broker.bootstrap, "raw.test")
-        settings = _settings(broker.bootstrap, **{"socket.timeout.ms": 4000})
-        producer = RawProducer(settings, raw_spool_limits(64 * 1024, 64 * 1024 * 1024), tmp_path)
-        values = [f"r{n:06d}".encode() * 50 for n in range(3000)]  # 350 bytes each
-        for value in values[:500]:
+    _create_topic(broker.bootstrap, "raw.test")
+    settings = _settings(broker.bootstrap, **{"socket.timeout.ms": 4000})
+    producer = RawProducer(settings, raw_spool_limits(64 * 1024, 64 * 1024 * 1024), tmp_path)
+    values = [f"r{n:06d}".encode() * 50 for n in range(3000)]  # 350 bytes each
+    for value in values[:500]:
+        await producer.send("raw.test", b"binance:0", value, partition=0)
+    await asyncio.sleep(0.5)
+    with broker_paused(broker):
+        for value in values[500:2500]:  # while the broker answers nothing: 700 KB, past memory
             await producer.send("raw.test", b"binance:0", value, partition=0)
-        await asyncio.sleep(0.5)
-        with broker_paused(broker):
-            for value in values[500:2500]:  # while the broker answers nothing: 700 KB, past memory
-                await producer.send("raw.test", b"binance:0", value, partition=0)
-                await asyncio.sleep(0.002)
-            await asyncio.sleep(6.0)  # past the request timeout: the request in flight is sent again
-            usage = producer.spool.usage()["raw.test"]
-            assert usage.disk_bytes > 0 and usage.held_bytes > 600_000
-            assert files_in(tmp_path)  # spilled to the worker's directory
-        for value in values[2500:]:
-            await producer.send("raw.test", b"binance:0", value, partition=0)
-        await asyncio.wait_for(producer.close(), timeout=60)
-        found = _read_all(broker.bootstrap, ["raw.test"], len(values) + 1, timeout=5)["raw.test"]
-        assert found == values  # none lost, none twice, in order
-        assert producer.spool.usage()["raw.test"].dropped_batches == 0
-        assert files_in(tmp_path) == []
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(6.0)  # past the request timeout: the request in flight is sent again
+        usage = producer.spool.usage()["raw.test"]
+        assert usage.disk_bytes > 0 and usage.held_bytes > 600_000
+        assert files_in(tmp_path)  # spilled to the worker's directory
+    for value in values[2500:]:
+        await producer.send("raw.test", b"binance:0", value, partition=0)
+    await asyncio.wait_for(producer.close(), timeout=60)
+    found = _read_all(broker.bootstrap, ["raw.test"], len(values) + 1, timeout=5)["raw.test"]
+    assert found == values  # none lost, none twice, in order
+    assert producer.spool.usage()["raw.test"].dropped_batches == 0
+    assert files_in(tmp_path) == []
 
 
 async def test_a_full_raw_spool_drops_the_newest_batches_counts_them_and_logs_once(
+    broker: EmbeddedBroker,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    with EmbeddedBroker() as broker:
-        _create_topic(broker.bootstrap, "raw.full")
-        producer = RawProducer(
-            _settings(broker.bootstrap), SpoolLimits(200_000, 0, 50_000, resume_fraction=0.5)
-        )
-        values = [f"f{n:06d}".encode() * 1000 for n in range(100)]  # 7 KB each
-        with broker_paused(broker):
-            for value in values:
-                await producer.send("raw.full", b"binance:0", value, partition=0)
-            usage = producer.spool.usage()["raw.full"]
-            kept = 100 - usage.dropped_batches
-            assert 0 < kept < 100 and usage.dropped_bytes == 7000 * usage.dropped_batches
-            assert producer.spool.dropping
-            producer.report()
-            exposition = metrics.exposition().decode()
-        assert (
-            f'collector_spool_dropped_batches_total{{exchange="full"}} {usage.dropped_batches}.0'
-            in exposition
-        )
-        await asyncio.wait_for(producer.close(), timeout=60)
-        found = _read_all(broker.bootstrap, ["raw.full"], kept, timeout=20)["raw.full"]
-        assert found == values[:kept]  # the oldest kept, in order; the newest dropped
-        full = [r for r in caplog.records if "raw spool full" in r.getMessage()]
-        assert len(full) == 1
+    _create_topic(broker.bootstrap, "raw.full")
+    producer = RawProducer(_settings(broker.bootstrap), SpoolLimits(200_000, 0, 50_000, resume_fraction=0.5))
+    values = [f"f{n:06d}".encode() * 1000 for n in range(100)]  # 7 KB each
+    with broker_paused(broker):
+        for value in values:
+            await producer.send("raw.full", b"binance:0", value, partition=0)
+        usage = producer.spool.usage()["raw.full"]
+        kept = 100 - usage.dropped_batches
+        assert 0 < kept < 100 and usage.dropped_bytes == 7000 * usage.dropped_batches
+        assert producer.spool.dropping
+        producer.report()
+        exposition = metrics.exposition().decode()
+    assert f'collector_spool_dropped_batches_total{{exchange="full"}} {usage.dropped_batches}.0' in exposition
+    await asyncio.wait_for(producer.close(), timeout=60)
+    found = _read_all(broker.bootstrap, ["raw.full"], kept, timeout=20)["raw.full"]
+    assert found == values[:kept]  # the oldest kept, in order; the newest dropped
+    full = [r for r in caplog.records if "raw spool full" in r.getMessage()]
+    assert len(full) == 1
 
 
 def files_in(directory: Path) -> list[str]:
@@ -323,19 +325,18 @@ def files_in(directory: Path) -> list[str]:
 
 
 async def test_closing_while_the_broker_is_paused_gives_up_after_the_wait_and_says_what_was_lost(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    broker: EmbeddedBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with EmbeddedBroker() as broker:
-        _create_topic(broker.bootstrap, "raw.stop")
-        producer = RawProducer(_settings(broker.bootstrap), raw_spool_limits(1 << 20, 1 << 20), tmp_path)
-        with broker_paused(broker):
-            for n in range(200):
-                await producer.send("raw.stop", b"binance:0", f"{n:05d}".encode() * 2000, partition=0)
-            assert files_in(tmp_path)  # past memory: on disk
-            await asyncio.wait_for(producer.close(seconds=1.0), timeout=15)
-        [lost] = [r.getMessage() for r in caplog.records if "not delivered at stop" in r.getMessage()]
-        assert lost.startswith("200 raw batches (2000000 bytes) not delivered at stop")
-        assert producer.spool.held_bytes == 0 and files_in(tmp_path) == []
+    _create_topic(broker.bootstrap, "raw.stop")
+    producer = RawProducer(_settings(broker.bootstrap), raw_spool_limits(1 << 20, 1 << 20), tmp_path)
+    with broker_paused(broker):
+        for n in range(200):
+            await producer.send("raw.stop", b"binance:0", f"{n:05d}".encode() * 2000, partition=0)
+        assert files_in(tmp_path)  # past memory: on disk
+        await asyncio.wait_for(producer.close(seconds=1.0), timeout=15)
+    [lost] = [r.getMessage() for r in caplog.records if "not delivered at stop" in r.getMessage()]
+    assert lost.startswith("200 raw batches (2000000 bytes) not delivered at stop")
+    assert producer.spool.held_bytes == 0 and files_in(tmp_path) == []
 
 
 async def test_after_the_broker_restarted_empty_a_wedged_raw_producer_is_replaced_and_delivers() -> None:

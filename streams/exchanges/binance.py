@@ -7,7 +7,7 @@ field names; anything that does not fit becomes a FrameError with a stable reaso
     schema-mismatch        JSON of the wrong shape: a missing field, a wrong type, not an object
     unknown-stream         a combined-stream name whose channel this adapter does not know
     unknown-event          a raw payload that is no known event, reply or bookTicker
-    unsupported-data-type  depth, a collector data type this adapter does not parse yet
+    unsupported-data-type  partial depth (`@depth20`), a stream the collector does not read
     unknown-symbol         a symbol missing from the adapter's instrument table
     symbol-mismatch        a combined frame whose payload names another symbol than its stream
 """
@@ -20,6 +20,7 @@ from typing import Any, ClassVar, NamedTuple, TypeVar
 import msgspec
 from msgspec import UNSET, Raw, UnsetType, field
 
+from streams.depth import DepthDiff, DepthSettings, DepthSnapshot, Levels
 from streams.exchanges.base import (
     Ack,
     ControlEvent,
@@ -49,8 +50,10 @@ _T = TypeVar("_T")
 
 # Wire schemas. They hold only scalars (or structs of scalars) and so can never be part of a
 # reference cycle: gc=False keeps them out of the garbage collector's tracking on the hot path.
-class _SymbolEvent(msgspec.Struct, gc=False):
+class _SymbolEvent(msgspec.Struct, gc=False, kw_only=True):
     symbol: str = field(name="s")
+    # Checked against the channel's event type: a frame on a trade stream must be a trade.
+    event_type: str | None = field(name="e", default=None)
 
 
 class _TradeEvent(_SymbolEvent, gc=False):
@@ -117,6 +120,14 @@ class _BookTickerEvent(_SymbolEvent, gc=False):
     bid_quantity: str = field(name="B")
     ask_price: str = field(name="a")
     ask_quantity: str = field(name="A")
+
+
+class _DepthUpdateEvent(_SymbolEvent, gc=False):
+    event_time: int = field(name="E")
+    first_update_id: int = field(name="U")
+    last_update_id: int = field(name="u")
+    bids: Levels = field(name="b")
+    asks: Levels = field(name="a")
 
 
 class _ShutdownEvent(msgspec.Struct, gc=False):
@@ -188,6 +199,13 @@ class _RestQuotedTicker(_RestTicker, gc=False):
     ask_quantity: str = field(name="askQty")
 
 
+class _RestDepth(msgspec.Struct, gc=False):
+    last_update_id: int = field(name="lastUpdateId")
+    bids: Levels
+    asks: Levels
+    event_time: int | UnsetType = field(name="E", default=UNSET)  # USD-M only
+
+
 class _TradeIdOnly(msgspec.Struct, gc=False):
     symbol: str = field(name="s")
     trade_id: int = field(name="t")
@@ -205,6 +223,7 @@ _exchange_info_decoder = msgspec.json.Decoder(_ExchangeInfo)
 _encoder = msgspec.json.Encoder()
 _rest_trades_decoder = msgspec.json.Decoder(list[_RestTrade])
 _rest_klines_decoder = msgspec.json.Decoder(list[_RestKline])
+_rest_depth_decoder = msgspec.json.Decoder(_RestDepth)
 # Spot tickers carry the quote; the declared type is the base every Binance market shares.
 _rest_ticker_decoder: msgspec.json.Decoder[_RestTicker] = msgspec.json.Decoder(_RestQuotedTicker)
 _trade_mark_decoder = msgspec.json.Decoder(_TradeMark)
@@ -293,12 +312,22 @@ def _bbo_at(
     return MarketRecord(exchange, instrument.symbol, "bbo", event_time, received_at, data)
 
 
+def _depth_diff(
+    exchange: str, event: _DepthUpdateEvent, instrument: Instrument, received_at: int
+) -> DepthDiff:
+    # Spot events chain by U == previous u + 1 and carry no previous id.
+    return DepthDiff(
+        instrument.symbol, event.event_time, received_at, event.first_update_id, event.last_update_id, None,
+        event.bids, event.asks,
+    )  # fmt: skip
+
+
 class _Channel(NamedTuple):
     """How to read one kind of market payload: its `e` (None for bookTicker), decoder and builder."""
 
     event: str | None
     decoder: msgspec.json.Decoder[Any]
-    build: Callable[[str, Any, Instrument, int], MarketRecord]
+    build: Callable[[str, Any, Instrument, int], ParsedItem]
 
 
 _TRADE = _Channel("trade", msgspec.json.Decoder(_TradeEvent), _trade)
@@ -308,6 +337,7 @@ _AGG_TRADE = _Channel("aggTrade", msgspec.json.Decoder(_AggTradeEvent), _agg_tra
 _KLINE = _Channel("kline", msgspec.json.Decoder(_KlineEvent), _kline)
 _TICKER = _Channel("24hrTicker", msgspec.json.Decoder(_QuotedTickerEvent), _ticker)
 _BBO = _Channel(None, msgspec.json.Decoder(_BookTickerEvent), _bbo)
+_DEPTH = _Channel("depthUpdate", msgspec.json.Decoder(_DepthUpdateEvent), _depth_diff)
 
 # The channel table: data kind → Binance channel name and how to read its payloads.
 _CHANNELS: dict[DataKind, tuple[str, _Channel]] = {
@@ -315,28 +345,43 @@ _CHANNELS: dict[DataKind, tuple[str, _Channel]] = {
     "kline": ("kline_{interval}", _KLINE),
     "ticker": ("ticker", _TICKER),
     "bbo": ("bookTicker", _BBO),
+    "depth": ("depth{speed}", _DEPTH),
 }
 _KLINE_INTERVALS = frozenset(
     {"1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w", "1M"}
 )
+# Diff depth speed → the channel name's suffix (`btcusdt@depth@100ms`; one second is plain `@depth`).
+_DEPTH_SPEEDS = {"100ms": "@100ms", "1000ms": ""}
+# GET /api/v3/depth: (largest limit, weight) per weight tier.
+_DEPTH_TIERS = ((100, 5), (500, 25), (1000, 50), (5000, 250))
 
 
 def _by_channel_name(
-    channels: Mapping[DataKind, tuple[str, _Channel]], intervals: Iterable[str]
+    channels: Mapping[DataKind, tuple[str, _Channel]], intervals: Iterable[str], speeds: Iterable[str]
 ) -> dict[str, _Channel]:
-    """Every channel name a combined frame can carry; each kline interval is a channel of its own."""
-    return {
-        name.format(interval=interval): channel
-        for name, channel in channels.values()
-        for interval in (intervals if "{interval}" in name else ("",))
-    }
+    """Every channel name a combined frame can carry; each kline interval and each depth speed is a
+    channel of its own."""
+    names: dict[str, _Channel] = {}
+    for name, channel in channels.values():
+        if "{interval}" in name:
+            names |= {name.format(interval=interval): channel for interval in intervals}
+        elif "{speed}" in name:
+            names |= {name.format(speed=suffix): channel for suffix in speeds}
+        else:
+            names[name] = channel
+    return names
+
+
+def _tier(tiers: Sequence[tuple[int, int]], levels: int) -> tuple[int, int]:
+    """(limit, weight) of the cheapest tier whose limit covers `levels`."""
+    return next(((limit, weight) for limit, weight in tiers if levels <= limit), tiers[-1])
 
 
 def _by_event(channels: Iterable[_Channel]) -> dict[str, _Channel]:
     return {c.event: c for c in channels if c.event is not None}
 
 
-_BY_CHANNEL_NAME = _by_channel_name(_CHANNELS, _KLINE_INTERVALS)
+_BY_CHANNEL_NAME = _by_channel_name(_CHANNELS, _KLINE_INTERVALS, _DEPTH_SPEEDS.values())
 _BY_CHANNEL_NAME["aggTrade"] = _AGG_TRADE
 _BY_EVENT = _by_event(_BY_CHANNEL_NAME.values())
 
@@ -360,6 +405,12 @@ class BinanceAdapter(ExchangeAdapter):
     )
     trade_ids = "increasing"  # trade (and aggTrade) ids rise by one per trade and symbol
     rest_history = True
+    depth_levels = range(1, 5001)
+    depth_speeds = tuple(_DEPTH_SPEEDS)
+    default_depth_levels = 20
+    _depth_suffixes: ClassVar[Mapping[str, str]] = _DEPTH_SPEEDS
+    _depth_tiers: ClassVar[Sequence[tuple[int, int]]] = _DEPTH_TIERS
+    _depth_path: ClassVar[str] = "/api/v3/depth"
     # What a subclass for another Binance market replaces: its channel table, the payloads it reads,
     # and the few REST body shapes that differ.
     _channels: ClassVar[Mapping[DataKind, tuple[str, _Channel]]] = _CHANNELS
@@ -372,8 +423,8 @@ class BinanceAdapter(ExchangeAdapter):
     _rest_trades_decoder: ClassVar[msgspec.json.Decoder[list[_RestTrade]]] = _rest_trades_decoder
     _rest_ticker_decoder: ClassVar[msgspec.json.Decoder[_RestTicker]] = _rest_ticker_decoder
 
-    def __init__(self, instruments: Iterable[Instrument]) -> None:
-        super().__init__(instruments)
+    def __init__(self, instruments: Iterable[Instrument], depth: DepthSettings | None = None) -> None:
+        super().__init__(instruments, depth)
         # stream name → (channel, exchange symbol); the symbol, not its Instrument, is cached so a
         # refreshed instrument table takes effect at once.
         self._streams: dict[str, tuple[_Channel, str]] = {}
@@ -388,10 +439,15 @@ class BinanceAdapter(ExchangeAdapter):
         return "/stream"
 
     def stream_name(self, instrument: Instrument, data_type: DataType) -> str:
-        if not self.supports(data_type):
+        if not self.parses(data_type):
             raise ValueError(f"{self.name} does not support data type {data_type}")
-        channel_name = self._channels[data_type.kind][0].format(interval=data_type.interval)
+        speed = self._depth_suffixes[self.depth.speed] if self.depth is not None else ""
+        channel_name = self._channels[data_type.kind][0].format(interval=data_type.interval, speed=speed)
         return f"{instrument.exchange_symbol.lower()}@{channel_name}"
+
+    @classmethod
+    def depth_snapshot_limit(cls, levels: int) -> int:
+        return _tier(cls._depth_tiers, levels)[0]
 
     def subscribe_message(self, streams: Sequence[str], request_id: int) -> bytes:
         return _encoder.encode({"method": "SUBSCRIBE", "params": list(streams), "id": request_id})
@@ -409,6 +465,8 @@ class BinanceAdapter(ExchangeAdapter):
                 return [ServerShutdown(_decode(_shutdown_decoder, envelope.data).event_time)]
             channel, exchange_symbol = self._resolve_stream(stream)
             event = _decode(channel.decoder, envelope.data)
+            if event.event_type != channel.event:
+                raise FrameError("unknown-event", f"{event.event_type!r} on stream {stream}")
             if event.symbol != exchange_symbol:
                 raise FrameError("symbol-mismatch", f"{event.symbol} on stream {stream}")
             return [channel.build(self.name, event, self._instrument(exchange_symbol), received_at)]
@@ -462,6 +520,8 @@ class BinanceAdapter(ExchangeAdapter):
         return RestRequest("ticker", "/api/v3/ticker/24hr", params, 2, instrument.exchange_symbol)
 
     def parse_rest(self, tag: RestTag, body: bytes, received_at: int) -> list[MarketRecord]:
+        if tag.kind == "depth":
+            raise FrameError("unsupported-rest", "an order book snapshot: parse_depth_snapshot reads it")
         instrument = self._instrument(tag.exchange_symbol)
         if tag.kind == "trades":
             return [
@@ -480,6 +540,20 @@ class BinanceAdapter(ExchangeAdapter):
             raise FrameError("symbol-mismatch", f"{ticker.symbol} answering {tag.exchange_symbol}")
         data = _ticker_data(ticker)
         return [MarketRecord(self.name, instrument.symbol, "ticker", ticker.close_time, received_at, data)]
+
+    def depth_snapshot_request(self, instrument: Instrument) -> RestRequest:
+        assert self.depth is not None
+        limit, weight = _tier(self._depth_tiers, self.depth.snapshot_limit)
+        params = {"symbol": instrument.exchange_symbol, "limit": str(limit)}
+        return RestRequest("depth", self._depth_path, params, weight, instrument.exchange_symbol, limit=limit)
+
+    def parse_depth_snapshot(self, tag: RestTag, body: bytes, received_at: int) -> DepthSnapshot:
+        instrument = self._instrument(tag.exchange_symbol)
+        book = _decode(_rest_depth_decoder, body)
+        event_time = received_at if book.event_time is UNSET else book.event_time  # spot has no time
+        return DepthSnapshot(
+            instrument.symbol, event_time, received_at, book.last_update_id, tag.limit, book.bids, book.asks
+        )
 
     @staticmethod
     def rest_weight_used(headers: Mapping[str, str]) -> int | None:
@@ -504,11 +578,9 @@ class BinanceAdapter(ExchangeAdapter):
             return self._build(channel, payload, received_at)
         if event_type == "serverShutdown":
             return ServerShutdown(_decode(_shutdown_decoder, payload).event_time)
-        if event_type == "depthUpdate":
-            raise FrameError("unsupported-data-type", event_type)
         raise FrameError("unknown-event", event_type)
 
-    def _build(self, channel: _Channel, payload: bytes | Raw, received_at: int) -> MarketRecord:
+    def _build(self, channel: _Channel, payload: bytes | Raw, received_at: int) -> ParsedItem:
         event = _decode(channel.decoder, payload)
         return channel.build(self.name, event, self._instrument(event.symbol), received_at)
 

@@ -1,4 +1,4 @@
-"""Binance USD-M futures: routed WebSocket URLs, aggregate trades, klines, 24 h tickers, bookTicker.
+"""Binance USD-M futures: routed WebSocket URLs, aggregate trades, klines, 24 h tickers, bookTicker, depth.
 
 The wire protocol is Binance's (SUBSCRIBE/UNSUBSCRIBE, combined `{"stream", "data"}` frames, the same
 replies), so the adapter is the spot adapter with its market-specific tables replaced. What differs
@@ -6,6 +6,8 @@ replies), so the adapter is the spot adapter with its market-specific tables rep
 
 - Since 2026 every stream lives behind a routed path: `/public` for bookTicker and depth, `/market`
   for aggTrade, kline and ticker. A stream subscribed on the wrong route never delivers.
+- Diff depth events carry `pu`, the previous event's `u`: they chain by `pu`, not by `U` (§2.5).
+  Speeds 100, 250 (plain `@depth`) and 500 ms; `GET /fapi/v1/depth` takes limits 5 to 1000.
 - There is no raw `@trade` stream: `trade` is read from `@aggTrade`, the aggregate id is the trade id.
 - Klines have no `1s` interval; the 24 h ticker has no bid/ask; bookTicker carries `E` (event time).
 - Perpetual contracts only: a delivery contract (`BTCUSDT_260925`) has no BASE/QUOTE name of its own,
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import msgspec
 from msgspec import field
+
+from streams.depth import DepthDiff
 
 # The module, not its classes: the adapter registry registers every adapter class a module holds.
 from streams.exchanges import binance as spot
@@ -32,6 +36,10 @@ _KLINE_INTERVALS = spot._KLINE_INTERVALS - {"1s"}
 
 class _TimedBookTickerEvent(spot._BookTickerEvent, gc=False):
     event_time: int = field(name="E")
+
+
+class _ChainedDepthEvent(spot._DepthUpdateEvent, gc=False):
+    prev_update_id: int = field(name="pu")
 
 
 class _ContractInfo(spot._SymbolInfo, gc=False):
@@ -65,21 +73,36 @@ def _timed_bbo(
     return spot._bbo_at(exchange, event, instrument, event.event_time, received_at)
 
 
+def _chained_depth_diff(
+    exchange: str, event: _ChainedDepthEvent, instrument: Instrument, received_at: int
+) -> DepthDiff:
+    return DepthDiff(
+        instrument.symbol, event.event_time, received_at, event.first_update_id, event.last_update_id,
+        event.prev_update_id, event.bids, event.asks,
+    )  # fmt: skip
+
+
 _BBO = spot._Channel("bookTicker", msgspec.json.Decoder(_TimedBookTickerEvent), _timed_bbo)
+_DEPTH = spot._Channel("depthUpdate", msgspec.json.Decoder(_ChainedDepthEvent), _chained_depth_diff)
 _TICKER = spot._Channel("24hrTicker", msgspec.json.Decoder(spot._TickerEvent), spot._ticker)
 _CHANNELS: dict[DataKind, tuple[str, spot._Channel]] = {
     "trade": ("aggTrade", spot._AGG_TRADE),
     "kline": ("kline_{interval}", spot._KLINE),
     "ticker": ("ticker", _TICKER),
     "bbo": ("bookTicker", _BBO),
+    "depth": ("depth{speed}", _DEPTH),
 }
 _ROUTES: dict[DataKind, str] = {
     "trade": MARKET_ROUTE,
     "kline": MARKET_ROUTE,
     "ticker": MARKET_ROUTE,
     "bbo": PUBLIC_ROUTE,
+    "depth": PUBLIC_ROUTE,
 }
-_BY_CHANNEL_NAME = spot._by_channel_name(_CHANNELS, _KLINE_INTERVALS)
+_DEPTH_SPEEDS = {"100ms": "@100ms", "250ms": "", "500ms": "@500ms"}
+# GET /fapi/v1/depth: (limit, weight) per weight tier; limits are 5, 10, 20, 50, 100, 500 or 1000.
+_DEPTH_TIERS = ((50, 2), (100, 5), (500, 10), (1000, 20))
+_BY_CHANNEL_NAME = spot._by_channel_name(_CHANNELS, _KLINE_INTERVALS, _DEPTH_SPEEDS.values())
 _exchange_info_decoder = msgspec.json.Decoder(_ExchangeInfo)
 
 
@@ -106,6 +129,12 @@ class BinanceFuturesAdapter(spot.BinanceAdapter):
     _trade_mark_decoder = msgspec.json.Decoder(_AggTradeMark)
     _rest_trades_decoder = msgspec.json.Decoder(list[_RestAggTrade])
     _rest_ticker_decoder = msgspec.json.Decoder(spot._RestTicker)
+    depth_levels = range(1, 1001)
+    depth_speeds = tuple(_DEPTH_SPEEDS)
+    default_depth_levels = 20
+    _depth_suffixes = _DEPTH_SPEEDS
+    _depth_tiers = _DEPTH_TIERS
+    _depth_path = "/fapi/v1/depth"
 
     @staticmethod
     def parse_instruments(body: bytes) -> list[Instrument]:

@@ -20,6 +20,12 @@ Mapping to the collector's records:
 - Trades: `ask_bid` ASK means the taker sold; `sequential_id` is the trade id (unique, not ordered:
   the normalize agent dedupes it in a window).
 - bbo: the orderbook has no sequence number, so `updateId` is its timestamp (Bithumb's µs string).
+- depth: every orderbook message is the whole top-N book (`orderbook:KRW-BTC.15`; Upbit offers 1, 5,
+  15 and 30 levels), read as a `DepthBook` whose id is the timestamp; a unit side with size 0 is no
+  level. The same message is also the bbo: an orderbook frame gives the bbo record and the book, and a
+  request names each code once in the orderbook type, with the most levels any of its streams asked
+  for (a symbol with both `bbo` and `depth` gets one book, not two). The caller keeps the book only
+  for symbols subscribed to depth. `GET /v1/orderbook` gives the same book over REST.
 - ticker: Upbit's describes the trading day (open, high, low and volumes since 00:00 UTC; change
   against the previous close), not a rolling 24 h; it has no bid/ask.
 - kline: candles have no closed flag and no trade count. Every candle message is an update
@@ -41,7 +47,7 @@ know), `unsupported-data-type` (a candle interval it does not map), `unknown-sym
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, ClassVar, TypeVar
@@ -49,6 +55,7 @@ from typing import Any, ClassVar, TypeVar
 import msgspec
 from msgspec import UNSET, Raw, UnsetType
 
+from streams.depth import DepthBook, DepthSettings, DepthSnapshot
 from streams.exchanges.base import (
     ControlEvent,
     DataKind,
@@ -147,6 +154,10 @@ class _OrderbookEvent(msgspec.Struct, gc=False):
     orderbook_units: list[_BookLevel]
 
 
+class _RestOrderbook(_OrderbookEvent, gc=False):
+    code: str = msgspec.field(name="market")
+
+
 class _Market(msgspec.Struct, gc=False):
     market: str
 
@@ -193,6 +204,7 @@ _ticker_decoder = msgspec.json.Decoder(_TickerEvent)
 _orderbook_decoder = msgspec.json.Decoder(_OrderbookEvent)
 _candle_decoder = msgspec.json.Decoder(_CandleEvent)
 _markets_decoder = msgspec.json.Decoder(list[_Market])
+_rest_orderbooks_decoder = msgspec.json.Decoder(list[_RestOrderbook])
 _rest_ticks_decoder = msgspec.json.Decoder(list[_RestTick])
 _rest_tickers_decoder = msgspec.json.Decoder(list[_RestTicker])
 _rest_candles_decoder = msgspec.json.Decoder(list[_RestCandle])
@@ -225,6 +237,12 @@ def _id_text(value: int | str) -> str:
     return str(value)
 
 
+_REST_GROUPS = {"trades": "trade", "candles": "candle", "ticker": "ticker", "market": "market",
+                "orderbook": "orderbook"}  # fmt: skip
+_ID_COUNTER_SPAN = 10_000  # sequential_id = trade time in ms * this + a counter
+_ID_TIME_TOLERANCE_MS = 60_000  # how far the time in an id may be from the trade time
+
+
 class UpbitAdapter(ExchangeAdapter):
     name = "upbit"
     limits = ExchangeLimits(
@@ -234,9 +252,10 @@ class UpbitAdapter(ExchangeAdapter):
         connection_attempt_window_seconds=1,
         max_connection_lifetime_seconds=None,
         rest_weight_per_minute=600,  # 10 requests/s per endpoint group
+        rest_requests_per_second=10,  # per endpoint group; `Remaining-Req` says what is left
     )
     kline_intervals = frozenset(_CANDLE_UNITS)
-    data_kinds: ClassVar[frozenset[DataKind]] = frozenset({"trade", "kline", "ticker", "bbo"})
+    data_kinds: ClassVar[frozenset[DataKind]] = frozenset({"trade", "kline", "ticker", "bbo", "depth"})
     instruments_path = "/v1/market/all?is_details=false"
     acknowledges_subscriptions = False
     replaces_subscriptions = True
@@ -246,18 +265,28 @@ class UpbitAdapter(ExchangeAdapter):
     # examples: trade_timestamp 1730336862047, sequential_id 17303368620470000), so ordered to the
     # millisecond: the backfill uses it as the position of the last trade seen.
     rest_history = True
+    history_page = 500
+    history_audits_per_second = 2.0  # of the trade group's 10 requests/s
     ticks_path: ClassVar[str] = "/v1/trades/ticks"
     ticker_path: ClassVar[str] = "/v1/ticker"
+    orderbook_path: ClassVar[str] = "/v1/orderbook"
+    depth_levels: ClassVar[Collection[int]] = (1, 5, 15, 30)  # the counts Upbit serves (2025-07)
+    depth_speeds = ("realtime",)
+    default_depth_levels = 15
+    whole_books = True
+    # Whether `GET /v1/orderbook` takes `count` (Upbit since v1.5.8); without it the answer is the
+    # exchange's default depth.
+    orderbook_count_param: ClassVar[bool] = True
 
-    def __init__(self, instruments: Iterable[Instrument]) -> None:
-        super().__init__(instruments)
+    def __init__(self, instruments: Iterable[Instrument], depth: DepthSettings | None = None) -> None:
+        super().__init__(instruments, depth)
         # (code, interval) → the newest candle seen, so a later bar can close it.
         self._open_bars: dict[tuple[str, str], MarketRecord] = {}
         self._decoders: dict[str, tuple[msgspec.json.Decoder[Any], Callable[[Any, int], list[ParsedItem]]]]
         self._decoders = {
             "trade": (_trade_decoder, self._trade),
             "ticker": (_ticker_decoder, self._ticker),
-            "orderbook": (_orderbook_decoder, self._bbo),
+            "orderbook": (_orderbook_decoder, self._orderbook),
         }
 
     @staticmethod
@@ -273,7 +302,7 @@ class UpbitAdapter(ExchangeAdapter):
         return "/websocket/v1"
 
     def stream_name(self, instrument: Instrument, data_type: DataType) -> str:
-        if not self.supports(data_type):
+        if not self.parses(data_type):
             raise ValueError(f"{self.name} does not support data type {data_type}")
         code = instrument.exchange_symbol
         if data_type.kind == "kline":
@@ -281,6 +310,9 @@ class UpbitAdapter(ExchangeAdapter):
             return f"candle.{_CANDLE_UNITS[data_type.interval]}:{code}"
         if data_type.kind == "bbo":
             return f"orderbook:{code}.1"  # one level: the top of the book
+        if data_type.kind == "depth":
+            assert self.depth is not None
+            return f"orderbook:{code}.{self.depth.levels}"
         return f"{data_type.kind}:{code}"
 
     def subscribe_message(self, streams: Sequence[str], request_id: int) -> bytes:
@@ -291,6 +323,8 @@ class UpbitAdapter(ExchangeAdapter):
             if not colon or not code:
                 raise ValueError(f"{stream!r} is not an {self.name} stream name")
             codes.setdefault(kind, []).append(code)
+        if "orderbook" in codes:
+            codes["orderbook"] = _deepest_per_code(codes["orderbook"])
         ticket = uuid.uuid5(_TICKET_NAMESPACE, f"{request_id}/{','.join(streams)}")
         request: list[dict[str, Any]] = [{"ticket": str(ticket)}]
         # Trades ask for real-time data only: the snapshot is the last trade before the request, one
@@ -384,19 +418,26 @@ class UpbitAdapter(ExchangeAdapter):
             MarketRecord(self.name, symbol, "ticker", millis(event.timestamp), received_at, _ticker(event))
         ]
 
-    def _bbo(self, event: _OrderbookEvent, received_at: int) -> list[ParsedItem]:
+    def _orderbook(self, event: _OrderbookEvent, received_at: int) -> list[ParsedItem]:
+        """The bbo record and the whole book: one message is both (see the module docstring)."""
         symbol = self._instrument(event.code).symbol
         if not event.orderbook_units:
             raise FrameError("empty-book", event.code)
         top = event.orderbook_units[0]
+        update_id = _id_text(event.timestamp)  # no sequence number: the (µs on Bithumb) timestamp
+        event_time = millis(event.timestamp)
         data = Bbo(
             bid_price=plain(top.bid_price),
             bid_quantity=plain(top.bid_size),
             ask_price=plain(top.ask_price),
             ask_quantity=plain(top.ask_size),
-            update_id=_id_text(event.timestamp),  # no sequence number: the (µs on Bithumb) timestamp
+            update_id=update_id,
         )
-        return [MarketRecord(self.name, symbol, "bbo", millis(event.timestamp), received_at, data)]
+        bids, asks = _book_sides(event.orderbook_units)
+        return [
+            MarketRecord(self.name, symbol, "bbo", event_time, received_at, data),
+            DepthBook(symbol, event_time, received_at, int(update_id), bids, asks),
+        ]
 
     def _candle(self, unit: str, event: _CandleEvent, received_at: int) -> list[ParsedItem]:
         interval = _INTERVAL_OF_UNIT.get(unit)
@@ -452,6 +493,38 @@ class UpbitAdapter(ExchangeAdapter):
         params = {"market": instrument.exchange_symbol, "count": str(min(limit, 500))}
         return RestRequest("trades", self.ticks_path, params, _REQUEST_WEIGHT, instrument.exchange_symbol)
 
+    @staticmethod
+    def rest_group(request: RestRequest) -> str:
+        # /v1/trades/ticks → trade, /v1/candles/... → candle, /v1/ticker → ticker, /v1/market/all → market
+        segment = request.path.split("/")[2] if request.path.count("/") >= 2 else request.path
+        return _REST_GROUPS.get(segment, segment)
+
+    @staticmethod
+    def rest_remaining(headers: Mapping[str, str]) -> int | None:
+        # `Remaining-Req: group=trade; min=1800; sec=9` (`min` is deprecated; `sec` counts)
+        value = headers.get("Remaining-Req", "")
+        for part in value.split(";"):
+            key, _, number = part.strip().partition("=")
+            if key == "sec" and number.strip().isdigit():
+                return int(number)
+        return None
+
+    def keepalive_reply(self, payload: bytes) -> bool:
+        # `{"status":"UP"}`, the answer to our text PING, comes every 10 s even on a stalled stream.
+        return payload.startswith(b'{"status"')
+
+    def history_request(self, instrument: Instrument, from_id: int | None, cursor: str | None) -> RestRequest:
+        if cursor is None:
+            return self.trades_request(instrument, None, self.history_page)
+        return self.older_trades_request(instrument, cursor, self.history_page)
+
+    def trade_id_consistent(self, trade: Trade) -> bool:
+        # Upbit's sequential_id is the trade time in ms followed by a 4-digit counter.
+        text = trade.trade_id
+        if not (text.isdigit() and len(text) < 30):
+            return False
+        return abs(int(text) // _ID_COUNTER_SPAN - trade.trade_time) <= _ID_TIME_TOLERANCE_MS
+
     def older_trades_request(self, instrument: Instrument, cursor: str, limit: int) -> RestRequest:
         """The page of trades before the one whose sequential_id is `cursor`, newest first."""
         params = {"market": instrument.exchange_symbol, "count": str(min(limit, 500)), "cursor": str(cursor)}
@@ -469,6 +542,28 @@ class UpbitAdapter(ExchangeAdapter):
     def ticker_request(self, instrument: Instrument) -> RestRequest:
         params = {"markets": instrument.exchange_symbol}
         return RestRequest("ticker", self.ticker_path, params, _REQUEST_WEIGHT, instrument.exchange_symbol)
+
+    def depth_snapshot_request(self, instrument: Instrument) -> RestRequest:
+        assert self.depth is not None
+        params = {"markets": instrument.exchange_symbol}
+        limit = None
+        if self.orderbook_count_param:
+            limit = self.depth.snapshot_limit
+            params["count"] = str(limit)
+        return RestRequest("depth", self.orderbook_path, params, _REQUEST_WEIGHT, instrument.exchange_symbol,
+                           limit=limit)  # fmt: skip
+
+    def parse_depth_snapshot(self, tag: RestTag, body: bytes, received_at: int) -> DepthSnapshot:
+        symbol = self._instrument(tag.exchange_symbol).symbol
+        books = _decode(_rest_orderbooks_decoder, body)
+        if len(books) != 1:
+            raise FrameError("schema-mismatch", f"{len(books)} order books answering {tag.exchange_symbol}")
+        book = books[0]
+        if book.code != tag.exchange_symbol:
+            raise FrameError("symbol-mismatch", f"{book.code} answering {tag.exchange_symbol}")
+        bids, asks = _book_sides(book.orderbook_units)
+        update_id = int(_id_text(book.timestamp))
+        return DepthSnapshot(symbol, millis(book.timestamp), received_at, update_id, tag.limit, bids, asks)
 
     def parse_rest(self, tag: RestTag, body: bytes, received_at: int) -> list[MarketRecord]:
         symbol = self._instrument(tag.exchange_symbol).symbol
@@ -513,6 +608,30 @@ class UpbitAdapter(ExchangeAdapter):
         if instrument is None:
             raise FrameError("unknown-symbol", code)
         return instrument
+
+
+def _book_sides(units: list[_BookLevel]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Bids and asks, best first, from orderbook units (each unit holds one level of both sides)."""
+    bids: list[tuple[str, str]] = []
+    asks: list[tuple[str, str]] = []
+    for unit in units:
+        bid_size, ask_size = plain(unit.bid_size), plain(unit.ask_size)
+        if not unit.bid_size.is_zero():  # a thinner side leaves the rest of its units empty
+            bids.append((plain(unit.bid_price), bid_size))
+        if not unit.ask_size.is_zero():
+            asks.append((plain(unit.ask_price), ask_size))
+    return bids, asks
+
+
+def _deepest_per_code(codes: list[str]) -> list[str]:
+    """Orderbook codes with each market once, at the most levels asked for (`KRW-BTC.1`, `KRW-BTC.15`
+    → `KRW-BTC.15`), in first-seen order."""
+    deepest: dict[str, int] = {}
+    for code in codes:
+        market, _, count = code.partition(".")
+        levels = int(count) if count.isdigit() else 0
+        deepest[market] = max(deepest.get(market, 0), levels)
+    return [f"{market}.{levels}" if levels else market for market, levels in deepest.items()]
 
 
 def _ticker(event: _TickerEvent) -> Ticker:

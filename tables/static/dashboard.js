@@ -54,6 +54,53 @@ function fill(tableId, rows) {
   body.replaceChildren(...rows);
 }
 
+// ---- sparklines: the last 15 minutes per exchange, from this page's own polls ------------------------
+// Kept in sessionStorage, so a reload of the page keeps the picture.
+
+const HISTORY_MS = 15 * 60 * 1000;
+const HISTORY_KEY = "collector.dashboard.history";
+const SPARK_WIDTH = 120, SPARK_HEIGHT = 26;
+
+function loadHistory() {
+  try { return JSON.parse(sessionStorage.getItem(HISTORY_KEY) || "{}"); } catch (_) { return {}; }
+}
+const history = loadHistory();
+
+function remember(exchange, time, rate, p99) {
+  const points = (history[exchange] = history[exchange] || []);
+  points.push([time, rate, p99]);
+  while (points.length && points[0][0] < time - HISTORY_MS) points.shift();
+}
+
+function sparkline(points, index, now, label, digits) {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("width", SPARK_WIDTH);
+  svg.setAttribute("height", SPARK_HEIGHT);
+  svg.setAttribute("class", "spark");
+  svg.dataset.series = label;
+  const values = points.filter((p) => p[index] !== null && p[index] !== undefined);
+  const top = Math.max(...values.map((p) => p[index]), 0) || 1;
+  const x = (t) => ((t - (now - HISTORY_MS)) / HISTORY_MS) * SPARK_WIDTH;
+  const y = (v) => SPARK_HEIGHT - 2 - (v / top) * (SPARK_HEIGHT - 4);
+  const line = document.createElementNS(ns, "polyline");
+  line.setAttribute("points", values.map((p) => `${x(p[0]).toFixed(1)},${y(p[index]).toFixed(1)}`).join(" "));
+  svg.appendChild(line);
+  const title = document.createElementNS(ns, "title");
+  const last = values.length ? values[values.length - 1][index] : null;
+  title.textContent = `${label}, last 15 min: now ${num(last, digits)}, highest ${num(values.length ? top : null, digits)}`;
+  svg.appendChild(title);
+  return svg;
+}
+
+function sparkCell(exchange, now) {
+  const td = el("td", undefined, "sparks");
+  const points = history[exchange] || [];
+  td.appendChild(sparkline(points, 1, now, "records/s", 1));
+  td.appendChild(sparkline(points, 2, now, "p99 ms", 1));
+  return td;
+}
+
 function renderCollectors(data) {
   const now = data.time;
   let rate = 0, records = 0, bytesPerSecond = 0, dead = 0, worstP99 = null;
@@ -63,18 +110,20 @@ function renderCollectors(data) {
     if (append && append.p99 !== null) worstP99 = Math.max(worstP99 ?? 0, append.p99);
     const workers = Object.entries(c.workers || {}).map(([name, w]) =>
       `${name}: ${num(w.cpuPercent, 1)} %, ${bytes(w.rssBytes)}`).join("; ");
+    remember(c.exchange, now, c.rate, append && append.p99 !== null ? append.p99 : null);
     const tr = row([
       el("td", c.exchange), stateCell(c.state), el("td", since(c.since, now)), numCell(c.rate, 1),
       el("td", bytes(c.bytesPerSecond) + "/s"),
       el("td", percentiles((c.latencyMs || {}).exchange_to_receive)),
       el("td", percentiles((c.latencyMs || {}).receive_to_append)),
       el("td", `${c.connectorsUp} / ${c.connectors}`), el("td", `${c.coinsSubscribed} / ${c.coins}`),
-      numCell(c.deadLettersTotal), el("td", workers || "–", "wrap"),
+      numCell(c.deadLettersTotal), el("td", workers || "–", "wrap"), sparkCell(c.exchange, now),
     ]);
     tr.dataset.exchange = c.exchange;
     return tr;
   });
   fill("collectors", rows);
+  try { sessionStorage.setItem(HISTORY_KEY, JSON.stringify(history)); } catch (_) { /* storage full: keep it in memory */ }
   $("total-rate").textContent = num(rate, 1);
   $("total-records").textContent = num(records);
   $("total-bytes").textContent = bytes(bytesPerSecond);

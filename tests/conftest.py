@@ -1,0 +1,85 @@
+"""The test suite's rules and the brokers end-to-end tests share.
+
+Tiers: a test that starts a process which listens (simulator, broker, worker), or opens any socket,
+is marked `e2e`; every other test is a unit test: `make test-unit` runs those (`pytest -m "not e2e"`),
+`make test` runs all of them on several pytest-xdist workers.
+
+Rules, enforced for every test by tests/guard (an audit hook here and in every Python process a test
+starts):
+- nothing reads a path outside the repository (a sibling folder of the clone);
+- a test not marked `e2e` opens no socket.
+
+Brokers (fixtures):
+- `broker`: a fresh embedded broker for this test, stopped after it (~0.1 s to start). Take it when the
+  test runs collector workers: a worker's consumer group, its state tables and the `collector.*` and
+  `raw.*` topics have fixed names, so two tests' workers on one broker would see each other's state.
+  Also when the test pauses, stops or kills the broker.
+- `shared_broker`: one embedded broker per xdist process, shared by every test that takes it. For
+  tests that produce and consume topics of their own with Kafka clients and run no worker. Such a test
+  writes only topics whose names no other test uses (it fails when it writes a topic another test
+  wrote first: tests/brokers.py) and leaves the broker running (it fails if it stopped or paused it).
+
+A module that needs one broker (or simulator, or worker) for several tests defines its own
+module-scoped fixture: `make test` hands each test file whole to one xdist worker (`--dist loadfile`),
+so the fixture is made once.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agents.embedded_broker import EmbeddedBroker
+from tests.brokers import SharedBroker
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "guard"))  # the guard is imported by name, as its children do
+
+from guard_plugin import GuardPlugin  # noqa: E402
+
+pytest_plugins = ["tests.servers"]  # real PostgreSQL and Redis servers (tests/servers.py)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    plugin = GuardPlugin(REPO)
+    plugin.start()
+    config.pluginmanager.register(plugin, "collector-guard")
+    config.add_cleanup(plugin.stop)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # End-to-end tests first (a stable sort: each module keeps its order). `make test` hands whole
+    # files to xdist workers in this order, so the long end-to-end files start while the other
+    # workers still have unit files to run, instead of one of them trailing at the end.
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+
+@pytest.fixture
+def broker() -> Iterator[EmbeddedBroker]:
+    """A fresh embedded broker for this test alone (see the module docstring)."""
+    with EmbeddedBroker() as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def _shared() -> Iterator[SharedBroker]:
+    shared = SharedBroker()
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture
+def shared_broker(_shared: SharedBroker, request: pytest.FixtureRequest) -> Iterator[EmbeddedBroker]:
+    """The embedded broker every test of this xdist process shares (see the module docstring)."""
+    broker = _shared.running()
+    before = _shared.end_offsets()
+    yield broker
+    assert _shared.answers(), f"{request.node.nodeid} stopped or paused the shared broker: take `broker`"
+    written = {topic for topic, end in _shared.end_offsets().items() if end > before.get(topic, 0)}
+    foreign = _shared.claim(written, request.node.nodeid)
+    assert not foreign, (
+        f"wrote topics of other tests on the shared broker (name yours for your test): {foreign}"
+    )
