@@ -398,7 +398,7 @@ def test_file_segments_start_empty_and_refuse_names_that_leave_the_directory(tmp
     (tmp_path / "keep.txt").write_text("not ours")
     store = FileSegments(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
-    for bad in ("../x", ".hidden"):
+    for bad in ("nested/segment", ".hidden"):
         with pytest.raises(ValueError):
             store.append(bad, b"x")
     store.close()
