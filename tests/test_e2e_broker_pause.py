@@ -94,47 +94,47 @@ def watch_pause(worker: Worker, until: float, report: PauseReport) -> None:
         time.sleep(min(2.0, max(until - time.time(), 0.0)))
 
 
-def run_pause(tmp_path: Path, pause_seconds: float) -> PauseReport:
+def run_pause(tmp_path: Path, broker: EmbeddedBroker, pause_seconds: float) -> PauseReport:
+    """`broker` is the test's own (the `broker` fixture): pausing it pauses nothing of the worker's."""
     report = PauseReport()
-    with EmbeddedBroker() as broker:
-        simulator = Simulator(SYMBOLS, rate=RATE)
-        market = SimulatedExchange(simulator, "binance")
-        config = write_config(
-            tmp_path / "binance.yaml", simulator, SYMBOLS, ["trade"],
-            kafka={"brokers": "embedded", "producer": {"lingerMs": 5, "compression": "lz4"}, "spool": SPOOL},
-            monitoring={"alerts": {"spoolAlertBytes": SPOOL_ALERT_BYTES}},
-        )  # fmt: skip
-        worker = Worker(config, broker.bootstrap, tmp_path)
-        reader = TopicReader(broker.bootstrap)
-        try:
-            worker.wait_ready(90)
-            wait_for(lambda: market.subscribed_streams() == len(SYMBOLS), 60, "every trade stream subscribed")
-            tally = FaultTally(market, SYMBOLS, reader)
-            wait_for(lambda: tally.poll() and all(tally.seen.values()), 60, "trades of every symbol")
+    simulator = Simulator(SYMBOLS, rate=RATE)
+    market = SimulatedExchange(simulator, "binance")
+    config = write_config(
+        tmp_path / "binance.yaml", simulator, SYMBOLS, ["trade"],
+        kafka={"brokers": "embedded", "producer": {"lingerMs": 5, "compression": "lz4"}, "spool": SPOOL},
+        monitoring={"alerts": {"spoolAlertBytes": SPOOL_ALERT_BYTES}},
+    )  # fmt: skip
+    worker = Worker(config, broker.bootstrap, tmp_path)
+    reader = TopicReader(broker.bootstrap)
+    try:
+        worker.wait_ready(90)
+        wait_for(lambda: market.subscribed_streams() == len(SYMBOLS), 60, "every trade stream subscribed")
+        tally = FaultTally(market, SYMBOLS, reader)
+        wait_for(lambda: tally.poll() and all(tally.seen.values()), 60, "trades of every symbol")
 
-            with tally.fault(f"broker paused {pause_seconds:.0f} s"), broker_paused(broker) as pause:
-                watch_pause(worker, pause.started + pause_seconds, report)
-            assert pause.ended is not None
-            report.seconds = pause.ended - pause.started
+        with tally.fault(f"broker paused {pause_seconds:.0f} s"), broker_paused(broker) as pause:
+            watch_pause(worker, pause.started + pause_seconds, report)
+        assert pause.ended is not None
+        report.seconds = pause.ended - pause.started
 
-            def drained() -> bool:
-                tally.poll()
-                return spool_metrics(worker).get("bytes", 1.0) == 0.0
+        def drained() -> bool:
+            tally.poll()
+            return spool_metrics(worker).get("bytes", 1.0) == 0.0
 
-            wait_for(drained, 180, "the spool to drain", interval=0.5)
-            report.drain_seconds = time.time() - pause.ended
-            # The market goes on a while: the worker carries on after the broker came back.
-            tally.poll(5.0)
-            simulator.post("/_sim/pause")
-            assert tally.wait_delivered(timeout=120), tally.table()
-            print("\n" + tally.table() + "\n" + report.line())
-            check_exactly_once(tally)
-            check_after(worker, report)
-        finally:
-            reader.close()
-            code = worker.stop()
-            simulator.stop()
-        assert_clean_exit(worker, code)
+        wait_for(drained, 180, "the spool to drain", interval=0.5)
+        report.drain_seconds = time.time() - pause.ended
+        # The market goes on a while: the worker carries on after the broker came back.
+        tally.poll(5.0)
+        simulator.post("/_sim/pause")
+        assert tally.wait_delivered(timeout=120), tally.table()
+        print("\n" + tally.table() + "\n" + report.line())
+        check_exactly_once(tally)
+        check_after(worker, report)
+    finally:
+        reader.close()
+        code = worker.stop()
+        simulator.stop()
+    assert_clean_exit(worker, code)
     return report
 
 
@@ -174,12 +174,16 @@ def check_after(worker: Worker, report: PauseReport) -> None:
 
 
 @pytest.mark.e2e
-def test_a_45_second_broker_pause_loses_and_duplicates_no_trade(tmp_path: Path) -> None:
-    run_pause(tmp_path, 45)
+def test_a_45_second_broker_pause_loses_and_duplicates_no_trade(
+    tmp_path: Path, broker: EmbeddedBroker
+) -> None:
+    run_pause(tmp_path, broker, 45)
 
 
 @pytest.mark.e2e
 @pytest.mark.soak
 @pytest.mark.timeout(900)
-def test_a_6_minute_broker_pause_loses_and_duplicates_no_trade(tmp_path: Path) -> None:
-    run_pause(tmp_path, 360)
+def test_a_6_minute_broker_pause_loses_and_duplicates_no_trade(
+    tmp_path: Path, broker: EmbeddedBroker
+) -> None:
+    run_pause(tmp_path, broker, 360)
