@@ -34,6 +34,8 @@ class FlowSummary(msgspec.Struct, rename="camel"):
     connections: dict[str, int] = msgspec.field(default_factory=dict)
     # Normalize side: connection id → receipt time (epoch ms) of the newest frame normalized from it.
     normalized: dict[str, int] = msgspec.field(default_factory=dict)
+    # Order books the normalize agent keeps: symbol → synced | syncing.
+    books: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class Alert(msgspec.Struct, rename="camel", omit_defaults=True):

@@ -34,7 +34,9 @@ class RebuiltBook:
             self.snapshots += 1
         elif self.synced:
             if data.prev_update_id != self.last_id:
-                raise ChainBroken(f"update {data.last_update_id} follows {data.prev_update_id}, not {self.last_id}")
+                raise ChainBroken(
+                    f"update {data.last_update_id} follows {data.prev_update_id}, not {self.last_id}"
+                )
             for side, levels in ((self.bids, data.bids), (self.asks, data.asks)):
                 for price, qty in levels:
                     if Decimal(qty) == 0:

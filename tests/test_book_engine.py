@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -82,7 +81,9 @@ class Run:
                 raise AssertionError(f"unexpected output {output!r}")
 
     def feed(self, item: DepthDiff | DepthBook, connection: str = "c1", now: int | None = None) -> None:
-        self.engine.depth(item, ("origin", connection), GROUP, connection, item.received_at if now is None else now)
+        self.engine.depth(
+            item, ("origin", connection), GROUP, connection, item.received_at if now is None else now
+        )
         self.collect()
 
     def answer(self, item: DepthSnapshot, request: str | None = "last", now: int | None = None) -> None:
@@ -134,7 +135,12 @@ def test_first_sync_buffers_diffs_asks_once_and_publishes_one_snapshot_at_the_la
     assert len(r.records) == 1
     data = r.data()
     # 11..12 is in the snapshot (dropped); 13 straddles 12+1; 14..15 follows.
-    assert (data.snapshot, data.first_update_id, data.last_update_id, data.prev_update_id) == (True, "15", "15", None)
+    assert (data.snapshot, data.first_update_id, data.last_update_id, data.prev_update_id) == (
+        True,
+        "15",
+        "15",
+        None,
+    )
     assert data.bids == [("100", "1"), ("98", "1"), ("97", "1")]
     assert data.asks == [("101", "3"), ("102", "1"), ("103", "1")]
 
@@ -152,7 +158,11 @@ def test_after_the_sync_each_diff_is_an_update_of_the_changed_levels_chained_by_
         ("17", "18", "16", [], [("101", "0"), ("104", "1")]),
         ("19", "20", "18", [("98", "2")], []),
     ]
-    assert r.book().top(3)[0] == [(Decimal(100), Decimal(5)), (Decimal(98), Decimal(2)), (Decimal(97), Decimal(1))]
+    assert r.book().top(3)[0] == [
+        (Decimal(100), Decimal(5)),
+        (Decimal(98), Decimal(2)),
+        (Decimal(97), Decimal(1)),
+    ]
 
 
 def test_a_snapshot_older_than_the_buffered_diffs_is_asked_for_again() -> None:
@@ -300,7 +310,9 @@ def test_whole_books_are_snapshots_and_repeats_or_older_books_are_dropped() -> N
     r.feed(whole(1_000, [("100", "9")]))  # a repeat of the same id
     r.feed(whole(999))  # older
     r.feed(whole(1_005, [("100", "2")]), "c2")  # a new connection's first book
-    assert [(d.snapshot, d.last_update_id, d.prev_update_id) for d in (r.data(i) for i in range(len(r.records)))] == [
+    assert [
+        (d.snapshot, d.last_update_id, d.prev_update_id) for d in (r.data(i) for i in range(len(r.records)))
+    ] == [
         (True, "1000", None),
         (True, "1005", "1000"),
     ]
@@ -443,7 +455,12 @@ def test_views_show_the_state_the_top_levels_and_the_age() -> None:
 
 def test_book_settings_from_an_exchange_s_depth_settings() -> None:
     made = BookSettings.of("binance", DepthSettings(20, "100ms", 60.0, 100), whole_books=False)
-    assert (made.levels, made.capacity, made.snapshot_interval_ms, made.whole_books) == (20, 100, 60_000, False)
+    assert (made.levels, made.capacity, made.snapshot_interval_ms, made.whole_books) == (
+        20,
+        100,
+        60_000,
+        False,
+    )
 
 
 # ---- the consumer's view: a rebuilt book is the exchange's, whatever breaks ----------------------
@@ -523,7 +540,9 @@ def test_a_consumer_rebuilds_the_exchange_s_book_through_skips_stale_snapshots_a
                 connection = f"c{rng.randrange(1_000)}"
             bids = [(str(p), str(q)) for (is_bid, p), q in changes.items() if is_bid]
             asks = [(str(p), str(q)) for (is_bid, p), q in changes.items() if not is_bid]
-            item = DepthDiff(SYMBOL, now, now, first, truth.update_id, previous_u if chained else None, bids, asks)
+            item = DepthDiff(
+                SYMBOL, now, now, first, truth.update_id, previous_u if chained else None, bids, asks
+            )
             previous_u = truth.update_id
             r.feed(item, connection)
         stale_next = stale_next or fault > 0.97

@@ -152,13 +152,12 @@ def test_the_config_refuses_depth_settings_by_key(
         parse_config(config(exchange, depth))
 
 
-def test_depth_is_not_offered_until_the_depth_engine_publishes_records() -> None:
-    # Adapters name and read depth streams, but nobody may subscribe to books nothing would publish.
-    assert not DEPTH_PUBLISHED
+def test_depth_is_offered_now_that_the_depth_engine_publishes_records() -> None:
+    assert DEPTH_PUBLISHED
     for exchange in ("binance", "binance-futures", "upbit", "bithumb"):
-        assert adapter_class(exchange).parses(DEPTH) and not adapter_class(exchange).supports(DEPTH)
-    with pytest.raises(ConfigError, match="binance does not offer data type depth"):
-        parse_config(config("binance", data_types=["trade", "depth"]))
+        assert adapter_class(exchange).parses(DEPTH) and adapter_class(exchange).supports(DEPTH)
+    chosen = parse_config(config("binance", data_types=["trade", "depth"]))
+    assert [str(d) for d in chosen.exchanges["binance"].data_types] == ["trade", "depth"]
 
 
 # -- Binance --------------------------------------------------------------------------------------
