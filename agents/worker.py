@@ -24,6 +24,7 @@ from agents.pipeline import Pipeline, install_pipeline
 from agents.state import Manager, StateAgents, event_emitter, install_state, recovery_sender
 from streams.app import APP_ID, faust_settings
 from streams.config import EMBEDDED_BROKER_PORT, CollectorConfig
+from tables.books import install_book_views
 from tables.manager import ManagerSettings
 from tables.store import StateStore
 from tables.subscriptions import Subscriptions, install_subscription_views
@@ -128,7 +129,14 @@ def build_app(config: CollectorConfig) -> CollectorApp:
     install_state(app, state_agents, manager)
     install_views(app, StateViews(app, config, store))
 
+    local_book = None
     if control is not None:
         pipeline = Pipeline(app, config, adapters, emit_event, control.ownership, frames_heard, bootstrap)
         install_pipeline(app, pipeline)
+
+        def local_book(exchange: str, symbol: str, levels: int) -> dict[str, Any] | None:
+            normalizer = pipeline.normalizers.get(exchange)
+            return None if normalizer is None else normalizer.book_view(symbol, levels)
+
+    install_book_views(app, config, subscriptions, local_book)
     return app

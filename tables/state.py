@@ -111,6 +111,7 @@ def new_coin(exchange: str, symbol: str, now: int = 0) -> Row:
         "subscribeFailures": 0,
         "streams": [],  # the coin's subscribed streams, when events name them
         "lastError": None,
+        "book": None,  # the order book's state where depth is collected: syncing, synced
         "applied": {},
     }
 
@@ -367,6 +368,7 @@ def apply_flow(summary: FlowSummary, offset: int, tables: Tables) -> Changes:
             _enter(coin, "subscribed", flow.last_received_at)
         changes.coins[key] = coin
 
+    _apply_book_flow(summary, tables, changes)
     _apply_connection_flow(summary, tables, changes)
     collector = tables.collector(exchange) or new_collector(exchange, summary.started_at)
     if _fresh(collector, FLOW_SOURCE, offset):
@@ -381,12 +383,35 @@ def apply_flow(summary: FlowSummary, offset: int, tables: Tables) -> Changes:
             "bytesPerSecond": round(summary.raw_bytes / seconds, 1),
             "deadLettersPerSecond": round(sum(summary.dead_letters.values()) / seconds, 3),
             "latency": summary.latency,
+            **({"books": _book_counts(summary.books)} if summary.books else {}),
             **summary.process,
         }
         if total and collector["state"] == "ready":
             _enter(collector, "running", summary.ended_at)
         changes.collectors[exchange] = collector
     return changes
+
+
+def _apply_book_flow(summary: FlowSummary, tables: Tables, changes: Changes) -> None:
+    """Each order book's state, as the worker keeping it reports it. A row changes only when its
+    state does (a flow summary lists every book, every interval)."""
+    for symbol, state in summary.books.items():
+        key = coin_key(summary.exchange, symbol)
+        coin = (
+            changes.coins.get(key)
+            or tables.coin(key)
+            or new_coin(summary.exchange, symbol, summary.started_at)
+        )
+        if coin.get("book") != state:
+            coin["book"] = state
+            changes.coins[key] = coin
+
+
+def _book_counts(books: dict[str, str]) -> dict[str, int]:
+    counts = {"synced": 0, "syncing": 0}
+    for state in books.values():
+        counts[state] = counts.get(state, 0) + 1
+    return counts
 
 
 def _apply_connection_flow(summary: FlowSummary, tables: Tables, changes: Changes) -> None:

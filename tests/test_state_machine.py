@@ -20,6 +20,7 @@ from tables.state import (
     connector_name,
     stream_index,
 )
+from tables.summary import collector_overview
 
 CONNECTION = "binance-0-1700000000000-1"
 
@@ -325,3 +326,24 @@ def test_flow_summaries_tell_each_connector_how_far_its_frames_were_received_and
     rows.flow(later)
     row = rows.connectors["binance-0"]
     assert (row["lastFrameAt"], row["normalizedThrough"]) == (3_990, 3_950)
+
+
+def test_flow_summaries_carry_each_order_book_s_state_to_its_coin_and_counts_to_the_collector() -> None:
+    rows = Rows()
+    first = summary(0, 2000, BTC_USDT={"trade": 5})
+    first.books = {"BTC/USDT": "syncing", "ETH/USDT": "syncing"}
+    changes = rows.flow(first)
+    assert rows.coins["binance:BTC/USDT"]["book"] == "syncing"
+    assert rows.coins["binance:ETH/USDT"]["book"] == "syncing"  # a book before any record of its coin
+    assert set(changes.coins) == {"binance:BTC/USDT", "binance:ETH/USDT"}
+    second = summary(2000, 4000)
+    second.books = {"BTC/USDT": "synced", "ETH/USDT": "syncing"}
+    changes = rows.flow(second)
+    assert set(changes.coins) == {"binance:BTC/USDT"}  # only rows whose book changed are written
+    assert rows.coins["binance:BTC/USDT"]["book"] == "synced"
+    overview = collector_overview(rows.collectors["binance"], "binance", 4000)
+    assert overview["books"] == {"synced": 1, "syncing": 1}
+    assert collector_overview(rows.collectors["binance"], "binance", 60_000)["books"] == {
+        "synced": 0,
+        "syncing": 0,
+    }
