@@ -195,8 +195,9 @@ class BookLine:
             "receivedAt": self.received_at or None,
             "bids": list(top.bids.values()) if self.synced else [],
             "asks": list(top.asks.values()) if self.synced else [],
-            "levels": self.settings.levels,
-            "capacity": self.settings.capacity,
+            "levels": levels,  # asked for; a side shows fewer when the book knows fewer
+            "publishedLevels": self.settings.levels,  # per side in depth records
+            "capacity": self.settings.capacity,  # kept per side
             "syncReason": self.sync_reason,
             "syncingSince": None if self.synced else self.syncing_since,
         }
