@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from streams.events import CollectorEvent
 from streams.records import MarketRecord
-from tables.records import CoinFlow, FlowSummary
+from tables.records import BookFlow, CoinFlow, FlowSummary
 from tables.summary import EXCHANGE_TO_RECEIVE, LATENCY_BUCKETS, RECEIVE_TO_APPEND
 
 # `*_created` series double the output and no dashboard or alert here reads them.
@@ -210,7 +210,7 @@ class FlowMeter:
         self._normalized: dict[str, int] = {}
         self._normalized_changed = False
         # Symbol → order book state (synced, syncing) of the books the normalize agent keeps.
-        self.book_states: Callable[[], dict[str, str]] | None = None
+        self.book_states: Callable[[], dict[str, BookFlow]] | None = None
 
     def record(self, record: MarketRecord, topic: str) -> None:
         """Called once per normalized record: keep it cheap."""

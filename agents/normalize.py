@@ -50,6 +50,7 @@ from streams.records import MarketRecord, Trade, encode_record
 from streams.rest import RestTag, parse_source
 from streams.topics import EVENTS, deadletter_topic, market_topic
 from streams.validation import DEFAULT_CLOCK_SKEW_SECONDS, Validator, depth_problem
+from tables.records import BookFlow
 
 log = logging.getLogger(__name__)
 # A dead letter must fit the producer's message size even when JSON escaping inflates a frame ~6x; a
@@ -142,7 +143,9 @@ class Normalizer:
         if self.engine.books is not None:
             books = self.engine.books
             register_books(adapter.name, books.ages)
-            flow_meter(adapter.name).book_states = books.states
+            flow_meter(adapter.name).book_states = lambda: {
+                symbol: BookFlow(state, heard_at) for symbol, (state, heard_at) in books.states().items()
+            }
         self._read_seeds = read_seeds
         self.seeded = read_seeds is None
         self._fetch = fetch

@@ -19,7 +19,7 @@ from typing import Any
 
 from streams.events import CollectorEvent
 from streams.exchanges.base import DataType, ExchangeAdapter
-from tables.records import FlowSummary
+from tables.records import BookFlow, FlowSummary
 
 Row = dict[str, Any]
 Lookup = Callable[[str], Row | None]
@@ -393,24 +393,29 @@ def apply_flow(summary: FlowSummary, offset: int, tables: Tables) -> Changes:
 
 
 def _apply_book_flow(summary: FlowSummary, tables: Tables, changes: Changes) -> None:
-    """Each order book's state, as the worker keeping it reports it. A row changes only when its
-    state does (a flow summary lists every book, every interval)."""
-    for symbol, state in summary.books.items():
+    """Each order book's state, as the worker keeping it reports it, and its newest item: a book
+    syncing receives diffs but publishes nothing until its snapshot, and its coin is not silent. A
+    row changes only when one of them does (a flow summary lists every book, every interval)."""
+    for symbol, book in summary.books.items():
         key = coin_key(summary.exchange, symbol)
         coin = (
             changes.coins.get(key)
             or tables.coin(key)
             or new_coin(summary.exchange, symbol, summary.started_at)
         )
-        if coin.get("book") != state:
-            coin["book"] = state
+        changed = coin.get("book") != book.state
+        coin["book"] = book.state
+        if book.heard_at > (coin["lastReceivedAt"] or 0):
+            coin["lastReceivedAt"] = book.heard_at
+            changed = True
+        if changed:
             changes.coins[key] = coin
 
 
-def _book_counts(books: dict[str, str]) -> dict[str, int]:
+def _book_counts(books: dict[str, BookFlow]) -> dict[str, int]:
     counts = {"synced": 0, "syncing": 0}
-    for state in books.values():
-        counts[state] = counts.get(state, 0) + 1
+    for book in books.values():
+        counts[book.state] = counts.get(book.state, 0) + 1
     return counts
 
 

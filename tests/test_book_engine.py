@@ -325,9 +325,9 @@ def test_a_crossed_whole_book_is_dead_lettered_and_the_book_shows_syncing_until_
     r.feed(whole(2, [("101", "1")]))
     assert [x.reason for x in r.rejected] == ["crossed-book"] and r.reasons() == ["crossed-book"]
     books = r.engine.books
-    assert books is not None and books.states() == {SYMBOL: "syncing"}
+    assert books is not None and books.states() == {SYMBOL: ("syncing", T0)}
     r.feed(whole(3))
-    assert books.states() == {SYMBOL: "synced"} and r.data().prev_update_id == "1"
+    assert books.states() == {SYMBOL: ("synced", T0)} and r.data().prev_update_id == "1"
 
 
 # ---- the snapshot queue: staggered, within the budget ---------------------------------------------

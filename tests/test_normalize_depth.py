@@ -21,6 +21,7 @@ from streams.exchanges.binance_futures import BinanceFuturesAdapter
 from streams.exchanges.upbit import UpbitAdapter
 from streams.raw import RawBatch, RawFrame, encode_batch
 from streams.records import Depth, MarketRecord
+from tables.records import BookFlow
 from tests.depth_consumer import RebuiltBook
 from tests.test_validation_normalizer import MemoryTopics
 
@@ -105,9 +106,8 @@ def test_diffs_ask_for_a_snapshot_whose_answer_through_the_raw_topic_syncs_the_b
     assert (
         view is not None and view["state"] == "synced" and view["bids"] == [("100.0", "1.0"), ("98.0", "1.0")]
     )
-    assert flow_meter("binance").book_states is not None and flow_meter("binance").book_states() == {
-        "BTC/USDT": "synced"
-    }
+    states = flow_meter("binance").book_states
+    assert states is not None and states() == {"BTC/USDT": BookFlow("synced", NOW)}
 
 
 def test_an_invalid_diff_is_dead_lettered_and_resyncs_the_book() -> None:

@@ -9,7 +9,7 @@ import pytest
 from streams.events import CollectorEvent
 from streams.exchanges.base import DataType, Instrument
 from streams.exchanges.binance import BinanceAdapter
-from tables.records import CoinFlow, FlowSummary
+from tables.records import BookFlow, CoinFlow, FlowSummary
 from tables.state import (
     Changes,
     Row,
@@ -331,13 +331,15 @@ def test_flow_summaries_tell_each_connector_how_far_its_frames_were_received_and
 def test_flow_summaries_carry_each_order_book_s_state_to_its_coin_and_counts_to_the_collector() -> None:
     rows = Rows()
     first = summary(0, 2000, BTC_USDT={"trade": 5})
-    first.books = {"BTC/USDT": "syncing", "ETH/USDT": "syncing"}
+    first.books = {"BTC/USDT": BookFlow("syncing", 1500), "ETH/USDT": BookFlow("syncing", 1900)}
     changes = rows.flow(first)
     assert rows.coins["binance:BTC/USDT"]["book"] == "syncing"
-    assert rows.coins["binance:ETH/USDT"]["book"] == "syncing"  # a book before any record of its coin
+    eth = rows.coins["binance:ETH/USDT"]  # a book before any record of its coin
+    # A syncing book receives diffs but publishes nothing yet: its coin is not silent.
+    assert (eth["book"], eth["lastReceivedAt"]) == ("syncing", 1900)
     assert set(changes.coins) == {"binance:BTC/USDT", "binance:ETH/USDT"}
     second = summary(2000, 4000)
-    second.books = {"BTC/USDT": "synced", "ETH/USDT": "syncing"}
+    second.books = {"BTC/USDT": BookFlow("synced", 1990), "ETH/USDT": BookFlow("syncing", 1900)}
     changes = rows.flow(second)
     assert set(changes.coins) == {"binance:BTC/USDT"}  # only rows whose book changed are written
     assert rows.coins["binance:BTC/USDT"]["book"] == "synced"

@@ -114,6 +114,7 @@ class BookLine:
         self.event_time = 0  # exchange time of the book's state
         self.received_at = 0  # receipt time of what the book last applied
         self.changed_at = now  # when the book last applied anything (its age starts here)
+        self.heard_at = now  # receipt time of the newest item of the symbol, applied or not
         self.sync_reason = reason
         self.syncing_since = now
         self.wanting = False  # a snapshot is wanted: queued, out, or waiting out a refusal
@@ -212,6 +213,7 @@ class DiffBookLine(BookLine):
         self.first_pending = False  # the next diff applied is the first after the snapshot
 
     def diff(self, item: DepthDiff, origin: Any, connection: str, now: int) -> None:
+        self.heard_at = max(self.heard_at, item.received_at)
         if not self.follows(connection, now):
             return
         if not self.synced:
@@ -269,7 +271,9 @@ class DiffBookLine(BookLine):
             self.out.append(RejectFrame(self.symbol, CROSSED, detail, origin))
             self.resync(CROSSED, now, detail)
             return False
-        if not book.holds(self.settings.levels):
+        # A book with room below its levels knows them all, or must sync again; one whose snapshot is
+        # no deeper than its levels (the exchange's deepest) publishes the levels it knows.
+        if self.settings.capacity > self.settings.levels and not book.holds(self.settings.levels):
             self.resync(
                 BOOK_SHORT, now, f"fewer than {self.settings.levels} known levels at u {item.last_update_id}"
             )
@@ -348,6 +352,7 @@ class WholeBookLine(BookLine):
         self.last_id: int | None = None  # the newest book's id: books at or below it are repeats
 
     def whole(self, item: DepthBook, origin: Any, connection: str, now: int) -> None:
+        self.heard_at = max(self.heard_at, item.received_at)
         if not self.follows(connection, now):
             return
         if self.last_id is not None and item.update_id <= self.last_id:
@@ -542,8 +547,9 @@ class Books:
 
     # -- views ------------------------------------------------------------------------------------
 
-    def states(self) -> dict[str, str]:
-        return {symbol: line.state for symbol, line in self.lines.items()}
+    def states(self) -> dict[str, tuple[str, int]]:
+        """Symbol → (state, receipt time of the book's newest item): a syncing book is not silent."""
+        return {symbol: (line.state, line.heard_at) for symbol, line in self.lines.items()}
 
     def progress(self) -> dict[str, int]:
         synced = sum(1 for line in self.lines.values() if line.synced)
