@@ -5,9 +5,10 @@
   back from a few depth topics), worker CPU and RSS, resyncs other than the books' first sync.
 - 1,000 books: Binance books keeping 100 levels a side on one worker (`levels` 50: the snapshot of
   100 levels, weight 5; `@depth` at 1000 ms, so the simulator keeps up): seconds from the worker's
-  start until every book is synced, then again after every connection drops at once (a mass reconnect resyncs every book); the REST requests the simulator
-  refused (429/418; must be 0: the snapshots are staggered within the weight budget), the most weight
-  it saw used in a minute, and the worker's RSS holding the books (target: < 300 MB).
+  start until every book is synced, then again after every connection drops at once (a mass
+  reconnect resyncs every book); the REST requests the simulator refused (429/418; must be 0: the
+  snapshots are staggered within the weight budget), the most weight it saw used in a minute, and
+  the worker's RSS holding the books (target: < 300 MB).
 """
 
 from __future__ import annotations
