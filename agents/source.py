@@ -174,7 +174,8 @@ class ExchangeSource(Service):
 
     def _data_types(self) -> list[DataType]:
         kinds = {str(dt): dt for dt in self.settings.data_types}
-        for kind in ("trade", "ticker", "bbo"):
+        # Data types a runtime subscription may add without them being configured (klines aside).
+        for kind in ("trade", "ticker", "bbo", "depth"):
             data_type = DataType.parse(kind)
             if self.adapter.supports(data_type):
                 kinds.setdefault(kind, data_type)

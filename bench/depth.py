@@ -96,6 +96,14 @@ def _config(
     return path
 
 
+def _prime_books(simulator: Simulator, names: list[str]) -> None:
+    """Make the simulator's ground-truth books before the worker subscribes: it makes each one on
+    first use, and 200 of them at once (one SUBSCRIBE) held its event loop long enough for the
+    worker to take the connections for stalled."""
+    for name in names:
+        simulator.get(f"/_sim/book?symbol={name.replace('/', '')}&levels=1")
+
+
 def run_depth_load(
     symbols: int = 100, trade_rate: int = 5000, warmup: float = 4.0, duration: float = 12.0,
     log_dir: Path | None = None,
@@ -108,6 +116,7 @@ def run_depth_load(
         reader = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"bench-depth-{time.time_ns()}",
                            "enable.auto.commit": False, "auto.offset.reset": "latest"})  # fmt: skip
         try:
+            _prime_books(simulator, names)
             config = _config(log_dir / "depth-load.yaml", simulator, names, ["trade", "depth"],
                              {"speed": "100ms"}, broker)  # fmt: skip
             worker = Worker(config, broker.bootstrap, log_dir, "depth")
@@ -160,6 +169,7 @@ def run_books(
         simulator = Simulator(names, rate=0.5, seed=11, extra=["--history-limit", "1000"])
         worker: Worker | None = None
         try:
+            _prime_books(simulator, names)
             config = _config(log_dir / "books.yaml", simulator, names, ["depth"],
                              {"levels": levels, "speed": "1000ms"}, broker)  # fmt: skip
             worker = Worker(config, broker.bootstrap, log_dir, "books")
