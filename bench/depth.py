@@ -1,4 +1,6 @@
 """The order book steps of `make bench` (issue 15), each on a fresh broker, simulator and worker.
+As in the trade steps, the market topics are made before the worker starts (declaring 1,000 topics
+on first use keeps a worker's event loop busy for seconds) and so are the simulator's books.
 
 - Depth under load: N symbols (100) with `@depth@100ms` diffs plus trades at a total rate (5,000/s):
   depth and trade records per second over the window, depth receipt → producer stamp latency (read
@@ -26,6 +28,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from agents.embedded_broker import EmbeddedBroker
 from bench.procfs import CpuMeter, memory_mb
+from bench.reader import create_topics
 from bench.step import bench_symbols, percentiles
 from streams.exchanges import adapter_class
 from streams.topics import market_topic
@@ -117,6 +120,9 @@ def run_depth_load(
                            "enable.auto.commit": False, "auto.offset.reset": "latest"})  # fmt: skip
         try:
             _prime_books(simulator, names)
+            create_topics(
+                broker.bootstrap, [market_topic(k, "binance", n) for k in ("trade", "depth") for n in names]
+            )
             config = _config(log_dir / "depth-load.yaml", simulator, names, ["trade", "depth"],
                              {"speed": "100ms"}, broker)  # fmt: skip
             worker = Worker(config, broker.bootstrap, log_dir, "depth")
@@ -170,6 +176,7 @@ def run_books(
         worker: Worker | None = None
         try:
             _prime_books(simulator, names)
+            create_topics(broker.bootstrap, [market_topic("depth", "binance", name) for name in names])
             config = _config(log_dir / "books.yaml", simulator, names, ["depth"],
                              {"levels": levels, "speed": "1000ms"}, broker)  # fmt: skip
             worker = Worker(config, broker.bootstrap, log_dir, "books")
