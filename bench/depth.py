@@ -6,7 +6,7 @@ on first use keeps a worker's event loop busy for seconds) and so are the simula
   depth and trade records per second over the window, depth receipt → producer stamp latency (read
   back from a few depth topics), worker CPU and RSS, resyncs other than the books' first sync.
 - 1,000 books: Binance books keeping 100 levels a side on one worker (`levels` 50: the snapshot of
-  100 levels, weight 5; `@depth` at 1000 ms, so the simulator keeps up): seconds from the worker's
+  100 levels, weight 5; `@depth@100ms`, a trade every 2 s per symbol): seconds from the worker's
   start until every book is synced, then again after every connection drops at once (a mass
   reconnect resyncs every book); the REST requests the simulator refused (429/418; must be 0: the
   snapshots are staggered within the weight budget), the most weight it saw used in a minute, and
@@ -177,8 +177,10 @@ def run_books(
         try:
             _prime_books(simulator, names)
             create_topics(broker.bootstrap, [market_topic("depth", "binance", name) for name in names])
+            # 100 ms, not 1000 ms: the simulator sends every stream's 1000 ms events at the same instant,
+            # and a connection silent between such bursts looked stalled to the worker.
             config = _config(log_dir / "books.yaml", simulator, names, ["depth"],
-                             {"levels": levels, "speed": "1000ms"}, broker)  # fmt: skip
+                             {"levels": levels, "speed": "100ms"}, broker)  # fmt: skip
             worker = Worker(config, broker.bootstrap, log_dir, "books")
             progress: list[tuple[float, int]] = []
             weights = [0]
