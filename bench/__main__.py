@@ -112,6 +112,7 @@ def _depth(args: argparse.Namespace, failures: list[str]) -> str:
         )
         try:
             load = run_depth_load(args.depth_symbols, args.depth_trade_rate, args.warmup, args.duration)
+            print(depth_lines(load, None), flush=True)
         except (TimeoutError, OSError, RuntimeError) as exc:
             failures.append(f"depth load: {exc!r}")
             print(f"bench: depth step failed: {exc!r}", flush=True)
