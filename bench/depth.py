@@ -6,7 +6,7 @@ on first use keeps a worker's event loop busy for seconds) and so are the simula
   depth and trade records per second over the window, depth receipt → producer stamp latency (read
   back from a few depth topics), worker CPU and RSS, resyncs other than the books' first sync.
 - 1,000 books: Binance books keeping 100 levels a side on one worker (`levels` 50: the snapshot of
-  100 levels, weight 5; `@depth@100ms`, a trade every 10 s per symbol): seconds from the worker's
+  100 levels, weight 5; `@depth@100ms`, a trade a second per symbol): seconds from the worker's
   start until every book is synced, then again after every connection drops at once (a mass
   reconnect resyncs every book); the REST requests the simulator refused (429/418; must be 0: the
   snapshots are staggered within the weight budget), the most weight it saw used in a minute, and
@@ -172,8 +172,9 @@ def run_books(
     names = bench_symbols(books)
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="collector-bench-books-"))
     with EmbeddedBroker() as broker:
-        # A trade every 10 s per symbol: 1,000 ground-truth books already keep the simulator busy.
-        simulator = Simulator(names, rate=0.1, seed=11, extra=["--history-limit", "1000"])
+        # A trade a second per symbol: the simulator trades every symbol at once, so at a slower rate
+        # its frames came in bursts far enough apart that the worker took its connections for stalled.
+        simulator = Simulator(names, rate=1.0, seed=11, extra=["--history-limit", "1000"])
         worker: Worker | None = None
         try:
             _prime_books(simulator, names)
