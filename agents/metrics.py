@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from streams.events import CollectorEvent
 from streams.records import MarketRecord
-from tables.records import CoinFlow, FlowSummary
+from tables.records import BookFlow, CoinFlow, FlowSummary
 from tables.summary import EXCHANGE_TO_RECEIVE, LATENCY_BUCKETS, RECEIVE_TO_APPEND
 
 # `*_created` series double the output and no dashboard or alert here reads them.
@@ -209,6 +209,8 @@ class FlowMeter:
         # it is), bounded to the most recent connections.
         self._normalized: dict[str, int] = {}
         self._normalized_changed = False
+        # Symbol → order book state (synced, syncing) of the books the normalize agent keeps.
+        self.book_states: Callable[[], dict[str, BookFlow]] | None = None
 
     def record(self, record: MarketRecord, topic: str) -> None:
         """Called once per normalized record: keep it cheap."""
@@ -284,7 +286,10 @@ class FlowMeter:
         """The interval's summary, starting the next interval; None when nothing happened.
         `heard` is the source side's connector → newest frame received (`ExchangeSource.frames_heard`)."""
         ended_at = self._clock()
-        if not (self._coins or self._dead_letters or self._raw_bytes or heard or self._normalized_changed):
+        books = self.book_states() if self.book_states is not None else {}
+        if not (
+            self._coins or self._dead_letters or self._raw_bytes or heard or self._normalized_changed or books
+        ):
             self._interval_started = ended_at
             return None
         summary = FlowSummary(
@@ -298,6 +303,7 @@ class FlowMeter:
             latency=self._latency,
             connections=heard or {},
             normalized=dict(self._normalized),
+            books=books,
         )
         self._normalized_changed = False
         self._interval_started = ended_at

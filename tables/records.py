@@ -20,6 +20,13 @@ class CoinFlow(msgspec.Struct, rename="camel"):
     last_event_at: int = 0  # the exchange's latest event time, epoch ms
 
 
+class BookFlow(msgspec.Struct, array_like=True):
+    """An order book a normalize agent keeps: its state and when its newest item arrived (epoch ms)."""
+
+    state: str  # synced, syncing
+    heard_at: int
+
+
 class FlowSummary(msgspec.Struct, rename="camel"):
     exchange: str
     worker: str  # which worker's normalize agent saw this
@@ -34,6 +41,8 @@ class FlowSummary(msgspec.Struct, rename="camel"):
     connections: dict[str, int] = msgspec.field(default_factory=dict)
     # Normalize side: connection id → receipt time (epoch ms) of the newest frame normalized from it.
     normalized: dict[str, int] = msgspec.field(default_factory=dict)
+    # Order books the normalize agent keeps: symbol → state and newest item.
+    books: dict[str, BookFlow] = msgspec.field(default_factory=dict)
 
 
 class Alert(msgspec.Struct, rename="camel", omit_defaults=True):

@@ -54,7 +54,7 @@ def collector_overview(row: Row | None, exchange: str, now: int) -> dict[str, An
     if row is None:
         return {"exchange": exchange, "state": "ready", "since": None, "rate": 0.0, "bytesPerSecond": 0.0,
                 "latencyMs": {}, "workers": {}, "recordsTotal": 0, "deadLetters": {}, "deadLettersTotal": 0,
-                "events": {}}  # fmt: skip
+                "events": {}, "books": {"synced": 0, "syncing": 0}}  # fmt: skip
     fresh = {name: w for name, w in row.get("workers", {}).items() if now - w.get("at", 0) <= FRESH_MS}
     merged: dict[str, list[int]] = {}
     for worker in fresh.values():
@@ -64,6 +64,10 @@ def collector_overview(row: Row | None, exchange: str, now: int) -> dict[str, An
             total = merged.setdefault(stage, [0] * len(counts))
             for index, count in enumerate(counts):
                 total[index] += count
+    books = {"synced": 0, "syncing": 0}
+    for worker in fresh.values():
+        for state, count in (worker.get("books") or {}).items():
+            books[state] = books.get(state, 0) + count
     return {
         "exchange": exchange,
         "state": row["state"],
@@ -81,4 +85,5 @@ def collector_overview(row: Row | None, exchange: str, now: int) -> dict[str, An
         "deadLettersTotal": row["deadLettersTotal"],
         "events": row["events"],
         "lastEventAt": row.get("lastEventAt"),
+        "books": books,  # order books kept by the workers reporting now: synced, syncing
     }
