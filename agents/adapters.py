@@ -20,6 +20,7 @@ from mode import Service
 
 from agents import metrics
 from streams.config import ExchangeConfig
+from streams.depth import DepthSettings
 from streams.events import CollectorEvent
 from streams.exchanges import adapter_class
 from streams.exchanges.base import ExchangeAdapter, Instrument
@@ -31,6 +32,14 @@ FIRST_RETRY = 2.0
 MAX_RETRY = 60.0
 REMIND_EVERY = 300.0  # seconds between repeated warnings while an exchange stays unreachable
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=5)
+
+
+def depth_settings(adapter_type: type[ExchangeAdapter], settings: ExchangeConfig) -> DepthSettings | None:
+    """The exchange's configured `depth` block with its defaults (checked when the config was loaded)."""
+    if "depth" not in adapter_type.data_kinds:
+        return None
+    depth = settings.depth
+    return adapter_type.depth_settings(depth.levels, depth.speed, depth.snapshotIntervalSeconds)
 
 
 class InstrumentsUnavailable(Exception):
@@ -130,7 +139,7 @@ class AdapterDirectory(Service):
             log.info("%s: instrument list loaded after %d attempts", exchange, attempts)
         await self._report_missing(exchange, settings, listed)
         # Every listed market, not only the configured ones: symbols can be subscribed at runtime.
-        self._future(exchange).set_result(adapter_type(listed))
+        self._future(exchange).set_result(adapter_type(listed, depth_settings(adapter_type, settings)))
 
     async def _report_missing(
         self, exchange: str, settings: ExchangeConfig, listed: list[Instrument]

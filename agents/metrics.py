@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from streams.events import CollectorEvent
 from streams.records import MarketRecord
-from tables.records import CoinFlow, FlowSummary, QueueUsage
+from tables.records import BookFlow, CoinFlow, FlowSummary, QueueUsage
 from tables.summary import EXCHANGE_TO_RECEIVE, LATENCY_BUCKETS, RECEIVE_TO_APPEND
 
 # `*_created` series double the output and no dashboard or alert here reads them.
@@ -209,6 +209,8 @@ class FlowMeter:
         # it is), bounded to the most recent connections.
         self._normalized: dict[str, int] = {}
         self._normalized_changed = False
+        # Symbol → order book state (synced, syncing) of the books the normalize agent keeps.
+        self.book_states: Callable[[], dict[str, BookFlow]] | None = None
         self._queue_usage_sent: QueueUsage | None = QueueUsage()  # an empty spool is no news
 
     def record(self, record: MarketRecord, topic: str) -> None:
@@ -288,10 +290,11 @@ class FlowMeter:
         `heard` is the source side's connector → newest frame received (`ExchangeSource.frames_heard`),
         `queue_usage` the exchange's raw spool (`spool_usage`)."""
         ended_at = self._clock()
+        books = self.book_states() if self.book_states is not None else {}
         # A spool holding batches is news every interval; an empty one only when it just drained.
         spooling = queue_usage is not None and (queue_usage.bytes or queue_usage != self._queue_usage_sent)
         happened = self._coins or self._dead_letters or self._raw_bytes or self._normalized_changed
-        if not (happened or heard or spooling):
+        if not (happened or heard or spooling or books):
             self._interval_started = ended_at
             return None
         summary = FlowSummary(
@@ -305,6 +308,7 @@ class FlowMeter:
             latency=self._latency,
             connections=heard or {},
             normalized=dict(self._normalized),
+            books=books,
             queue_usage=queue_usage,
         )
         self._queue_usage_sent = queue_usage

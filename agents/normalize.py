@@ -4,7 +4,9 @@ A raw record carries a batch of frames (or a REST answer); every frame becomes z
 records, or a dead letter with its reason. Trades go through the continuity engine
 (streams/continuity/), which publishes them in order, holds them across gaps, asks the exchange's REST
 history (carried out by the source running the symbol's connection group: `fetch`) and rejects
-invented ones; every other record is published as it comes.
+invented ones; every other record is published as it comes. Order book items (`DepthDiff`, `DepthBook`)
+and REST snapshot answers (`rest:depth/...`) go to the engine's books, which publish depth records,
+ask for snapshots (`FetchSnapshot`, carried out by the same `fetch`) and resync (`BookResync`).
 
 A raw record is acknowledged (and so its offset committed) once what its step produced has been
 acknowledged by the broker; the next batch is normalized meanwhile. Trades the engine still holds do
@@ -22,27 +24,35 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from agents.book_metrics import book_crossed, book_resynced, register_books
 from agents.metrics import event_emitted, flow_meter, gap_closed
 from agents.writer import AcknowledgedAt, TopicWriter
 from streams.continuity import (
+    BookResync,
+    BookSettings,
     ContinuityEngine,
     Drop,
+    FetchRequest,
+    FetchSnapshot,
     FetchTrades,
     GapClosed,
     Output,
     Publish,
     Reject,
+    RejectFrame,
     Seed,
     Settings,
 )
 from streams.deadletter import dead_letter
+from streams.depth import DepthBook, DepthDiff
 from streams.events import CollectorEvent, encode_event
 from streams.exchanges.base import ExchangeAdapter, FrameError, ParsedItem
-from streams.raw import RawBatch, decode_batch
+from streams.raw import RawBatch, RawFrame, decode_batch
 from streams.records import MarketRecord, Trade, encode_record
-from streams.rest import parse_source
+from streams.rest import RestTag, parse_source
 from streams.topics import EVENTS, deadletter_topic, market_topic
-from streams.validation import DEFAULT_CLOCK_SKEW_SECONDS, Validator
+from streams.validation import DEFAULT_CLOCK_SKEW_SECONDS, Validator, depth_problem
+from tables.records import BookFlow
 
 log = logging.getLogger(__name__)
 # A dead letter must fit the producer's message size even when JSON escaping inflates a frame ~6x; a
@@ -50,7 +60,9 @@ log = logging.getLogger(__name__)
 MAX_DEAD_LETTER_FRAME = 128 * 1024
 
 ReadSeeds = Callable[[Collection[str]], Awaitable[dict[str, Seed]]]
-Fetch = Callable[[FetchTrades], None]
+Fetch = Callable[[FetchRequest], None]
+BookWanted = Callable[[str], bool]  # whether a symbol is subscribed to depth here (the source knows)
+BOOK_CHORES_MS = 5_000  # between dropping books no longer subscribed and logging sync progress
 
 
 class RawInput(NamedTuple):
@@ -71,6 +83,15 @@ class _TradeOrigin(NamedTuple):
     payload: bytes
 
 
+class _FrameOrigin(NamedTuple):
+    """Where an order book item came from: what its dead letter names."""
+
+    connection_id: str
+    sequence: int
+    received_at: int
+    payload: bytes
+
+
 class Normalizer:
     """Turns raw batches of one exchange into market records and dead letters."""
 
@@ -82,6 +103,8 @@ class Normalizer:
         read_seeds: ReadSeeds | None = None,
         fetch: Fetch | None = None,
         settings: Settings | None = None,
+        book_wanted: BookWanted | None = None,
+        book_settings: BookSettings | None = None,
     ) -> None:
         self.adapter = adapter
         self.writer = writer
@@ -91,13 +114,25 @@ class Normalizer:
         self.dead_lettered = 0
         self.duplicates = 0  # repeated trades: dropped and counted, not dead-lettered
         self.validator = Validator(adapter.name, adapter.trade_ids, clock_skew_seconds)
+        if book_settings is None and adapter.depth is not None:
+            book_settings = BookSettings.of(adapter.name, adapter.depth, adapter.whole_books)
         self.engine = ContinuityEngine(
             adapter.trade_ids,
             position=getattr(adapter, "trade_position", None),
             consistent=adapter.trade_id_consistent,
             settings=settings,
             audits_per_second=adapter.history_audits_per_second,
+            books=book_settings,
         )
+        self._book_wanted = book_wanted
+        self._book_chores_at = 0
+        self._progress_logged: dict[str, int] = {}
+        if self.engine.books is not None:
+            books = self.engine.books
+            register_books(adapter.name, books.ages)
+            flow_meter(adapter.name).book_states = lambda: {
+                symbol: BookFlow(state, heard_at) for symbol, (state, heard_at) in books.states().items()
+            }
         self._read_seeds = read_seeds
         self.seeded = read_seeds is None
         self._fetch = fetch
@@ -144,6 +179,10 @@ class Normalizer:
                 )
                 continue
             for item in items:
+                kind = type(item)
+                if kind is DepthDiff or kind is DepthBook:
+                    self._book_item(item, group, connection, frame)  # type: ignore[arg-type]
+                    continue
                 if not isinstance(item, MarketRecord):
                     continue
                 problem = check(item, True)
@@ -158,9 +197,56 @@ class Normalizer:
                 else:
                     self._send(item)
 
+    def _book_item(self, item: DepthDiff | DepthBook, group: str, connection: str, frame: RawFrame) -> None:
+        """An order book item of a live connection: validated, then the engine's books decide."""
+        engine = self.engine
+        if engine.books is None or (self._book_wanted is not None and not self._book_wanted(item.symbol)):
+            return  # Upbit's orderbook frames carry a book for bbo-only symbols too: not kept
+        problem = depth_problem(item)
+        if problem is not None:
+            where = (connection, frame.sequence, frame.received_at, frame.payload)
+            self._reject_book(item.symbol, group, problem.reason, problem.detail, where, answer=False)
+            return
+        origin = _FrameOrigin(connection, frame.sequence, frame.received_at, frame.payload)
+        engine.depth(item, origin, group, connection, frame.received_at)
+
+    def _snapshot_answer(self, batch: RawBatch, tag: RestTag, frame: RawFrame, group: str) -> None:
+        """A REST order book, in the raw topic in order with the diffs: the engine's books use it."""
+        where = (batch.connection_id, frame.sequence, frame.received_at, frame.payload)
+        instrument = self.adapter.instruments.get(tag.exchange_symbol)
+        try:
+            item = self.adapter.parse_depth_snapshot(tag, frame.payload, frame.received_at)
+        except FrameError as exc:
+            symbol = instrument.symbol if instrument is not None else ""
+            self._reject_book(symbol, group, exc.reason, exc.detail, where, answer=True)
+            return
+        problem = depth_problem(item)
+        if problem is not None:
+            self._reject_book(item.symbol, group, problem.reason, problem.detail, where, answer=True)
+            return
+        self.engine.snapshot(item, group, batch.request, frame.received_at)
+
+    def _reject_book(
+        self,
+        symbol: str,
+        group: str,
+        reason: str,
+        detail: str,
+        where: tuple[str, int, int, bytes],
+        answer: bool,
+    ) -> None:
+        self._reject(reason, detail, *where)
+        if reason == "crossed-book":
+            book_crossed(self.exchange)
+        if symbol:
+            self.engine.book_invalid(symbol, group, reason, detail, where[2], answer)
+
     def _rest_batch(self, batch: RawBatch, group: str) -> None:
         tag = parse_source(batch.source)
         for frame in batch.frames:
+            if tag is not None and tag.kind == "depth":
+                self._snapshot_answer(batch, tag, frame, group)
+                continue
             try:
                 if tag is None:
                     raise FrameError("unknown-source", batch.source)
@@ -207,11 +293,18 @@ class Normalizer:
                 else:
                     where = (origin.connection_id, origin.sequence, origin.received_at, origin.payload)
                     self._reject(output.reason, output.detail, *where)
-            elif isinstance(output, FetchTrades):
+            elif isinstance(output, FetchTrades | FetchSnapshot):
                 if self._fetch is not None:
                     self._fetch(output)
             elif isinstance(output, GapClosed):
                 self._gap(output)
+            elif isinstance(output, BookResync):
+                book_resynced(self.exchange, output.reason)
+            elif isinstance(output, RejectFrame):
+                if output.reason == "crossed-book":
+                    book_crossed(self.exchange)
+                if isinstance(output.origin, _FrameOrigin):
+                    self._reject(output.reason, output.detail, *output.origin)
 
     def _send(self, record: MarketRecord) -> None:
         topic = market_topic(record.type, self.exchange, record.symbol)
@@ -271,8 +364,38 @@ class Normalizer:
         """Let the engine's waits run out (history that never came, trades waiting for confirmation)."""
         async with self._step:
             self.engine.tick(now)
+            if self.engine.books is not None and now - self._book_chores_at >= BOOK_CHORES_MS:
+                self._book_chores_at = now
+                self._book_chores()
             self._carry_out(self.engine.drain())
             await self._commit(None)
+
+    def _book_chores(self) -> None:
+        books = self.engine.books
+        assert books is not None
+        if self._book_wanted is not None:
+            books.prune(self._book_wanted)
+        progress = books.progress()
+        if progress != self._progress_logged and (
+            progress["syncing"] or self._progress_logged.get("syncing")
+        ):
+            log.info(
+                "%s order books: %d synced, %d syncing (%d queued for a snapshot, %d asked, %d waiting "
+                "after a refusal); %d snapshots asked so far", self.exchange, progress["synced"],
+                progress["syncing"], progress["queued"], progress["inFlight"], progress["waiting"],
+                books.requests,
+            )  # fmt: skip
+        self._progress_logged = progress
+
+    # -- order book views (the worker that owns the symbol answers /books) ------------------------
+
+    def book_view(self, symbol: str, levels: int) -> dict[str, Any] | None:
+        books = self.engine.books
+        return None if books is None else books.view(symbol, levels)
+
+    def book_progress(self) -> dict[str, int] | None:
+        books = self.engine.books
+        return None if books is None else books.progress()
 
     # What the source tells the engine between steps; what follows is written with the next commit.
 

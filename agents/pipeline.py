@@ -29,7 +29,7 @@ from agents.source import ExchangeSource
 from agents.writer import ConfluentDelivery, RawProducer, TopicWriter, confluent_settings
 from streams.app import RAW_PARTITIONS
 from streams.config import CollectorConfig
-from streams.continuity import FetchTrades, Seed
+from streams.continuity import FetchRequest, Seed
 from streams.events import CollectorEvent
 from streams.topics import raw_topic
 from tables.subscription_rules import group_partition
@@ -120,13 +120,22 @@ class Pipeline:
     # The continuity engine and the source meet here, on the worker that runs the group and
     # normalizes its raw partition (they are assigned together: streams/app.py).
 
-    def fetch_history(self, exchange: str) -> Callable[[FetchTrades], None]:
-        def fetch(command: FetchTrades) -> None:
+    def fetch_history(self, exchange: str) -> Callable[[FetchRequest], None]:
+        def fetch(command: FetchRequest) -> None:
             source = self.sources.get(exchange)
             if source is not None:
                 source.fetch_history(command)
 
         return fetch
+
+    def book_wanted(self, exchange: str) -> Callable[[str], bool]:
+        """Whether this worker's source carries the symbol's depth stream: only then is a book kept."""
+
+        def wanted(symbol: str) -> bool:
+            source = self.sources.get(exchange)
+            return source is not None and source.carries_depth(symbol)
+
+        return wanted
 
     def stream_changed(self, exchange: str) -> Callable[[str, list[str], bool], None]:
         def changed(group: str, symbols: list[str], down: bool) -> None:
@@ -179,6 +188,7 @@ class Pipeline:
         normalizer = Normalizer(
             adapter, TopicWriter(None, self.declare_topic, delivery=self.market_delivery()),
             self.config.validation.clockSkewSeconds, self.seed_reader(exchange), self.fetch_history(exchange),
+            book_wanted=self.book_wanted(exchange),
         )  # fmt: skip
         self.normalizers[exchange] = normalizer
         return normalizer

@@ -16,7 +16,9 @@ reconnects nothing. Each slot:
 
 Trades are not tracked here: the continuity engine downstream of the raw topic sees every gap, and its
 history requests come back to the source running the group (`fetch_history`), whose answers go into
-the group's raw partition like its frames.
+the group's raw partition like its frames. Order book snapshots the engine asks for (`FetchSnapshot`)
+take the same way: the engine paces them (a few out at once), the REST client spends the weight budget
+one request at a time, and the answer lands in the raw partition in order with the diffs.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from agents.connection import FrameBatcher, SendRaw, now_ms, wait_until_allowed
 from agents.rest import RestClient
 from agents.slot import ConnectionStatus, Group, Slot
 from streams.config import ExchangeConfig
-from streams.continuity import FetchTrades
+from streams.continuity import FetchRequest, FetchSnapshot, FetchTrades
 from streams.events import CollectorEvent
 from streams.exchanges.base import DataType, ExchangeAdapter, Instrument
 from streams.limits import Backoff, SlidingWindow, connect_window
@@ -91,6 +93,9 @@ class ExchangeSource(Service):
         self._on_stream = on_stream
         self._on_refused = on_refused
         self._history_tasks: set[asyncio.Task[None]] = set()
+        # Symbol → the latest snapshot request for it, while one is being fetched (asked once at a time).
+        self._snapshots: dict[str, str] = {}
+        self._depth_symbols: frozenset[str] | None = None  # symbols with a depth stream in a running group
         self._groups: dict[str, Group] = {}
         self._changes = asyncio.Lock()
         self._attempt_lock = asyncio.Lock()
@@ -169,7 +174,8 @@ class ExchangeSource(Service):
 
     def _data_types(self) -> list[DataType]:
         kinds = {str(dt): dt for dt in self.settings.data_types}
-        for kind in ("trade", "ticker", "bbo"):
+        # Data types a runtime subscription may add without them being configured (klines aside).
+        for kind in ("trade", "ticker", "bbo", "depth"):
             data_type = DataType.parse(kind)
             if self.adapter.supports(data_type):
                 kinds.setdefault(kind, data_type)
@@ -189,6 +195,7 @@ class ExchangeSource(Service):
                 )
                 running = self._groups[group] = Group(group, rest)
             await self._place(running, set(streams))
+            self._depth_symbols = None
 
     async def _place(self, group: Group, streams: set[str]) -> None:
         per_connection = min(
@@ -249,6 +256,7 @@ class ExchangeSource(Service):
         """Stop the group's connections, writing what they had received."""
         async with self._changes:
             running = self._groups.pop(group, None)
+            self._depth_symbols = None
             if running is not None:
                 for slot in running.slots:
                     await slot.stop()
@@ -301,9 +309,25 @@ class ExchangeSource(Service):
         if self._on_stream is not None and symbols:
             self._on_stream(group, symbols, down)
 
-    def fetch_history(self, command: FetchTrades) -> None:
-        """Carry out a history request of the continuity engine, if this worker runs its group (when
-        it does not, the engine asks again later, of whoever runs it then)."""
+    def carries_depth(self, symbol: str) -> bool:
+        """Whether a group running here carries the symbol's order book stream (its books are kept)."""
+        if self._depth_symbols is None:
+            desired = [
+                stream for group in self._groups.values() for slot in group.slots for stream in slot.desired
+            ]
+            self._depth_symbols = frozenset(
+                info.instrument.symbol
+                for info in self.stream_infos(desired)
+                if info.data_type.kind == "depth"
+            )
+        return symbol in self._depth_symbols
+
+    def fetch_history(self, command: FetchRequest) -> None:
+        """Carry out a history (or order book snapshot) request of the continuity engine, if this
+        worker runs its group (when it does not, the engine asks again later, of whoever runs it then)."""
+        if isinstance(command, FetchSnapshot):
+            self.fetch_snapshot(command)
+            return
         running = self._groups.get(command.group)
         instrument = self._adapter.by_symbol.get(command.symbol) if self._adapter is not None else None
         if running is None or instrument is None:
@@ -313,6 +337,38 @@ class ExchangeSource(Service):
         task = asyncio.ensure_future(self._history(running, command, request))
         self._history_tasks.add(task)
         task.add_done_callback(self._history_tasks.discard)
+
+    def fetch_snapshot(self, command: FetchSnapshot) -> None:
+        """Fetch the order book the engine asks for; its answer goes into the group's raw partition,
+        tagged with the request id. One fetch per symbol at a time: a repeated request (the engine's
+        timeout while the budget held the first one back) is answered by the fetch already running."""
+        symbol = command.symbol
+        running = self._groups.get(command.group)
+        instrument = self._adapter.by_symbol.get(symbol) if self._adapter is not None else None
+        if running is None or instrument is None or self.adapter.depth is None:
+            log.debug("snapshot of %s not fetched: %s is not run here", symbol, command.group)
+            if self._on_refused is not None:  # soon, not from inside the engine's own step
+                asyncio.get_running_loop().call_soon(self._on_refused, symbol, command.request_id, 0)
+            return
+        fetching = symbol in self._snapshots
+        self._snapshots[symbol] = command.request_id
+        if fetching:
+            return
+        request = self.adapter.depth_snapshot_request(instrument)
+        task = asyncio.ensure_future(self._snapshot(running, symbol, request))
+        self._history_tasks.add(task)
+        task.add_done_callback(self._history_tasks.discard)
+
+    async def _snapshot(self, group: Group, symbol: str, request: Any) -> None:
+        try:
+            answer = await group.rest.fetch(request, self._snapshots[symbol])
+        except Exception:  # the REST/broker boundary: the engine asks again
+            log.exception("order book snapshot of %s failed", symbol)
+            answer = None
+        request_id = self._snapshots.pop(symbol)
+        if (answer is None or answer.body is None) and self._on_refused is not None:
+            retry_after_ms = int(answer.retry_after * 1000) if answer is not None else 0
+            self._on_refused(symbol, request_id, retry_after_ms)
 
     async def _history(self, group: Group, command: FetchTrades, request: Any) -> None:
         try:

@@ -27,6 +27,7 @@ from agents.sinks.health import RedisReachability
 from agents.state import Manager, StateAgents, event_emitter, install_state, recovery_sender
 from streams.app import APP_ID, faust_settings
 from streams.config import EMBEDDED_BROKER_PORT, CollectorConfig
+from tables.books import install_book_views
 from tables.manager import ManagerSettings
 from tables.store import StateStore
 from tables.subscriptions import Subscriptions, install_subscription_views
@@ -144,6 +145,7 @@ def build_app(config: CollectorConfig) -> CollectorApp:
     health = sinks.health if sinks.services else None
     install_views(app, StateViews(app, config, store, health, local_spool=metrics.spool_usage))
 
+    local_book = None
     if control is not None:
         pipeline = Pipeline(
             app,
@@ -156,6 +158,13 @@ def build_app(config: CollectorConfig) -> CollectorApp:
             embedded is not None,
         )
         install_pipeline(app, pipeline)
+
+        def local_book(exchange: str, symbol: str, levels: int) -> dict[str, Any] | None:
+            normalizer = pipeline.normalizers.get(exchange)
+            return None if normalizer is None else normalizer.book_view(symbol, levels)
+
+    install_book_views(app, config, subscriptions, local_book)
+
     redis_sink = config.sinks.redis
     redis_state = RedisReachability(redis_sink.url) if redis_sink is not None else None
     install_distribution(app, config, bootstrap, redis_state)  # every worker serves clients, followers too

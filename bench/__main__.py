@@ -1,5 +1,6 @@
 """`python -m bench` (what `make bench` runs): a rate ladder over 100 and 1,000 symbols with one
-worker, then two workers, printed and written to docs/benchmarks.md.
+worker, then two workers, then the order book steps (bench/depth.py), printed and written to
+docs/benchmarks.md.
 
 Every step starts a fresh embedded broker, simulator and worker(s), so steps do not share state.
 The simulator, the broker and this reader run on the same machine and compete for its cores.
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.depth import BooksResult, DepthLoadResult, depth_lines, run_books, run_depth_load
 from bench.distribution import DistributionResult, distribution_table, run_distribution_step
 from bench.procfs import machine
 from bench.profile import summarize
@@ -51,9 +53,21 @@ def main(argv: list[str] | None = None) -> int:
         "--distribution-clients", type=int, default=200, help="clients filtered to one symbol"
     )
     parser.add_argument("--distribution-full", type=int, default=5, help="clients on the full stream")
+    parser.add_argument(
+        "--depth-symbols", type=int, default=100, help="depth step: symbols with diffs; 0 skips"
+    )
+    parser.add_argument(
+        "--depth-trade-rate", type=int, default=5000, help="depth step: trades/s beside the diffs"
+    )
+    parser.add_argument("--books", type=int, default=1000, help="books step: Binance books to sync; 0 skips")
+    parser.add_argument("--book-levels", type=int, default=50, help="books step: levels published (100 kept)")
+    parser.add_argument("--depth-only", action="store_true", help="only the order book steps; printed only")
     args = parser.parse_args(argv)
     if args.soak > 0:
         return _soak(min(_ints(args.symbols)), args.soak_rate, args.soak, args.soak_slice, args.warmup)
+    if args.depth_only:
+        print("\n" + _machine_now() + "\n" + _depth(args, []))
+        return 0
 
     results: list[StepResult] = []
     failures: list[str] = []
@@ -92,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed = _distribution_step(args, min(_ints(args.symbols)), failures)
         if distributed is not None:
             text += "\nDistribution (`/ws/exchange`):\n\n" + distribution_table([distributed])
+    text += "\n" + _depth(args, failures)
     if failures:
         text += "\nSteps that could not be measured:\n" + "".join(f"- {f}\n" for f in failures)
     print("\n" + text)
@@ -120,6 +135,33 @@ def _distribution_step(
         return None
     print(distribution_table([result]), flush=True)
     return result
+
+
+def _depth(args: argparse.Namespace, failures: list[str]) -> str:
+    """The order book steps: depth under load, then syncing many books (bench/depth.py)."""
+    load: DepthLoadResult | None = None
+    books: BooksResult | None = None
+    if args.depth_symbols:
+        print(
+            f"bench: depth, {args.depth_symbols} symbols with diffs + {args.depth_trade_rate:,} trades/s …",
+            flush=True,
+        )
+        try:
+            load = run_depth_load(args.depth_symbols, args.depth_trade_rate, args.warmup, args.duration)
+            print(depth_lines(load, None), flush=True)
+        except (TimeoutError, OSError, RuntimeError) as exc:
+            failures.append(f"depth load: {exc!r}")
+            print(f"bench: depth step failed: {exc!r}", flush=True)
+    if args.books:
+        print(f"bench: syncing {args.books:,} books of {args.book_levels} levels …", flush=True)
+        try:
+            books = run_books(args.books, args.book_levels)
+        except (TimeoutError, OSError, RuntimeError) as exc:
+            failures.append(f"books: {exc!r}")
+            print(f"bench: books step failed: {exc!r}", flush=True)
+    text = depth_lines(load, books)
+    print(text, flush=True)
+    return text
 
 
 def _machine_now() -> str:

@@ -20,6 +20,13 @@ class CoinFlow(msgspec.Struct, rename="camel"):
     last_event_at: int = 0  # the exchange's latest event time, epoch ms
 
 
+class BookFlow(msgspec.Struct, array_like=True):
+    """An order book a normalize agent keeps: its state and when its newest item arrived (epoch ms)."""
+
+    state: str  # synced, syncing
+    heard_at: int
+
+
 class QueueUsage(msgspec.Struct, rename="camel", frozen=True):
     """One worker's raw spool for one exchange: batches the broker has not acknowledged (bytes of the
     batches), and those it dropped since the worker started (agents/writer.py RawProducer)."""
@@ -47,6 +54,8 @@ class FlowSummary(msgspec.Struct, rename="camel"):
     connections: dict[str, int] = msgspec.field(default_factory=dict)
     # Normalize side: connection id → receipt time (epoch ms) of the newest frame normalized from it.
     normalized: dict[str, int] = msgspec.field(default_factory=dict)
+    # Order books the normalize agent keeps: symbol → state and newest item.
+    books: dict[str, BookFlow] = msgspec.field(default_factory=dict)
     # Source side: this worker's raw spool for the exchange (None: it runs no raw producer).
     queue_usage: QueueUsage | None = None
 

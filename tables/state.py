@@ -22,7 +22,7 @@ import msgspec
 from streams.events import CollectorEvent
 from streams.exchanges import adapter_class
 from streams.exchanges.base import DataType, ExchangeAdapter
-from tables.records import FlowSummary
+from tables.records import BookFlow, FlowSummary
 
 Row = dict[str, Any]
 Lookup = Callable[[str], Row | None]
@@ -114,6 +114,7 @@ def new_coin(exchange: str, symbol: str, now: int = 0) -> Row:
         "subscribeFailures": 0,
         "streams": [],  # the coin's subscribed streams, when events name them
         "lastError": None,
+        "book": None,  # the order book's state where depth is collected: syncing, synced
         "applied": {},
     }
 
@@ -375,6 +376,7 @@ def apply_flow(summary: FlowSummary, offset: int, tables: Tables) -> Changes:
 
     if not _acknowledges_subscriptions(exchange):
         _subscribed_by_data(flowing, tables, changes)
+    _apply_book_flow(summary, tables, changes)
     _apply_connection_flow(summary, tables, changes)
     collector = tables.collector(exchange) or new_collector(exchange, summary.started_at)
     if _fresh(collector, FLOW_SOURCE, offset):
@@ -389,6 +391,7 @@ def apply_flow(summary: FlowSummary, offset: int, tables: Tables) -> Changes:
             "bytesPerSecond": round(summary.raw_bytes / seconds, 1),
             "deadLettersPerSecond": round(sum(summary.dead_letters.values()) / seconds, 3),
             "latency": summary.latency,
+            **({"books": _book_counts(summary.books)} if summary.books else {}),
             **summary.process,
         }
         if summary.queue_usage is not None:
@@ -418,6 +421,33 @@ def _subscribed_by_data(flowing: dict[str, int], tables: Tables, changes: Change
             connector["subscribeOk"] += 1
             _enter(connector, "connected", received_at)
             changes.connectors[name] = connector
+
+
+def _apply_book_flow(summary: FlowSummary, tables: Tables, changes: Changes) -> None:
+    """Each order book's state, as the worker keeping it reports it, and its newest item: a book
+    syncing receives diffs but publishes nothing until its snapshot, and its coin is not silent. A
+    row changes only when one of them does (a flow summary lists every book, every interval)."""
+    for symbol, book in summary.books.items():
+        key = coin_key(summary.exchange, symbol)
+        coin = (
+            changes.coins.get(key)
+            or tables.coin(key)
+            or new_coin(summary.exchange, symbol, summary.started_at)
+        )
+        changed = coin.get("book") != book.state
+        coin["book"] = book.state
+        if book.heard_at > (coin["lastReceivedAt"] or 0):
+            coin["lastReceivedAt"] = book.heard_at
+            changed = True
+        if changed:
+            changes.coins[key] = coin
+
+
+def _book_counts(books: dict[str, BookFlow]) -> dict[str, int]:
+    counts = {"synced": 0, "syncing": 0}
+    for book in books.values():
+        counts[book.state] = counts.get(book.state, 0) + 1
+    return counts
 
 
 def _apply_connection_flow(summary: FlowSummary, tables: Tables, changes: Changes) -> None:

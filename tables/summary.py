@@ -98,7 +98,7 @@ def collector_overview(
     if row is None:
         return {"exchange": exchange, "state": "ready", "since": None, "rate": 0.0, "bytesPerSecond": 0.0,
                 "latencyMs": {}, "workers": {}, "recordsTotal": 0, "deadLetters": {}, "deadLettersTotal": 0,
-                "events": {}, "queueUsage": usage}  # fmt: skip
+                "events": {}, "books": {"synced": 0, "syncing": 0}, "queueUsage": usage}  # fmt: skip
     fresh = {name: w for name, w in row.get("workers", {}).items() if now - w.get("at", 0) <= FRESH_MS}
     merged: dict[str, list[int]] = {}
     for worker in fresh.values():
@@ -108,6 +108,10 @@ def collector_overview(
             total = merged.setdefault(stage, [0] * len(counts))
             for index, count in enumerate(counts):
                 total[index] += count
+    books = {"synced": 0, "syncing": 0}
+    for worker in fresh.values():
+        for state, count in (worker.get("books") or {}).items():
+            books[state] = books.get(state, 0) + count
     return {
         "exchange": exchange,
         "state": row["state"],
@@ -129,4 +133,5 @@ def collector_overview(
         "deadLettersTotal": row["deadLettersTotal"],
         "events": row["events"],
         "lastEventAt": row.get("lastEventAt"),
+        "books": books,  # order books kept by the workers reporting now: synced, syncing
     }

@@ -79,7 +79,7 @@ def test_endpoints_lose_their_trailing_slash() -> None:
             "unknown data type",
         ),
         (("exchanges", "binance", "dataTypes"), ["kline_7m"], "exchanges.binance.dataTypes.0", "kline_7m"),
-        (("exchanges", "binance", "dataTypes"), ["trade", "depth"], "exchanges.binance.dataTypes.1", "depth"),
+        (("exchanges", "binance", "dataTypes"), ["trade", "kline_2m"], "exchanges.binance.dataTypes.1", "2m"),
         (("exchanges", "binance", "connections", "max"), 0, "exchanges.binance.connections.max", "greater"),
         (
             ("exchanges", "binance", "connections", "streamsPerConnection"),

@@ -1,7 +1,8 @@
 """The dashboard in headless Chromium, driven over the Chrome DevTools Protocol.
 
 It must load without console errors, show numbers that change while data flows, and a subscription
-made from its form must take effect (the worker subscribes and the coin's records arrive).
+made from its form must take effect (the worker subscribes and the coin's records arrive); the depth
+ladder of a chosen coin shows its order book, asks above bids, and follows it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ CHROMIUM_FLAGS = [
     "--remote-debugging-port=0", "--window-size=1500,1100",
 ]  # fmt: skip
 SCREENSHOT = Path("/tmp/collector-dashboard.png")  # kept after the run for a person to look at
+LADDER_SCREENSHOT = Path("/tmp/collector-depth-ladder.png")
 
 
 class Browser:
@@ -126,7 +128,9 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
     with EmbeddedBroker() as broker:
         simulator = Simulator([*CONFIGURED, ADDED], rate=20)
         worker = Worker(
-            write_config(tmp / "c.yaml", simulator, CONFIGURED, ["trade", "bbo"]), broker.bootstrap, tmp
+            write_config(tmp / "c.yaml", simulator, CONFIGURED, ["trade", "bbo", "depth"]),
+            broker.bootstrap,
+            tmp,
         )
         try:
             worker.wait_ready()
@@ -208,4 +212,50 @@ def test_the_dashboard_shows_live_numbers_and_subscribes_from_its_form(
     assert browser.evaluate(f"document.querySelector('[data-subscription=\"{key}\"]') !== null")
 
     print("dashboard screenshot:", browser.screenshot(SCREENSHOT))
+    assert browser.console_errors() == []
+
+
+def ladder(browser: Browser) -> list[tuple[str, float]]:
+    """(side, price) of the ladder's rows, top to bottom."""
+    return [
+        (side, float(price))
+        for side, price in browser.evaluate(
+            "[...document.querySelectorAll('#book-ladder tr[data-side]')]"
+            ".map(tr => [tr.dataset.side, tr.querySelector('.price').textContent])"
+        )
+    ]
+
+
+def test_the_dashboard_shows_a_depth_ladder_for_a_chosen_coin(running: Worker, browser: Browser) -> None:
+    browser.open(f"http://127.0.0.1:{running.port}/")
+    wanted = ",".join(f"binance:{symbol}" for symbol in CONFIGURED)
+    wait_for(
+        lambda: (
+            browser.evaluate("[...document.getElementById('book-coin').options].map(o => o.value).join()")
+            == wanted
+        ),
+        60,
+        "the coins with order books offered",
+    )
+    browser.evaluate(
+        "const coin = document.getElementById('book-coin'); coin.value = 'binance:ETH/USDT';"
+        "coin.dispatchEvent(new Event('change'));"
+    )
+    rows = wait_for(lambda: len(found := ladder(browser)) == 20 and found, 30, "ten asks and ten bids")
+    sides = [side for side, _ in rows]
+    assert sides == ["ask"] * 10 + ["bid"] * 10
+    prices = [price for _, price in rows]
+    assert prices == sorted(prices, reverse=True) and prices[9] > prices[10]  # best ask above best bid
+    state = browser.evaluate("document.getElementById('book-state').textContent")
+    assert state.startswith("synced") and "served by" in state
+    wait_for(
+        lambda: browser.evaluate("document.getElementById('book-state').textContent") != state,
+        30,
+        "the ladder to follow the book",
+    )
+    assert browser.evaluate(
+        "document.querySelector('tr[data-coin=\"binance:ETH/USDT\"] .state-synced') !== null"
+    )
+    browser.evaluate("document.getElementById('book').scrollIntoView()")
+    print("depth ladder screenshot:", browser.screenshot(LADDER_SCREENSHOT))
     assert browser.console_errors() == []

@@ -152,13 +152,12 @@ def test_the_config_refuses_depth_settings_by_key(
         parse_config(config(exchange, depth))
 
 
-def test_depth_is_not_offered_until_the_depth_engine_publishes_records() -> None:
-    # Adapters name and read depth streams, but nobody may subscribe to books nothing would publish.
-    assert not DEPTH_PUBLISHED
+def test_depth_is_offered_now_that_the_depth_engine_publishes_records() -> None:
+    assert DEPTH_PUBLISHED
     for exchange in ("binance", "binance-futures", "upbit", "bithumb"):
-        assert adapter_class(exchange).parses(DEPTH) and not adapter_class(exchange).supports(DEPTH)
-    with pytest.raises(ConfigError, match="binance does not offer data type depth"):
-        parse_config(config("binance", data_types=["trade", "depth"]))
+        assert adapter_class(exchange).parses(DEPTH) and adapter_class(exchange).supports(DEPTH)
+    chosen = parse_config(config("binance", data_types=["trade", "depth"]))
+    assert [str(d) for d in chosen.exchanges["binance"].data_types] == ["trade", "depth"]
 
 
 # -- Binance --------------------------------------------------------------------------------------
@@ -210,13 +209,17 @@ def test_spot_diffs_that_do_not_parse(payload: dict[str, object], reason: str) -
 @pytest.mark.parametrize(
     ("exchange", "levels", "path", "limit", "weight"),
     [
+        # The cheapest tier deeper than the levels published (room below them), the deepest at most.
         ("binance", 20, "/api/v3/depth", 100, 5),
-        ("binance", 100, "/api/v3/depth", 100, 5),
+        ("binance", 99, "/api/v3/depth", 100, 5),
+        ("binance", 100, "/api/v3/depth", 500, 25),
         ("binance", 101, "/api/v3/depth", 500, 25),
-        ("binance", 1000, "/api/v3/depth", 1000, 50),
-        ("binance", 1001, "/api/v3/depth", 5000, 250),
+        ("binance", 999, "/api/v3/depth", 1000, 50),
+        ("binance", 1000, "/api/v3/depth", 5000, 250),
+        ("binance", 5000, "/api/v3/depth", 5000, 250),
         ("binance-futures", 20, "/fapi/v1/depth", 50, 2),
-        ("binance-futures", 100, "/fapi/v1/depth", 100, 5),
+        ("binance-futures", 50, "/fapi/v1/depth", 100, 5),
+        ("binance-futures", 100, "/fapi/v1/depth", 500, 10),
         ("binance-futures", 101, "/fapi/v1/depth", 500, 10),
         ("binance-futures", 1000, "/fapi/v1/depth", 1000, 20),
     ],

@@ -9,7 +9,7 @@ import pytest
 from streams.events import CollectorEvent
 from streams.exchanges.base import DataType, Instrument
 from streams.exchanges.binance import BinanceAdapter
-from tables.records import CoinFlow, FlowSummary
+from tables.records import BookFlow, CoinFlow, FlowSummary
 from tables.state import (
     Changes,
     Row,
@@ -20,6 +20,7 @@ from tables.state import (
     connector_name,
     stream_index,
 )
+from tables.summary import collector_overview
 
 CONNECTION = "binance-0-1700000000000-1"
 
@@ -373,3 +374,26 @@ def test_a_connector_of_an_exchange_that_acknowledges_waits_for_the_acknowledgem
     rows.event("subscribe-requested", 1100, connection_id=CONNECTION, detail={"symbols": ["BTC/USDT"]})
     rows.flow(summary(1050, 3000, BTC_USDT={"trade": 5}))
     assert rows.connectors["binance-0"]["state"] == "subscription-requesting"
+
+
+def test_flow_summaries_carry_each_order_book_s_state_to_its_coin_and_counts_to_the_collector() -> None:
+    rows = Rows()
+    first = summary(0, 2000, BTC_USDT={"trade": 5})
+    first.books = {"BTC/USDT": BookFlow("syncing", 1500), "ETH/USDT": BookFlow("syncing", 1900)}
+    changes = rows.flow(first)
+    assert rows.coins["binance:BTC/USDT"]["book"] == "syncing"
+    eth = rows.coins["binance:ETH/USDT"]  # a book before any record of its coin
+    # A syncing book receives diffs but publishes nothing yet: its coin is not silent.
+    assert (eth["book"], eth["lastReceivedAt"]) == ("syncing", 1900)
+    assert set(changes.coins) == {"binance:BTC/USDT", "binance:ETH/USDT"}
+    second = summary(2000, 4000)
+    second.books = {"BTC/USDT": BookFlow("synced", 1990), "ETH/USDT": BookFlow("syncing", 1900)}
+    changes = rows.flow(second)
+    assert set(changes.coins) == {"binance:BTC/USDT"}  # only rows whose book changed are written
+    assert rows.coins["binance:BTC/USDT"]["book"] == "synced"
+    overview = collector_overview(rows.collectors["binance"], "binance", 4000)
+    assert overview["books"] == {"synced": 1, "syncing": 1}
+    assert collector_overview(rows.collectors["binance"], "binance", 60_000)["books"] == {
+        "synced": 0,
+        "syncing": 0,
+    }

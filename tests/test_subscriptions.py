@@ -118,8 +118,8 @@ def test_a_valid_request_is_normalized_and_deduplicated() -> None:
             "does not offer data type kline_7m",
         ),
         (
-            {"exchange": "binance", "symbol": "BTC/USDT", "dataTypes": ["depth"]},
-            "does not offer data type depth",
+            {"exchange": "binance", "symbol": "BTC/USDT", "dataTypes": ["kline_10m"]},
+            "does not offer data type kline_10m",
         ),
     ],
 )

@@ -112,7 +112,7 @@ def test_bad_subscription_requests_get_clear_errors(collector: Collector) -> Non
         ({"exchange": "binance", "symbol": "BTC/USDT"}, None, 422, "missing field"),
         ({**body, "exchange": "kraken"}, None, 422, "not configured"),
         ({**body, "symbol": "BTCUSDT"}, None, 422, "BASE/QUOTE"),
-        ({**body, "dataTypes": ["depth"]}, None, 422, "does not offer data type depth"),
+        ({**body, "dataTypes": ["kline_10m"]}, None, 422, "does not offer data type kline_10m"),
         ({**body, "dataTypes": ["candles"]}, None, 422, "unknown data type"),
     ]
     for method in ("POST", "DELETE"):

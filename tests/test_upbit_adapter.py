@@ -228,7 +228,7 @@ def test_stream_names(adapter: UpbitAdapter, data_type: str, stream: str) -> Non
     assert adapter.route(DataType.parse(data_type)) == "/websocket/v1"
 
 
-@pytest.mark.parametrize("data_type", ["depth", "kline_1d", "kline_2h"])
+@pytest.mark.parametrize("data_type", ["kline_1w", "kline_1d", "kline_2h"])
 def test_unsupported(adapter: UpbitAdapter, data_type: str) -> None:
     assert not UpbitAdapter.supports(DataType.parse(data_type))
 

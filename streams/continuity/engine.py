@@ -11,6 +11,10 @@ outputs.py). The exchange adapter declares the rule (`ExchangeAdapter.trade_ids`
                 topic) or a silence far longer than the connection's usual pace
     none        published as they come
 
+Order books (`books`, given the exchange's depth settings) follow their own rule with update ids in
+place of trade ids: streams/continuity/books.py. They share the engine's request ids and its view of
+the connections (lost frames resync the books of that connection).
+
 Because everything reaches the engine through the raw topic, replaying that topic replays the
 engine's decisions (up to the clock: ticks decide when a wait is over).
 """
@@ -22,8 +26,10 @@ from dataclasses import dataclass
 from itertools import count
 from typing import Any, Literal
 
+from streams.continuity.books import Books, BookSettings
 from streams.continuity.lines import IncreasingLine, Line, Seed, Settings, TimedLine
 from streams.continuity.outputs import Output, Publish
+from streams.depth import DepthBook, DepthDiff, DepthSnapshot
 from streams.records import MarketRecord, Trade
 
 Rule = Literal["increasing", "unique", "none"]
@@ -49,6 +55,7 @@ class ContinuityEngine:
         consistent: Callable[[Trade], bool] | None = None,
         settings: Settings | None = None,
         audits_per_second: float = 0.0,
+        books: BookSettings | None = None,
     ) -> None:
         self.rule = rule
         # Where ids cannot show a gap, history is compared routinely, at most this many symbols a second
@@ -65,6 +72,7 @@ class ContinuityEngine:
         self._seeds: dict[str, Seed] = {}
         self._out: list[Output] = []
         self._requests = count(1)
+        self.books = Books(books, self._out, self._next_request_id) if books is not None else None
 
     # -- inputs -----------------------------------------------------------------------------------
 
@@ -79,6 +87,8 @@ class ContinuityEngine:
         self._connections.clear()
         self._symbols_of.clear()
         self._seeds.clear()
+        if self.books is not None:
+            self.books.forget()
 
     def live(self, record: MarketRecord, origin: Any, group: str, connection: str, now: int) -> None:
         """A validated live trade."""
@@ -119,6 +129,8 @@ class ContinuityEngine:
             )
             known.next_sequence = last_sequence + 1
             known.last_at = last_at
+        if reason == "lost frames" and self.books is not None:
+            self.books.lost_frames(connection, first_at)
         if reason is not None and self.rule == "unique":
             for symbol in self._symbols_of.get(connection, ()):
                 line = self._lines.get(symbol)
@@ -159,6 +171,8 @@ class ContinuityEngine:
                 line.stream_up(now)
 
     def refused(self, symbol: str, request_id: str, retry_after_ms: int, now: int) -> None:
+        if self.books is not None and self.books.refused(symbol, request_id, retry_after_ms, now):
+            return
         line = self._lines.get(symbol)
         if line is not None:
             line.refused(request_id, retry_after_ms, now)
@@ -167,6 +181,8 @@ class ContinuityEngine:
         for line in self._lines.values():
             if line.repair is not None:
                 line.tick(now)
+        if self.books is not None:
+            self.books.tick(now)
         if self.audits_per_second > 0:
             self._audit(now)
 
@@ -183,6 +199,26 @@ class ContinuityEngine:
                 return
             if line.audit(now):
                 self._audit_credit -= 1
+
+    # -- order books ------------------------------------------------------------------------------
+
+    def depth(self, item: DepthDiff | DepthBook, origin: Any, group: str, connection: str, now: int) -> None:
+        """A validated order book item of a live connection (a diff, or a whole book)."""
+        if self.books is not None:
+            self.books.item(item, origin, group, connection, now)
+
+    def snapshot(self, item: DepthSnapshot, group: str, request_id: str | None, now: int) -> None:
+        """A validated REST order book (the answer to a `FetchSnapshot`, or a replay of one)."""
+        if self.books is not None:
+            self.books.snapshot(item, request_id, now)
+
+    def book_invalid(
+        self, symbol: str, group: str, reason: str, detail: str, now: int, answer: bool = False
+    ) -> None:
+        """An order book item of `symbol` failed validation (the caller dead-letters it); `answer`:
+        it was a REST snapshot answer."""
+        if self.books is not None:
+            self.books.invalid(symbol, group, reason, detail, now, answer)
 
     # -- outputs and views ------------------------------------------------------------------------
 

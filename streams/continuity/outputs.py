@@ -79,4 +79,34 @@ class GapClosed(msgspec.Struct, tag="gap", frozen=True):
     detail: str = ""
 
 
-Output = Publish | Reject | Drop | FetchTrades | GapClosed
+class FetchSnapshot(msgspec.Struct, tag="fetch-snapshot", frozen=True):
+    """Ask the exchange's REST order book of `symbol` (the adapter's `depth_snapshot_request`). The
+    answer comes back through the raw topic tagged with `request_id`; the source running `group`
+    executes it. `reason` is why the book syncs (streams/continuity/books.py)."""
+
+    request_id: str
+    symbol: str
+    group: str
+    reason: str = ""
+
+
+class BookResync(msgspec.Struct, tag="book-resync", frozen=True):
+    """A book started syncing (again): it publishes nothing until its next snapshot record."""
+
+    symbol: str
+    reason: str  # one of streams.continuity.books.RESYNC_REASONS
+    at: int
+    detail: str = ""
+
+
+class RejectFrame(msgspec.Struct, tag="reject-frame", frozen=True):
+    """Dead-letter the frame an order book item came in (`origin`, the caller's handle) with this reason."""
+
+    symbol: str
+    reason: str
+    detail: str
+    origin: Any = None
+
+
+Output = Publish | Reject | Drop | FetchTrades | GapClosed | FetchSnapshot | BookResync | RejectFrame
+FetchRequest = FetchTrades | FetchSnapshot

@@ -22,10 +22,10 @@ from streams.validation import TradeIdPolicy
 
 DataKind = Literal["trade", "kline", "ticker", "bbo", "depth"]
 _DATA_TYPE = re.compile(r"^(trade|ticker|bbo|depth)$|^kline_([0-9]+[smhdwM])$")
-# Adapters parse order books (streams/depth.py), but depth records come from the depth engine, which
-# the normalize agents do not run yet: until they do, configuration and runtime subscriptions refuse
-# the `depth` data type (`supports`), so nobody subscribes to books that would never be published.
-DEPTH_PUBLISHED = False
+# Adapters parse order books (streams/depth.py) and the continuity engine's books publish them
+# (streams/continuity/books.py): `depth` may be configured and subscribed. The switch stays so an
+# exchange's adapter can be built before its books are published.
+DEPTH_PUBLISHED = True
 DEFAULT_SNAPSHOT_INTERVAL_SECONDS = 60.0
 
 

@@ -447,7 +447,9 @@ class BinanceAdapter(ExchangeAdapter):
 
     @classmethod
     def depth_snapshot_limit(cls, levels: int) -> int:
-        return _tier(cls._depth_tiers, levels)[0]
+        # Deeper than the levels published where a tier is: a book whose top level goes must still
+        # know its `levels` (the depth engine resyncs a book that no longer does).
+        return next((limit for limit, _ in cls._depth_tiers if limit > levels), cls._depth_tiers[-1][0])
 
     def subscribe_message(self, streams: Sequence[str], request_id: int) -> bytes:
         return _encoder.encode({"method": "SUBSCRIBE", "params": list(streams), "id": request_id})

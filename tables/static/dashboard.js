@@ -117,6 +117,7 @@ function renderCollectors(data) {
       el("td", percentiles((c.latencyMs || {}).exchange_to_receive)),
       el("td", percentiles((c.latencyMs || {}).receive_to_append)),
       el("td", `${c.connectorsUp} / ${c.connectors}`), el("td", `${c.coinsSubscribed} / ${c.coins}`),
+      el("td", c.books ? `${c.books.synced} / ${c.books.syncing}` : "–"),
       numCell(c.deadLettersTotal), el("td", workers || "–", "wrap"), sparkCell(c.exchange, now),
     ]);
     tr.dataset.exchange = c.exchange;
@@ -162,13 +163,76 @@ function renderCoins(data) {
       el("td", c.exchange), el("td", c.symbol), stateCell(c.state),
       el("td", c.ageSeconds === null ? "never" : `${duration(c.ageSeconds)} ago`, c.stale ? "stale" : ""),
       numCell(c.rate, 1), numCell(c.recordsTotal), el("td", types || "–"),
+      el("td", c.book || "–", c.book ? `state state-${c.book}` : ""),
       el("td", c.avgReceiveIntervalMs === null ? "–" : `${num(c.avgReceiveIntervalMs, 1)} ms`),
       el("td", `${c.subscribeRequests} / ${c.subscribeFailures}`), el("td", c.lastError || "", c.lastError ? "error" : ""),
     ]);
     tr.dataset.coin = `${c.exchange}:${c.symbol}`;
     return tr;
   }));
+  offerBooks(data.coins.filter((c) => c.book).map((c) => `${c.exchange}:${c.symbol}`));
   return stale;
+}
+
+// ---- the depth ladder of one coin (GET /books/{exchange}/{symbol}) --------------------------------
+
+function offerBooks(keys) {
+  const select = $("book-coin");
+  const current = [...select.options].map((o) => o.value).filter(Boolean);
+  if (current.join() === keys.join()) return;
+  const chosen = select.value;
+  const options = keys.map((key) => { const o = el("option", key.replace(":", " ")); o.value = key; return o; });
+  if (!options.length) options.push(el("option", "no order books collected"));
+  select.replaceChildren(...options);
+  if (keys.includes(chosen)) select.value = chosen;
+  refreshBook();
+}
+
+function ladderRow(bid, price, ask, widest, side) {
+  const bar = (level, kind) => {
+    const td = el("td", level ? level[1] : "", `size ${kind}`);
+    if (level) td.style.setProperty("--fill", `${Math.min(100, (100 * Number(level[1])) / widest).toFixed(1)}%`);
+    return td;
+  };
+  const tr = row([bar(bid, "bid"), el("td", price, `num price ${side}`), bar(ask, "ask")]);
+  tr.dataset.side = side;
+  return tr;
+}
+
+function renderBook(book) {
+  const levels = Number($("book-levels").value);
+  const asks = book.asks.slice(0, levels);
+  const bids = book.bids.slice(0, levels);
+  const widest = Math.max(1e-18, ...asks.map((l) => Number(l[1])), ...bids.map((l) => Number(l[1])));
+  const rows = asks.slice().reverse().map((ask) => ladderRow(null, ask[0], ask, widest, "ask"));
+  if (bids.length && asks.length) {
+    const spread = el("td", `spread ${(Number(asks[0][0]) - Number(bids[0][0])).toPrecision(6)}`, "spread");
+    spread.colSpan = 3;
+    const tr = document.createElement("tr");
+    tr.appendChild(spread);
+    rows.push(tr);
+  }
+  rows.push(...bids.map((bid) => ladderRow(bid, bid[0], null, widest, "bid")));
+  fill("book-ladder", rows);
+  const age = book.receivedAt ? `${((Date.now() - book.receivedAt) / 1000).toFixed(1)} s ago` : "";
+  $("book-state").textContent = `${book.state}, update ${book.updateId ?? "–"} ${age}, served by ${book.servedBy}`;
+  $("book-state").className = `state state-${book.state}`;
+}
+
+async function refreshBook() {
+  const key = $("book-coin").value;
+  if (!key) { fill("book-ladder", []); $("book-state").textContent = ""; return; }
+  const [exchange, symbol] = [key.slice(0, key.indexOf(":")), key.slice(key.indexOf(":") + 1)];
+  const levels = $("book-levels").value;
+  try {
+    const path = `/books/${encodeURIComponent(exchange)}/${symbol.replace("/", "-")}?levels=${levels}`;
+    const response = await fetch(path, { cache: "no-store" });
+    const body = await response.json();
+    if (!response.ok) { fill("book-ladder", []); $("book-state").textContent = body.error || `HTTP ${response.status}`; return; }
+    if ($("book-coin").value === key) renderBook(body);
+  } catch (error) {
+    $("book-state").textContent = error.message;
+  }
 }
 
 function renderAlerts(data) {
@@ -219,6 +283,7 @@ async function refresh() {
     settle("/subscriptions", renderSubscriptions),
   ]);
   if (collectors) renderStatus(collectors, stale || 0, open || 0);
+  await refreshBook();
   const error = $("fetch-error");
   error.hidden = problems.length === 0;
   error.textContent = problems.join("; ");
@@ -258,5 +323,7 @@ async function submitSubscription(event) {
 }
 
 $("subscription-form").addEventListener("submit", submitSubscription);
+$("book-coin").addEventListener("change", refreshBook);
+$("book-levels").addEventListener("change", refreshBook);
 refresh();
 setInterval(refresh, POLL_MS);
