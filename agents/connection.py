@@ -41,6 +41,7 @@ MAX_FRAME_BYTES = 6 * 1024 * 1024
 SUBSCRIBE_CHUNK = 200  # streams per SUBSCRIBE message
 ACK_TIMEOUT = 10.0
 PACE_CHECK = 0.25  # seconds between a link's looks at its own silence
+LAG_CHECKS = 4  # a look later than this many PACE_CHECKs: the event loop was blocked, nothing is judged
 
 
 def now_ms() -> int:
@@ -328,25 +329,38 @@ class Link:
 
     async def _watch_pace(self, reader: asyncio.Task[None]) -> None:
         """Say when the link has stalled: silent far longer than its own recent pace (a quiet market
-        is not a stall), and end it when it stays silent for `silence_timeout`."""
+        is not a stall), and end it when it stays silent for `silence_timeout`.
+
+        A busy event loop also keeps frames unread: a check that comes late (the loop was blocked) does
+        not judge, and a stall is only called on two checks in a row, so that the reader has had its
+        turn at what arrived meanwhile."""
         watch = self.watch
         assert watch is not None
+        last_check = time.monotonic()
+        suspected = False
         while not reader.done():
             now = time.monotonic()
-            if self.subscribed:
+            loop_lagged = now - last_check > PACE_CHECK * LAG_CHECKS
+            last_check = now
+            if self.subscribed and not loop_lagged:
                 if now - self.last_frame_at >= self.silence_timeout:
                     self._end(LinkEnded("stale"))
                     reader.cancel()
                     return
                 if self.stall_factor > 0 and watch.stalled(now):
-                    if not self.stalled.is_set():
+                    if suspected and not self.stalled.is_set():
                         log.warning(
                             "%s stalled: silent %.1f s against its usual pace (limit %.1f s)",
                             self.connection_id, now - watch.last_frame, watch.silence_limit(now),
                         )  # fmt: skip
                         self.stalled.set()
-                elif self.stalled.is_set():
-                    self.stalled.clear()  # frames again before it was replaced
+                    suspected = True
+                else:
+                    suspected = False
+                    if self.stalled.is_set():
+                        self.stalled.clear()  # frames again before it was replaced
+            else:
+                suspected = False
             await asyncio.sleep(PACE_CHECK)
 
     async def _flush_when_due(self) -> None:

@@ -80,4 +80,7 @@ async def normalize_handed_over(handoff: RawHandoff, normalizer: Normalizer) -> 
     """The in-process counterpart of the normalize agent: runs until cancelled."""
     while True:
         batch = await handoff.take()
-        await normalizer.handle(batch, _nothing)
+        try:
+            await normalizer.handle(batch, _nothing)
+        except Exception:  # a bug in one step must not stop normalizing; the engine repairs the gap
+            log.exception("normalize.%s: a step failed; its raw batches are skipped", handoff.exchange)

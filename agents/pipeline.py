@@ -214,7 +214,13 @@ class Pipeline:
                     message.incref()
                     group = f"{exchange}:{message.partition}"
                     inputs.append(RawInput(event.value, group, self._acker(message)))
-                await normalizer.handle(inputs, _nothing)
+                try:
+                    await normalizer.handle(inputs, _nothing)
+                except Exception:  # a bug must not leave these records open: Faust would wait on them
+                    log.exception("normalize.%s: a step failed; its raw records are skipped", exchange)
+                    for item in inputs:
+                        if item.settle is not None:
+                            item.settle()
         finally:
             self.normalizers.pop(exchange, None)
             await _flush_on_stop(normalizer)
@@ -224,6 +230,16 @@ class Pipeline:
             message.ack(self.app.consumer)
 
         return ack
+
+    async def seed(self) -> None:
+        """Read where every engine continues before the new assignment's raw records flow: seeded
+        inside a normalize step, the records taken would stay open while the market topics are read,
+        and a rebalance waits for every open record."""
+        for normalizer in list(self.normalizers.values()):
+            try:
+                await normalizer.seed()
+            except Exception:  # the broker boundary: the next step seeds it then
+                log.exception("normalize.%s: reading where to continue failed", normalizer.exchange)
 
     async def tick(self) -> None:
         now = now_ms()
@@ -287,8 +303,12 @@ def install_pipeline(app: faust.App, pipeline: Pipeline) -> None:
     async def forget(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         pipeline.forget()
 
+    async def seed(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+        await pipeline.seed()
+
     async def tick() -> None:
         await pipeline.tick()
 
     app.on_partitions_revoked.connect(forget)
+    app.on_partitions_assigned.connect(seed)
     app.timer(TICK_INTERVAL, name="normalize.tick")(tick)

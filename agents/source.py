@@ -311,6 +311,8 @@ class ExchangeSource(Service):
 
     def carries_depth(self, symbol: str) -> bool:
         """Whether a group running here carries the symbol's order book stream (its books are kept)."""
+        if self._adapter is None:
+            return False  # no group runs before the instrument list is loaded
         if self._depth_symbols is None:
             desired = [
                 stream for group in self._groups.values() for slot in group.slots for stream in slot.desired

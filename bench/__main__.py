@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of the ladder: one long step of this many seconds (fewest symbols, --soak-rate), "
         "reported slice by slice; printed only",
     )  # fmt: skip
+    parser.add_argument(
+        "--separate-broker", action="store_true",
+        help="a broker process of its own (the raw topic path of a Kafka cluster) instead of the worker's "
+        "embedded one (the default config)",
+    )  # fmt: skip
     parser.add_argument("--soak-rate", type=int, default=10000)
     parser.add_argument("--soak-slice", type=float, default=30.0, help="seconds per reported slice")
     parser.add_argument(
@@ -79,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             profile.parent.mkdir(parents=True, exist_ok=True)
         try:
             result = run_step(
-                symbols, rate, workers, warmup=args.warmup, duration=args.duration, profile_to=profile
-            )
+                symbols, rate, workers, warmup=args.warmup, duration=args.duration, profile_to=profile,
+                separate_broker=args.separate_broker,
+            )  # fmt: skip
         except (TimeoutError, OSError, RuntimeError) as exc:  # e.g. a simulator too busy to answer
             print(f"bench: step failed: {exc!r}", flush=True)
             failures.append(f"{symbols} symbols, {rate:,} events/s, {workers} worker(s): {exc!r}")

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import msgspec
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 
@@ -48,7 +48,11 @@ def create_topics(bootstrap: str, topics: list[str]) -> None:
     for start in range(0, len(topics), 200):
         futures = admin.create_topics([NewTopic(t, 1, 1) for t in topics[start : start + 200]])
         for future in futures.values():
-            future.result(timeout=30)
+            try:
+                future.result(timeout=30)
+            except KafkaException as exc:  # the worker may have created it first: fine
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise
 
 
 class MarketReader:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ from bench.acks import acknowledged_buckets, window_percentiles
 from bench.procfs import CpuMeter, memory_mb
 from bench.reader import MarketReader, Sample, create_topics
 from streams.topics import market_topic
-from tests.harness import Simulator, Worker, wait_for, write_config
+from tests.harness import Simulator, Worker, embedded_broker_pid, wait_for, write_config
 
 QUOTES = ("USDT", "BTC", "ETH", "BNB")
 LIVE_TOPICS = 10  # topics read while the worker runs, for the receipt→read back latency
@@ -113,32 +115,63 @@ def _window(sample: Sample, start_ms: int, end_ms: int) -> tuple[list[int], list
     return to_created, to_read, event_to_created, stamped
 
 
+class _Broker:
+    """Where a step's broker runs: its own process (`EmbeddedBroker`), or inside the worker as
+    `kafka.brokers: embedded` starts it (the default config: the worker then normalizes in-process)."""
+
+    def __init__(self, separate: EmbeddedBroker | None) -> None:
+        self.separate = separate
+        self.bootstrap = separate.bootstrap if separate else ""
+        self.pid = separate.pid or 0 if separate else 0
+
+    def worker_config(self) -> dict[str, object]:
+        return {"brokers": [self.bootstrap]} if self.separate else {"brokers": "embedded"}
+
+    def found_in(self, worker: Worker) -> None:
+        """The worker's own broker: its address from the log, its process among the worker's children."""
+        if self.separate:
+            return
+        self.bootstrap = wait_for(lambda: _listening(worker), 30, "the worker's broker address")
+        self.pid = embedded_broker_pid(worker)
+
+
+def _listening(worker: Worker) -> str | None:
+    found = re.search(r"embedded broker listening on ([0-9.]+:[0-9]+)", worker.log())
+    return found.group(1) if found else None
+
+
 def run_step(
     symbols: int, rate: int, workers: int = 1, warmup: float = 4.0, duration: float = 12.0,
     drain_timeout: float = 30.0, log_dir: Path | None = None, profile_to: Path | None = None,
-    slice_seconds: float = 0.0,
+    slice_seconds: float = 0.0, separate_broker: bool = False,
 ) -> StepResult:  # fmt: skip
+    """One step. The broker runs inside the worker, as the default config has it, unless there are
+    several workers (they share one) or `separate_broker` asks for the raw topic path of a cluster."""
     names = bench_symbols(symbols)
     topics = [market_topic("trade", "binance", name) for name in names]
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="collector-bench-"))
-    with EmbeddedBroker() as broker:
-        create_topics(broker.bootstrap, topics)
-        # While the worker runs, only a few topics are read: the embedded broker's cost per fetch
-        # grows with the partitions in it, and reading 1,000 every few ms competed with the worker's
-        # produce requests. Everything is read, and counted, once the market is paused.
-        live = MarketReader(broker.bootstrap, topics[:LIVE_TOPICS])
-        reader = MarketReader(broker.bootstrap, topics, start_paused=True, fetch_wait_ms=100)
+    with contextlib.ExitStack() as stack:
+        separate = separate_broker or workers > 1
+        broker = _Broker(stack.enter_context(EmbeddedBroker()) if separate else None)
         simulator = Simulator(names, rate=rate / symbols, seed=11, extra=["--history-limit", "1000"])
         started: list[Worker] = []
+        live = reader = None
         try:
             config = write_config(
                 log_dir / f"bench-{symbols}-{rate}.yaml", simulator, names, ["trade"],
-                kafka={"brokers": [broker.bootstrap]},  # the default producer settings
+                kafka=broker.worker_config(),  # the default producer settings
                 logging={"level": "info", "format": "json"},
             )  # fmt: skip
-            started = [Worker(config, broker.bootstrap, log_dir, f"w{i}") for i in range(workers)]
+            started = [Worker(config, broker.bootstrap or None, log_dir, f"w{i}") for i in range(workers)]
             for worker in started:
                 worker.wait_ready(90)
+            broker.found_in(started[0])
+            create_topics(broker.bootstrap, topics)
+            # While the worker runs, only a few topics are read: the embedded broker's cost per fetch
+            # grows with the partitions in it, and reading 1,000 every few ms competed with the
+            # worker's produce requests. Everything is read, and counted, once the market is paused.
+            live = MarketReader(broker.bootstrap, topics[:LIVE_TOPICS])
+            reader = MarketReader(broker.bootstrap, topics, start_paused=True, fetch_wait_ms=100)
             wait_for(lambda: _subscribed(simulator) >= symbols and live.poll(0.2) > 0, 120,
                      "every symbol subscribed and the first market records")  # fmt: skip
             live.poll(warmup)
@@ -179,8 +212,10 @@ def run_step(
             for worker in started:
                 worker.stop()
             simulator.stop()
-            reader.close()
-            live.close()
+            if reader is not None:
+                reader.close()
+            if live is not None:
+                live.close()
 
     start_ms, end_ms = int(start * 1000), int(end * 1000)
     to_created, _, event_to_created, stamped = _window(reader.sample, start_ms, end_ms)
