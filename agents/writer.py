@@ -635,8 +635,11 @@ class RawProducer:
                 self._retired.remove(old)
 
     async def _poll(self) -> None:
+        # Ends when nothing is left to send or to hear about; the next `send` starts it again.
         while True:
             self._serve()
+            if not (self.spool.in_flight or self.spool.held_bytes or self._retired or len(self._producer)):
+                return
             await asyncio.sleep(self.POLL_INTERVAL)
 
     def _serve(self) -> None:

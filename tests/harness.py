@@ -26,7 +26,7 @@ import msgspec
 import yaml
 from confluent_kafka import Consumer, TopicPartition
 
-from agents.embedded_broker import free_port
+from agents.embedded_broker import die_with_parent, free_port
 from streams.records import Bbo, Kline, MarketRecord, Ticker, Trade, decode_record
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,13 @@ class Simulator:
             "--symbols", ",".join(symbols), "--rate", str(rate), "--seed", str(seed), *extra,
         ]  # fmt: skip
         self._log = self.log_path.open("w")
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO)
+        self.process = subprocess.Popen(
+            command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            preexec_fn=die_with_parent(signal.SIGTERM),
+        )
         wait_for(lambda: "listening" in self.log_path.read_text() or self._died(), 30, "the simulator")
         if self.process.poll() is not None:
             raise RuntimeError(f"simulator exited: {self.log_path.read_text()[-2000:]}")
@@ -168,6 +174,7 @@ class Worker:
             env=env,
             cwd=REPO,
             start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
         self.ready_after: float | None = None
 
