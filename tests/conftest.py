@@ -50,11 +50,32 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(plugin.stop)
 
 
+# The longest files (seconds on a 2-core machine, from `--durations`), started first.
+LONGEST_FILES = {
+    "test_e2e_depth.py": 140,
+    "test_e2e_continuity_binance.py": 110,
+    "test_e2e_continuity_bithumb.py": 110,
+    "test_e2e_continuity_upbit.py": 110,
+    "test_e2e_faults.py": 95,
+    "test_writer.py": 90,
+    "test_e2e_broker_pause.py": 66,
+    "test_e2e_embedded_pause.py": 61,
+    "test_e2e_two_workers.py": 52,
+    "test_subscriptions_e2e.py": 55,
+}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # End-to-end tests first (a stable sort: each module keeps its order). `make test` hands whole
-    # files to xdist workers in this order, so the long end-to-end files start while the other
-    # workers still have unit files to run, instead of one of them trailing at the end.
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+    # Longest files first, then the other end-to-end ones, then unit tests (a stable sort: each
+    # module keeps its order). `make test` hands whole files to xdist workers in this order, so the
+    # long files start while the other workers still have short ones to run, instead of one of
+    # them trailing at the end.
+    items.sort(
+        key=lambda item: (
+            -LONGEST_FILES.get(item.path.name, 0),
+            item.get_closest_marker("e2e") is None,
+        )
+    )
 
 
 @pytest.fixture

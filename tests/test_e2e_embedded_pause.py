@@ -58,6 +58,7 @@ def test_a_45_s_pause_of_the_workers_own_broker_loses_and_duplicates_no_trade(
                 time.sleep(2)
         assert tally.wait_delivered(90), tally.table()
         simulator.post("/_sim/pause")
+        assert tally.wait_delivered(30), tally.table()  # the trades made before the pause took hold
         rows = tally.rows()
         print("\n" + tally.table(rows))
         record_property("pause", json.dumps([row.as_dict() for row in rows]))

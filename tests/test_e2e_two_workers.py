@@ -109,10 +109,13 @@ def test_groups_run_once_and_move_to_the_survivor_when_a_worker_is_killed(
         assert watch.most_connections_per_stream == 1, "a stream was subscribed on two connections at once"
         assert move_seconds < MOVE_LIMIT_SECONDS, f"groups moved after {move_seconds:.1f} s"
 
-        # Every trade generated since the resume must be in Kafka exactly once, gap included.
+        # Every trade generated since the resume must be in Kafka exactly once, gap included. The
+        # survivor learns where a moved symbol's gap ends from its next live trade, so each symbol
+        # trades on after the move (under load the move can take long enough to pass any fixed count).
+        at_move = simulator.get("/_sim/stats")["tradesGenerated"]
         wait_for(
             lambda: all(
-                n - before[s] >= 40 for s, n in simulator.get("/_sim/stats")["tradesGenerated"].items()
+                n - at_move[s] >= 10 for s, n in simulator.get("/_sim/stats")["tradesGenerated"].items()
             ),
             30,
             "more trades after the move",
