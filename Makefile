@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # `make test` runs on this many pytest-xdist processes: the end-to-end tests mostly wait on real
 # processes, so more workers than cores pay off (README, "Development"). Each test file goes whole to
 # one process, in the order tests/conftest.py sorts them (end-to-end first).
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 6
 
 .DEFAULT_GOAL := help
 .PHONY: help install system-deps run demo simulate test test-unit test-soak lint format clean bench bench-soak bench-sinks
@@ -47,7 +47,7 @@ demo: install ## Run simulator + embedded broker + worker together and print whe
 simulate: install ## Run only the exchange simulator
 	$(VENV)/bin/collector simulate
 
-test: install system-deps ## Run the test suite (unit + end-to-end, not soak) on TEST_WORKERS (4) processes
+test: install system-deps ## Run the test suite (unit + end-to-end, not soak) on TEST_WORKERS (6) processes
 	$(PY) -m pytest -m "not soak" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-unit: install system-deps ## Run the tests that need no broker, simulator or worker
