@@ -30,7 +30,17 @@ def _ints(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--symbols", default="100,1000", help="symbol counts to run the ladder for")
-    parser.add_argument("--rates", default="5000,10000,20000,30000,40000,50000", help="events/s ladder")
+    parser.add_argument(
+        "--rates",
+        default="5000,10000,20000,30000,40000,50000,60000,70000,80000,100000",
+        help="events/s ladder; each symbol count climbs it until a rate is not carried",
+    )
+    parser.add_argument(
+        "--bbo-from",
+        type=int,
+        default=1000,
+        help="symbol counts from this one up subscribe bbo beside trades (half the events each)",
+    )
     parser.add_argument(
         "--two-workers-rate", type=int, default=10000, help="two workers, fewest symbols; 0 skips it"
     )
@@ -78,14 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     failures: list[str] = []
 
     def step(symbols: int, rate: int, workers: int = 1) -> StepResult | None:
-        print(f"bench: {symbols} symbols, {rate:,} events/s, {workers} worker(s) …", flush=True)
+        bbo = symbols >= args.bbo_from
+        kinds = "trade+bbo" if bbo else "trade"
+        print(f"bench: {symbols} symbols ({kinds}), {rate:,} events/s, {workers} worker(s) …", flush=True)
         profile = Path(args.profile) / f"worker-{symbols}-{rate}-{workers}.txt" if args.profile else None
         if profile is not None:
             profile.parent.mkdir(parents=True, exist_ok=True)
         try:
             result = run_step(
                 symbols, rate, workers, warmup=args.warmup, duration=args.duration, profile_to=profile,
-                separate_broker=args.separate_broker,
+                separate_broker=args.separate_broker, bbo=bbo,
             )  # fmt: skip
         except (TimeoutError, OSError, RuntimeError) as exc:  # e.g. a simulator too busy to answer
             print(f"bench: step failed: {exc!r}", flush=True)

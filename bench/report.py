@@ -36,7 +36,8 @@ def table(results: list[StepResult]) -> str:
         else:
             verdict = "below rate"
         rows.append(
-            f"| {r.symbols} | {r.workers} | {r.target_rate:,} | {r.offered_rate:,.0f} | "
+            f"| {r.symbols}{' (trade+bbo)' if r.bbo else ''} | {r.workers} | {r.target_rate:,} | "
+            f"{r.offered_rate:,.0f} | "
             f"{r.delivered_rate:,.0f} | {r.lost} | {r.duplicates} | {_lat(r.latency_received_created)} | "
             f"{_lat(r.latency_received_acknowledged)} | {_lat(r.latency_received_read)} | "
             f"{_lat(r.latency_event_created)} | {r.worker_cpu:.0f} | {r.worker_us_per_event:.0f} | "

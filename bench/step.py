@@ -51,7 +51,7 @@ class StepResult:
     symbols: int
     workers: int
     target_rate: int
-    offered_rate: float  # trade frames the simulator sent per second in the window
+    offered_rate: float  # trade (and bookTicker) frames the simulator sent per second in the window
     delivered_rate: float  # market records stamped by the producer per second in the window
     sent_total: int
     delivered_unique: int
@@ -70,6 +70,9 @@ class StepResult:
     simulator_cpu: float
     load_average: float  # 1-minute load average at the end of the window: other work on the machine
     slices: list[Slice] = field(default_factory=list)  # only when the step was asked for them
+    # With bbo beside the trades, half the events are bookTickers: loss and latency are counted on
+    # the trades (read back exactly), rates on both (bbo records scaled from the trades).
+    bbo: bool = False
 
     @property
     def worker_us_per_event(self) -> float:
@@ -143,7 +146,7 @@ def _listening(worker: Worker) -> str | None:
 def run_step(
     symbols: int, rate: int, workers: int = 1, warmup: float = 4.0, duration: float = 12.0,
     drain_timeout: float = 30.0, log_dir: Path | None = None, profile_to: Path | None = None,
-    slice_seconds: float = 0.0, separate_broker: bool = False,
+    slice_seconds: float = 0.0, separate_broker: bool = False, bbo: bool = False,
 ) -> StepResult:  # fmt: skip
     """One step. The broker runs inside the worker, as the default config has it, unless there are
     several workers (they share one) or `separate_broker` asks for the raw topic path of a cluster."""
@@ -153,12 +156,16 @@ def run_step(
     with contextlib.ExitStack() as stack:
         separate = separate_broker or workers > 1
         broker = _Broker(stack.enter_context(EmbeddedBroker()) if separate else None)
-        simulator = Simulator(names, rate=rate / symbols, seed=11, extra=["--history-limit", "1000"])
+        # The simulator sends one bookTicker per symbol after its trades of a tick: about one per trade.
+        trade_rate = rate / 2 if bbo else rate
+        simulator = Simulator(names, rate=trade_rate / symbols, seed=11, extra=["--history-limit", "1000"])
+        kinds = ("trade", "bookTicker") if bbo else ("trade",)
+        data_types = ["trade", "bbo"] if bbo else ["trade"]
         started: list[Worker] = []
         live = reader = None
         try:
             config = write_config(
-                log_dir / f"bench-{symbols}-{rate}.yaml", simulator, names, ["trade"],
+                log_dir / f"bench-{symbols}-{rate}.yaml", simulator, names, data_types,
                 kafka=broker.worker_config(),  # the default producer settings
                 logging={"level": "info", "format": "json"},
             )  # fmt: skip
@@ -178,7 +185,7 @@ def run_step(
 
             meters = [CpuMeter(w.process.pid) for w in started]
             broker_meter, sim_meter = CpuMeter(broker.pid or 0), CpuMeter(simulator.process.pid)
-            sent_before = simulator.get("/_sim/stats")["framesSent"].get("trade", 0)
+            sent_before = simulator.get("/_sim/stats")["framesSent"]
             spy = profiler.start(started[0].process.pid, duration, profile_to) if profile_to else None
             acks_before = [acknowledged_buckets(w.port) for w in started]
             start = time.time()
@@ -187,7 +194,7 @@ def run_step(
             slices = _poll_in_slices(live, duration, slice_seconds, started, broker.pid or 0)
             end = time.time()
             acks_after = [acknowledged_buckets(w.port) for w in started]
-            sent_after = simulator.get("/_sim/stats")["framesSent"].get("trade", 0)
+            sent_after = simulator.get("/_sim/stats")["framesSent"]
             cpu = sum(m.percent(end) for m in meters)
             broker_cpu, sim_cpu = broker_meter.percent(end), sim_meter.percent(end)
             load = os.getloadavg()[0]
@@ -222,10 +229,12 @@ def run_step(
     _, to_read, _, _ = _window(live.sample, start_ms, end_ms)
     unique = len(reader.trade_ids)
     _read_slices(slices, live.sample, start_ms, slice_seconds, symbols / min(symbols, LIVE_TOPICS))
+    offered = {kind: sent_after.get(kind, 0) - sent_before.get(kind, 0) for kind in kinds}
+    events_per_trade = sum(offered.values()) / offered["trade"] if offered["trade"] else 1.0
     return StepResult(
         symbols=symbols, workers=workers, target_rate=rate,
-        offered_rate=(sent_after - sent_before) / (end - start),
-        delivered_rate=stamped / (end - start),
+        offered_rate=sum(offered.values()) / (end - start),
+        delivered_rate=stamped * events_per_trade / (end - start),
         sent_total=sent_total, delivered_unique=unique, duplicates=reader.records - unique,
         lost=max(0, sent_total - unique), drained_in=drained_in,
         reconnects=stats["connections"]["total"] - workers * max(1, _connections_per_worker(symbols)),
@@ -235,7 +244,7 @@ def run_step(
         latency_received_acknowledged=window_percentiles(acks_before, acks_after),
         worker_cpu=cpu, worker_peak_rss=peak_rss, broker_cpu=broker_cpu, broker_rss=broker_rss,
         simulator_cpu=sim_cpu, load_average=load,
-        slices=slices,
+        slices=slices, bbo=bbo,
     )  # fmt: skip
 
 
