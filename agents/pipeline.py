@@ -20,6 +20,7 @@ from mode import Service
 
 from agents.adapters import AdapterDirectory
 from agents.connection import SendRaw
+from agents.declare import TopicDeclarer
 from agents.handoff import RawHandoff, normalize_handed_over
 from agents.lastseen import RECENT_TRADES, read_seeds
 from agents.metrics import now_ms
@@ -86,6 +87,9 @@ class Pipeline:
         self.sources: dict[str, ExchangeSource] = {}
         self.normalizers: dict[str, Normalizer] = {}
         self.raw_producer: RawProducer | None = None  # made when the sources start, with librdkafka's threads
+        self.declarer = TopicDeclarer(
+            ",".join(self.bootstrap_servers), MARKET_PARTITIONS, app.conf.topic_replication_factor
+        )
 
     def confluent_settings(self) -> dict[str, Any]:
         producer = self.config.kafka.producer
@@ -154,7 +158,7 @@ class Pipeline:
         return refused
 
     async def declare_topic(self, name: str) -> None:
-        await self.app.topic(name, partitions=MARKET_PARTITIONS).maybe_declare()
+        await self.declarer.declare(name)
 
     def market_delivery(self) -> ConfluentDelivery:
         # Market records go through librdkafka: a batch costs ~1 us per record to hand over instead of
