@@ -178,6 +178,7 @@ class Slot:
         """The link is live: REST fallback stops, klines missed while down are fetched once."""
         await self._stop_fallback()
         down_since = self._down_since
+        link.marking = False
         self.link = link
         self.state = "connected"
         self.last_error = None
@@ -242,6 +243,7 @@ class Slot:
                 )
         await self._close(old)
         metrics.connection_closed(self.source.exchange)
+        new.marking = False
         self.link = new
         self.state = "connected"
         if reason == "stall":

@@ -30,4 +30,3 @@ def test_topics_declared_together_go_out_in_one_request_and_existing_ones_are_fi
 
     asyncio.run(declare_all())  # they exist now: no error
     assert declarer.requests == 2
-
