@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--two-workers-rate", type=int, default=10000, help="two workers, fewest symbols; 0 skips it"
     )
+    parser.add_argument("--quiet-rate", type=int, default=500, help="quiet step: events/s; 0 skips it")
+    parser.add_argument("--quiet-symbols", type=int, default=20, help="quiet step: symbols")
     parser.add_argument("--warmup", type=float, default=4.0)
     parser.add_argument("--duration", type=float, default=12.0, help="seconds measured per step")
     parser.add_argument("--profile", default="", help="directory for py-spy profiles of every step")
@@ -116,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                 break  # the ladder stops at the first rate the worker cannot carry without loss
     if args.two_workers_rate:
         step(min(_ints(args.symbols)), args.two_workers_rate, workers=2)
+    if args.quiet_rate:
+        step(args.quiet_symbols, args.quiet_rate)  # what a quiet deployment pays all day
 
     text = _machine_now() + "\n"
     if results:

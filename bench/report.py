@@ -40,7 +40,7 @@ def table(results: list[StepResult]) -> str:
             f"{r.offered_rate:,.0f} | "
             f"{r.delivered_rate:,.0f} | {r.lost} | {r.duplicates} | {_lat(r.latency_received_created)} | "
             f"{_lat(r.latency_received_acknowledged)} | {_lat(r.latency_received_read)} | "
-            f"{_lat(r.latency_event_created)} | {r.worker_cpu:.0f} | {r.worker_us_per_event:.0f} | "
+            f"{_lat(r.latency_event_created)} | {r.worker_cpu:.1f} | {r.worker_us_per_event:.0f} | "
             f"{r.worker_peak_rss:.0f} | {r.broker_cpu:.0f} | {r.broker_rss:.0f} | {r.simulator_cpu:.0f} | "
             f"{r.load_average:.1f} | {verdict} |"
         )
