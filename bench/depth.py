@@ -49,6 +49,7 @@ class DepthLoadResult:
     worker_rss: float
     books_synced: int
     resyncs: dict[str, int]  # after the first sync, by reason
+    trade_latency: dict[str, float] = field(default_factory=dict)  # receipt → producer stamp, ms
 
 
 @dataclass
@@ -130,7 +131,9 @@ def run_depth_load(
             synced = 'exchange="binance",state="synced"'
             wait_for(lambda: _metric(worker, "collector_books", synced) >= symbols, 180, "every book synced")  # type: ignore[arg-type]
             first = _resyncs(worker)
-            topics = [market_topic("depth", "binance", name) for name in names[:LATENCY_TOPICS]]
+            topics = [
+                market_topic(k, "binance", n) for k in ("depth", "trade") for n in names[:LATENCY_TOPICS]
+            ]
             reader.assign([TopicPartition(topic, 0) for topic in topics])
             deadline = time.monotonic() + warmup
             while time.monotonic() < deadline:
@@ -142,11 +145,13 @@ def run_depth_load(
             start = time.time()
             meter.start(start)
             latencies: list[int] = []
+            trade_latencies: list[int] = []
             while time.time() - start < duration:
                 for message in reader.consume(10_000, 0.1):
                     if message.error() is None:
                         created = message.timestamp()[1]
-                        latencies.append(created - _decode_times(message.value()).receivedAt)
+                        into = trade_latencies if message.topic().startswith("market.trade.") else latencies
+                        into.append(created - _decode_times(message.value()).receivedAt)
             end = time.time()
             cpu = meter.percent(end)
             depth_after = _metric(worker, "collector_messages_sent_total", sent + 'depth"')
@@ -163,6 +168,7 @@ def run_depth_load(
     return DepthLoadResult(
         symbols, trade_rate, round(seconds, 1), (depth_after - depth_before) / seconds,
         (trades_after - trades_before) / seconds, percentiles(latencies), cpu, rss, books, resyncs,
+        percentiles(trade_latencies),
     )  # fmt: skip
 
 
@@ -236,7 +242,8 @@ def depth_lines(load: DepthLoadResult | None, books: BooksResult | None) -> str:
             f"- {load.symbols} symbols with @depth@100ms + trades at {load.trade_rate:,}/s, one worker, "
             f"{load.seconds:.0f} s: {load.depth_per_second:,.0f} depth records/s, "
             f"{load.trades_per_second:,.0f} trades/s, depth receipt→CreateTime ms "
-            f"p50/p95/p99/max {_lat(load.depth_latency)}, worker CPU {load.worker_cpu:.0f} %, "
+            f"p50/p95/p99/max {_lat(load.depth_latency)}, trade receipt→CreateTime ms p50/p95/p99/max "
+            f"{_lat(load.trade_latency)}, worker CPU {load.worker_cpu:.0f} %, "
             f"RSS {load.worker_rss:.0f} MB, {load.books_synced} books synced, resyncs after the first "
             f"sync: {load.resyncs or 'none'}"
         )
