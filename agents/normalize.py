@@ -271,11 +271,23 @@ class Normalizer:
                     trades.append(record)
                 else:
                     self._send(record)
-            if tag is not None and tag.kind == "trades" and trades:
-                page_full = len(trades) >= self.adapter.history_page
-                for symbol in {record.symbol for record in trades}:
-                    mine = [record for record in trades if record.symbol == symbol]
-                    self.engine.history(symbol, group, batch.request, mine, page_full, frame.received_at)
+            if tag is not None and tag.kind == "trades":
+                self._history_answer(batch, tag, trades, group, frame.received_at)
+
+    def _history_answer(
+        self, batch: RawBatch, tag: RestTag, trades: list[MarketRecord], group: str, received_at: int
+    ) -> None:
+        by_symbol: dict[str, list[MarketRecord]] = {}
+        asked = self.adapter.instruments.get(tag.exchange_symbol)
+        if asked is not None and batch.request is not None:
+            # An empty page answers too ("nothing yet": history lags the stream); unanswered, the
+            # repair would wait for its answer timeout before asking again.
+            by_symbol[asked.symbol] = []
+        for record in trades:
+            by_symbol.setdefault(record.symbol, []).append(record)
+        page_full = len(trades) >= self.adapter.history_page
+        for symbol, mine in by_symbol.items():
+            self.engine.history(symbol, group, batch.request, mine, page_full, received_at)
 
     # -- the engine's outputs ---------------------------------------------------------------------
 

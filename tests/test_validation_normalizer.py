@@ -144,6 +144,20 @@ def test_a_gap_in_trade_ids_is_filled_from_history_before_later_trades_and_repor
     assert (event.detail["outcome"], event.detail["unrecoverable"]) == ("repaired", False)
 
 
+def test_an_empty_history_answer_is_an_answer_so_the_engine_asks_again_soon() -> None:
+    # History can lag the stream: `[]` for "from id 3" means "nothing yet", not a lost request. Taken
+    # as no answer at all, the repair would hold the later trades until the answer timeout (20 s).
+    normalizer, memory = make_normalizer()
+    run(normalizer, batch(trade_frame(1), trade_frame(2), trade_frame(6)))
+    [first] = memory.fetches
+    run(normalizer, batch(b"[]", source="rest:trades/BTCUSDT", request=first.request_id))
+    asyncio.run(normalizer.tick(NOW + 1_000))
+    assert [(f.from_id, f.request_id != first.request_id) for f in memory.fetches] == [(3, False), (3, True)]
+    answer = rest_trades(3, 4, 5, 6, time=NOW - 4)
+    run(normalizer, batch(answer, source="rest:trades/BTCUSDT", request=memory.fetches[-1].request_id))
+    assert [t.data.trade_id for t in memory.trades()] == ["1", "2", "3", "4", "5", "6"]  # type: ignore[union-attr]
+
+
 def test_stale_live_frames_are_refused_but_rest_input_may_be_old() -> None:
     normalizer, memory = make_normalizer(clock_skew_seconds=1, last_id=8)
     old = json.dumps({"stream": "btcusdt@trade", "data": {
