@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -18,8 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
+try:
+    import fcntl
+except ImportError:  # not on Windows: port claims are then not taken
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
+_TCP_LISTEN = "0A"  # the state column of /proc/net/tcp
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -38,6 +45,57 @@ def die_with_parent(signum: int = signal.SIGKILL) -> Callable[[], None]:
     return request
 
 
+class PortClaim:
+    """A claim on a port among the collectors of this host: an advisory lock on a file named after it,
+    released with the claim or when the process dies (even on SIGKILL). Two workers starting at once
+    both find 9092 free; the claim lets only one of them build its app on it, since the app's
+    bootstrap address is fixed before its broker starts."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    @classmethod
+    def take(cls, port: int) -> PortClaim | None:
+        """The claim, or None when another collector holds it (or the lock file cannot be opened)."""
+        if fcntl is None:
+            return cls(-1)
+        path = Path(tempfile.gettempdir()) / f"collector-broker-{port}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return cls(fd)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None and fd >= 0:
+            os.close(fd)
+
+
+def _listens(pid: int, port: int) -> bool | None:
+    """Whether process `pid` holds the listening IPv4 socket of `port`; None where /proc cannot say."""
+    try:
+        rows = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return None
+    inodes = set()
+    for row in rows:
+        fields = row.split()
+        if len(fields) > 9 and fields[3] == _TCP_LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            inodes.add(f"socket:[{fields[9]}]")
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) in inodes:
+                return True
+    return False
+
+
 def _answers_kafka(host: str, port: int) -> bool:
     """True when the port completes an ApiVersions round trip, not merely accepts TCP."""
     request_body = b"\x00\x12\x00\x00\x00\x00\x00\x01\x00\x09collector"  # ApiVersions v0
@@ -54,9 +112,12 @@ def _answers_kafka(host: str, port: int) -> bool:
 class EmbeddedBroker:
     """Start/stop lifecycle around one Tansu process; stopping is idempotent."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int | None = None, claim: PortClaim | None = None
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
+        self._claim = claim
         self._process: subprocess.Popen[bytes] | None = None
         self._log_path = Path(tempfile.gettempdir()) / f"collector-broker-{self.port}.log"
 
@@ -96,11 +157,22 @@ class EmbeddedBroker:
                 self.stop()
                 raise RuntimeError(f"embedded broker did not answer within {timeout:.0f} s")
             time.sleep(0.05)
+        if self._process.poll() is not None or _listens(self._process.pid, self.port) is False:
+            # Another process took the port after it was chosen, and answered for our broker (which
+            # failed to bind): using it would write into someone else's broker.
+            self.stop()
+            raise RuntimeError(
+                f"port {self.port} was taken by another process while the embedded broker started; "
+                f"start the worker again, or configure kafka.brokers"
+            )
         log.info("embedded broker ready at %s (pid %d)", self.bootstrap, self._process.pid)
         return self
 
     def stop(self) -> None:
         process, self._process = self._process, None
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
         if process is None or process.poll() is not None:
             return
         process.terminate()

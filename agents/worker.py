@@ -20,7 +20,7 @@ from agents import faust_patches, metrics
 from agents.adapters import AdapterDirectory
 from agents.control import Control, install_control
 from agents.distribution import install_distribution
-from agents.embedded_broker import EmbeddedBroker, free_port
+from agents.embedded_broker import EmbeddedBroker, PortClaim, free_port
 from agents.pipeline import Pipeline, install_pipeline
 from agents.sinks import Sinks, build_sinks, install_sink_views
 from agents.sinks.health import RedisReachability
@@ -90,11 +90,16 @@ class CollectorApp(faust.App):
 
 
 def embedded_broker_for(config: CollectorConfig) -> EmbeddedBroker | None:
-    """The broker to start when none is configured: 127.0.0.1:9092, or a free port if that is taken."""
+    """The broker to start when none is configured: 127.0.0.1:9092, or a free port if that is taken
+    (or claimed by another worker starting on this host at the same time)."""
     if not config.kafka.embedded:
         return None
-    port = EMBEDDED_BROKER_PORT if _port_is_free(EMBEDDED_BROKER_PORT) else free_port()
-    return EmbeddedBroker(port=port)
+    claim = PortClaim.take(EMBEDDED_BROKER_PORT)
+    if claim is not None and _port_is_free(EMBEDDED_BROKER_PORT):
+        return EmbeddedBroker(port=EMBEDDED_BROKER_PORT, claim=claim)
+    if claim is not None:
+        claim.release()
+    return EmbeddedBroker(port=free_port())
 
 
 def _port_is_free(port: int, host: str = "127.0.0.1") -> bool:

@@ -5,6 +5,7 @@ Building an app opens no socket: these tests only look at what was registered.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -71,10 +72,40 @@ def test_the_embedded_default_gives_the_app_a_broker_to_start_and_its_address(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(worker, "_port_is_free", lambda port: True)  # no socket in a unit test
+    monkeypatch.setattr(worker.PortClaim, "take", lambda port: worker.PortClaim(-1))  # nor a worker's claim
     app = build_app(parse_config({"exchanges": EXCHANGES}))
     assert app.embedded_broker is not None
     assert app.conf.broker[0].port == app.embedded_broker.port == 9092
     assert app.embedded_broker.pid is None  # started by the app when it starts, not when built
+
+
+def test_a_worker_starting_while_another_claims_9092_takes_a_free_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Both would find 9092 free (neither broker has bound it yet); the claim decides before the app's
+    # bootstrap address is fixed.
+    monkeypatch.setattr(worker, "_port_is_free", lambda port: True)
+    monkeypatch.setattr(worker, "free_port", lambda: 45_678)  # no socket in a unit test
+    held = worker.PortClaim.take(9092)  # None: a worker of another test holds it, which is the same case
+    try:
+        app = build_app(parse_config({"exchanges": EXCHANGES}))
+        assert app.embedded_broker is not None
+        assert app.conf.broker[0].port == app.embedded_broker.port == 45_678
+    finally:
+        if held is not None:
+            held.release()
+
+
+def test_a_port_claim_is_exclusive_until_released() -> None:
+    port = 100_000 + os.getpid()  # a name for the lock file only, so parallel tests do not meet
+    first = worker.PortClaim.take(port)
+    assert first is not None
+    assert worker.PortClaim.take(port) is None
+    first.release()
+    first.release()  # idempotent
+    again = worker.PortClaim.take(port)
+    assert again is not None
+    again.release()
 
 
 def test_two_workers_can_be_built_in_one_process() -> None:

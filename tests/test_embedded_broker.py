@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from agents.embedded_broker import EmbeddedBroker
 from tests.harness import Simulator, Worker, child_pids, is_alive, wait_for, write_config
 
 pytestmark = pytest.mark.e2e
@@ -52,3 +53,13 @@ def test_the_worker_starts_the_embedded_broker_and_it_dies_with_the_worker(
         if worker.process.poll() is None:
             os.killpg(worker.process.pid, signal.SIGKILL)
         simulator.stop()
+
+
+def test_a_broker_whose_port_another_broker_answers_on_refuses_to_start() -> None:
+    # Its own broker could not bind, and the other one answered the readiness check: writing there
+    # would put this worker's records into someone else's broker.
+    with EmbeddedBroker() as first:
+        second = EmbeddedBroker(port=first.port)
+        with pytest.raises(RuntimeError, match="was taken by another process"):
+            second.start()
+        assert second.pid is None
