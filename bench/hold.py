@@ -30,6 +30,7 @@ from bench.step import bench_symbols
 from streams.topics import market_topic
 from tests.harness import Simulator, Worker, child_pids, wait_for, write_config
 
+READ_BACK_SECONDS = 1800
 DEFAULT_LOAD_SYMBOLS = ["BTC/USDT", "ETH/USDT", "BNB/USDT"]  # config/default.yaml
 DEFAULT_LOAD_TYPES = ["trade", "kline_1m", "kline_5m", "kline_1h", "ticker", "bbo"]
 
@@ -161,9 +162,11 @@ def _count(
     topics = [market_topic("trade", "binance", symbol) for symbol in symbols]
     reader = MarketReader(bootstrap, topics, fetch_wait_ms=100)
     try:
-        quiet = 0
-        while quiet < 5:
-            quiet = quiet + 1 if reader.poll(1.0) == 0 else 0
+        began = time.monotonic()
+        short = reader.read_to_end(READ_BACK_SECONDS)
+        print(f"read back {reader.records:,} records in {time.monotonic() - began:.0f} s", flush=True)
+        for topic, position, end in short:
+            print(f"{topic}: read to {position} of {end} within {READ_BACK_SECONDS} s", flush=True)
         delivered = reader.trade_ids
         records = reader.records
     finally:

@@ -107,5 +107,26 @@ class MarketReader:
         self.records += count
         return count
 
+    def read_to_end(self, within: float, progress: float = 30.0) -> list[tuple[str, int, int]]:
+        """Read every partition up to the end it had when called, for at most `within` seconds; returns
+        the partitions left short as (topic, position, end). Ends are asked of the broker rather than
+        guessed from a quiet spell: a slow broker pauses between fetches without being done."""
+        self.resume()
+        ends = {tp.topic: self.consumer.get_watermark_offsets(tp, timeout=30)[1] for tp in self.partitions}
+        started = time.monotonic()
+        reported = started
+        short: list[tuple[str, int, int]] = []
+        while time.monotonic() - started < within:
+            self.poll(1.0)
+            positions = self.consumer.position(self.partitions)
+            short = [(tp.topic, tp.offset, ends[tp.topic]) for tp in positions if tp.offset < ends[tp.topic]]
+            if not short:
+                return []
+            if time.monotonic() - reported >= progress:
+                reported = time.monotonic()
+                left = sum(end - max(offset, 0) for _, offset, end in short)
+                print(f"read back {self.records:,} records; {left:,} left in {len(short)} partitions", flush=True)
+        return short
+
     def close(self) -> None:
         self.consumer.close()
