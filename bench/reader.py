@@ -125,7 +125,7 @@ class MarketReader:
             if time.monotonic() - reported >= progress:
                 reported = time.monotonic()
                 left = sum(end - max(offset, 0) for _, offset, end in short)
-                print(f"read back {self.records:,} records; {left:,} left in {len(short)} partitions", flush=True)
+                print(f"read {self.records:,}; {left:,} left in {len(short)} partitions", flush=True)
         return short
 
     def close(self) -> None:
