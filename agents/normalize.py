@@ -374,6 +374,8 @@ class Normalizer:
 
     async def tick(self, now: int) -> None:
         """Let the engine's waits run out (history that never came, trades waiting for confirmation)."""
+        if self.engine.starting:
+            await self.seed()  # a quiet symbol's line starts from what its market topic holds
         async with self._step:
             self.engine.tick(now)
             if self.engine.books is not None and now - self._book_chores_at >= BOOK_CHORES_MS:

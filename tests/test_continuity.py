@@ -92,6 +92,11 @@ def increasing(last: int | None = 100, **settings: Any) -> Run:
     return Run(engine)
 
 
+def only_gap(run: Run) -> tuple[str, str, str | None, str | None]:
+    [gap] = run.gaps
+    return gap.outcome, gap.reason, gap.first_missing_id, gap.last_missing_id
+
+
 def ids(first: int, last: int) -> list[str]:
     return [str(i) for i in range(first, last + 1)]
 
@@ -413,10 +418,7 @@ def test_while_the_stream_is_down_history_is_polled_and_published_in_order() -> 
     run.live(trade(106), now=T0 + 1_600)  # the stream's copy of a trade the poll already published
     run.live(trade(107), now=T0 + 1_600)
     assert run.published == ids(101, 107) and run.dropped == 1
-    [gap] = run.gaps
-    assert (gap.outcome, gap.reason, gap.first_missing_id, gap.last_missing_id) == (
-        "repaired", "stream down", "101", "106",
-    )  # fmt: skip
+    assert only_gap(run) == ("repaired", "stream down", "101", "106")
 
 
 def test_while_the_stream_is_down_unique_id_history_is_polled_too() -> None:
@@ -428,6 +430,61 @@ def test_while_the_stream_is_down_unique_id_history_is_polled_too() -> None:
     run.tick(T0 + 1_000)
     run.history([timed(T0 + 600), timed(T0 + 900)], now=T0 + 1_000)
     assert run.published[-1] == str(upbit_id(T0 + 900))
+
+
+# ---- a stream that comes up here (start, takeover) on a quiet symbol -------------------------------
+
+
+def test_a_quiet_symbol_whose_stream_came_up_asks_history_for_what_it_missed() -> None:
+    # Another worker published up to 100 and died; trades 101 and 102 were made before this worker
+    # subscribed, and the symbol is quiet since: no live trade would ever show the gap.
+    run = increasing(quiet_start_ms=10_000)
+    run.engine.stream_up(GROUP, [SYMBOL], T0)
+    run.tick(T0 + 9_999)
+    assert run.requests == []
+    run.tick(T0 + 10_000)
+    [request] = run.requests
+    assert (request.from_id, request.reason) == (101, "quiet start")
+    run.history([trade(101), trade(102)], now=T0 + 10_100)
+    run.live(trade(102), now=T0 + 10_200)  # the stream's copy, late
+    run.live(trade(103), now=T0 + 10_300)
+    assert run.published == ids(101, 103) and run.dropped == 1
+    assert only_gap(run) == ("repaired", "quiet start", "101", "102")
+
+
+@pytest.mark.parametrize("seeded", [True, False], ids=["busy symbol", "nothing published before"])
+def test_a_symbol_that_trades_or_has_nothing_before_asks_no_history_on_start(seeded: bool) -> None:
+    run = increasing(last=100 if seeded else None, quiet_start_ms=10_000)
+    run.engine.stream_up(GROUP, [SYMBOL], T0)
+    if seeded:
+        run.live(trade(101), now=T0 + 2_000)  # follows on: nothing was missed
+    run.tick(T0 + 10_000)
+    run.tick(T0 + 60_000)
+    assert run.requests == [] and run.gaps == []
+    assert run.published == (["101"] if seeded else [])
+
+
+def test_an_empty_answer_to_a_quiet_start_means_nothing_was_missed() -> None:
+    run = increasing(quiet_start_ms=10_000)
+    run.engine.stream_up(GROUP, [SYMBOL], T0)
+    run.tick(T0 + 10_000)
+    run.history([], now=T0 + 10_100)
+    run.tick(T0 + 60_000)
+    assert len(run.requests) == 1 and run.gaps == []
+    run.live(trade(101), now=T0 + 60_000)
+    assert run.published == ["101"] and len(run.requests) == 1
+
+
+def test_a_quiet_unique_id_symbol_pages_history_back_to_its_last_trade() -> None:
+    run = unique(quiet_start_ms=10_000)
+    run.engine.stream_up(GROUP, [SYMBOL], T0 + 1_000)
+    run.tick(T0 + 11_000)
+    [request] = run.requests
+    assert (request.cursor, request.reason) == (None, "quiet start")
+    run.history([timed(T0), timed(T0 + 300), timed(T0 + 600)], now=T0 + 11_100)
+    assert run.published == [str(upbit_id(T0 + 300)), str(upbit_id(T0 + 600))]
+    [gap] = run.gaps
+    assert (gap.outcome, gap.reason, gap.missing) == ("repaired", "quiet start", 2)
 
 
 # ---- audits: where ids cannot show a gap, history is compared routinely ---------------------------

@@ -158,6 +158,20 @@ def test_an_empty_history_answer_is_an_answer_so_the_engine_asks_again_soon() ->
     assert [t.data.trade_id for t in memory.trades()] == ["1", "2", "3", "4", "5", "6"]  # type: ignore[union-attr]
 
 
+def test_a_quiet_symbol_taken_over_reads_its_topic_and_asks_history_without_any_frame() -> None:
+    # No raw record has come yet (the symbol is quiet), so no step has read the seeds: the tick does.
+    normalizer, memory = make_normalizer(last_id=41)
+    normalizer.stream_up("binance:0", ["BTC/USDT"], NOW)
+
+    async def ticks() -> None:
+        await normalizer.tick(NOW + 5_000)
+        assert memory.fetches == []
+        await normalizer.tick(NOW + 10_000)
+
+    asyncio.run(ticks())
+    assert [(f.symbol, f.from_id, f.reason) for f in memory.fetches] == [("BTC/USDT", 42, "quiet start")]
+
+
 def test_stale_live_frames_are_refused_but_rest_input_may_be_old() -> None:
     normalizer, memory = make_normalizer(clock_skew_seconds=1, last_id=8)
     old = json.dumps({"stream": "btcusdt@trade", "data": {

@@ -70,6 +70,9 @@ class ContinuityEngine:
         self._connections: dict[str, _Connection] = {}
         self._symbols_of: dict[str, set[str]] = {}  # connection id → symbols whose trades it carried
         self._seeds: dict[str, Seed] = {}
+        # Symbols whose stream came up with no line yet: (group, since). Their first live trade makes
+        # the line; one that stays quiet for `quiet_start_ms` checks history (Line.quiet_start).
+        self._starting: dict[str, tuple[str, int]] = {}
         self._out: list[Output] = []
         self._requests = count(1)
         self.books = Books(books, self._out, self._next_request_id) if books is not None else None
@@ -87,6 +90,7 @@ class ContinuityEngine:
         self._connections.clear()
         self._symbols_of.clear()
         self._seeds.clear()
+        self._starting.clear()
         if self.books is not None:
             self.books.forget()
 
@@ -169,6 +173,13 @@ class ContinuityEngine:
             line = self._lines.get(symbol)
             if line is not None:
                 line.stream_up(now)
+            elif self.rule != "none":
+                self._starting.setdefault(symbol, (group, now))
+
+    @property
+    def starting(self) -> bool:
+        """Streams came up for symbols with no line yet: their seeds are wanted before the next tick."""
+        return bool(self._starting)
 
     def refused(self, symbol: str, request_id: str, retry_after_ms: int, now: int) -> None:
         if self.books is not None and self.books.refused(symbol, request_id, retry_after_ms, now):
@@ -178,6 +189,8 @@ class ContinuityEngine:
             line.refused(request_id, retry_after_ms, now)
 
     def tick(self, now: int) -> None:
+        if self._starting:
+            self._quiet_starts(now)
         for line in self._lines.values():
             if line.repair is not None:
                 line.tick(now)
@@ -185,6 +198,15 @@ class ContinuityEngine:
             self.books.tick(now)
         if self.audits_per_second > 0:
             self._audit(now)
+
+    def _quiet_starts(self, now: int) -> None:
+        quiet = self.settings.quiet_start_ms
+        for symbol, (group, since) in list(self._starting.items()):
+            if now - since < quiet:
+                continue
+            del self._starting[symbol]
+            if symbol in self._seeds:  # else nothing was published before: nothing can be missing
+                self._line(symbol, group).quiet_start(now)
 
     def _audit(self, now: int) -> None:
         elapsed = 0 if self._last_tick is None else max(0, now - self._last_tick)
@@ -242,6 +264,7 @@ class ContinuityEngine:
         line = self._lines.get(symbol)
         if line is None:
             line = self._new_line(symbol, group)
+            self._starting.pop(symbol, None)
             seed = self._seeds.pop(symbol, None)
             if seed is not None:
                 line.seed(seed)

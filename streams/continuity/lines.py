@@ -48,6 +48,9 @@ class Settings:
     recent_ids: int = 2_048  # ids remembered per symbol where ids are only unique
     poll_ms: int = 1_000  # between history requests while the symbol's stream is down (REST fallback)
     audit_min_ms: int = 5_000  # the shortest time between two audits of one symbol
+    # A symbol whose stream came up here (a start, a takeover) without a live trade this long asks
+    # history for what was missed meanwhile; a busy symbol's first trade shows any gap at no cost.
+    quiet_start_ms: int = 10_000
 
 
 @dataclass
@@ -228,6 +231,11 @@ class Line:
     def seed(self, seed: Seed) -> None:
         raise NotImplementedError
 
+    def quiet_start(self, now: int) -> None:
+        """The stream came up here long ago and has carried no trade of this symbol: whatever history
+        has since the last trade published was missed (the stream delivers only what follows)."""
+        raise NotImplementedError
+
     def _ask(self, now: int) -> None:
         raise NotImplementedError
 
@@ -285,6 +293,13 @@ class IncreasingLine(Line):
         repair = self._start_repair("jump" if trade_id > last + 1 else "price", now)
         if repair.request_id is None and now >= repair.not_before and repair.waiting_since is None:
             self._ask(now)
+
+    def quiet_start(self, now: int) -> None:
+        if self.last is None or self.repair is not None or self.held:
+            return
+        repair = self._start_repair("quiet start", now)
+        repair.boundary = True
+        self._ask(now)
 
     def _ask(self, now: int) -> None:
         assert self.last is not None
@@ -536,6 +551,10 @@ class TimedLine(Line):
             repair.target = self.last_position
         if repair.request_id is None and now >= repair.not_before and repair.waiting_since is None:
             self._ask(now)
+
+    def quiet_start(self, now: int) -> None:
+        if self.repair is None and not self.held:
+            self.boundary("quiet start", now)
 
     def audit(self, now: int) -> bool:
         """Compare what history has with what was published since the last audit: where ids cannot show
