@@ -20,7 +20,7 @@ from agents.source import ExchangeSource
 from agents.writer import TopicWriter
 from simulator.server import Simulator, SimulatorConfig
 from streams.config import ExchangeConfig
-from streams.continuity import Seed
+from streams.continuity import Seed, Settings
 from streams.events import CollectorEvent, decode_event
 from streams.exchanges.binance import BinanceAdapter
 from streams.raw import decode_batch
@@ -45,7 +45,12 @@ class Harness:
     they come, the engine's history requests go to the source, its stream news to the engine."""
 
     def __init__(
-        self, sim: Simulator, adapter: BinanceAdapter, last_published: dict[str, int], **connections: Any
+        self,
+        sim: Simulator,
+        adapter: BinanceAdapter,
+        last_published: dict[str, int],
+        engine: Settings | None = None,
+        **connections: Any,
     ):
         self.sim = sim
         self.adapter = adapter
@@ -92,7 +97,11 @@ class Harness:
 
         self.source = ExchangeSource("binance", settings, get_adapter, send_raw, emit, stream, refused)
         self.normalizer = Normalizer(
-            adapter, TopicWriter(produce, declare), read_seeds=seeds, fetch=self.source.fetch_history
+            adapter,
+            TopicWriter(produce, declare),
+            read_seeds=seeds,
+            fetch=self.source.fetch_history,
+            settings=engine,
         )
         self._normalized = 0
         self._running = asyncio.ensure_future(self._normalize_continuously())
@@ -272,6 +281,27 @@ async def test_a_group_taken_over_backfills_from_the_last_published_id_before_li
         ids = await check_exactly_once(harness, {"BTC/USDT": last_published})
         assert ids["BTC/USDT"][0] == last_published + 1
     finally:
+        await harness.close()
+
+
+@pytest.mark.e2e
+async def test_a_quiet_symbol_taken_over_is_backfilled_without_waiting_for_its_next_trade(
+    sim: Simulator, adapter: BinanceAdapter
+) -> None:
+    await until(lambda: sim.market.trades_generated()["BTC/USDT"] > 40, "trade history")
+    sim.market.pause()  # quiet from now on: no live trade will show the gap
+    history = sim.market.history("BTC/USDT")
+    last_published = history.at(history.begin + 20).id  # the worker that died published up to here
+    harness = Harness(sim, adapter, {"BTC/USDT": last_published}, engine=Settings(quiet_start_ms=1_000))
+    try:
+        await harness.source.assign_group("binance:0", ["btcusdt@trade"])
+        gap = (await until(lambda: harness.events_of("gap"), "the quiet symbol's gap repaired"))[0]
+        first_missing = str(last_published + 1)
+        assert (gap.detail["reason"], gap.detail["firstMissingId"]) == ("quiet start", first_missing)
+        published = harness.published_ids()["BTC/USDT"]
+        assert published == harness.generated_ids("BTC/USDT", last_published)
+    finally:
+        sim.market.resume()
         await harness.close()
 
 
