@@ -129,7 +129,10 @@ def main(argv: list[str]) -> int:
             print(f"demo: the worker did not start; see {worker_log}", file=sys.stderr)
             return 1
         listening = re.search(r"embedded broker listening on ([0-9.]+:[0-9]+)", worker_log.read_text())
-        broker = listening.group(1) if listening else "127.0.0.1:9092"
+        if listening is None:  # guessing 9092 could point readers at another collector's broker
+            print(f"demo: the worker did not say where its broker listens; see {worker_log}", file=sys.stderr)
+            return 1
+        broker = listening.group(1)
         print(
             f"""
 Exchange Collector demo is running (Ctrl-C stops everything).

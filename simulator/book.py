@@ -22,6 +22,9 @@ BASE/QUOTE):
          the book now, or as of the recent update id N as the dialect names ids (Binance `u` and
          `lastUpdateId`; Upbit's orderbook timestamp; Bithumb's µs timestamp string), levels
          formatted as the dialect sends them: {"exchange", "symbol", "updateId", "time", "bids", "asks"}
+    POST /_sim/books  {"symbol": "BTCUSDT", "updateIds": ["N", ...], "levels": 100}  the book as of each
+         id, in one walk back through its history: {"books": [book as above, or null for an id not
+         remembered, ...]}
     POST /_sim/faults/depth-skip      {"count": 1, "symbol": "BTCUSDT"}  the next `count` diff events of
          the symbol (of any symbol without `symbol`) are not sent, on live connections: the next event
          sent on that stream does not continue the previous one
@@ -31,6 +34,7 @@ BASE/QUOTE):
 
 from __future__ import annotations
 
+import heapq
 import zlib
 from bisect import bisect_left, insort
 from collections import deque
@@ -209,13 +213,31 @@ class TruthBook:
         for entry in reversed(self.history):
             if entry.update_id <= update_id:
                 break
-            for is_bid, price, before in reversed(entry.undo):
-                levels = bids if is_bid else asks
-                if before:
-                    levels[price] = before
-                else:
-                    del levels[price]
+            _undo(entry, bids, asks)
         return sorted(bids.items(), reverse=True), sorted(asks.items())
+
+    def as_of_many(self, update_ids: Iterable[int], levels: int) -> dict[int, tuple[Levels, Levels]]:
+        """The top `levels` of each side as they were at each remembered id among `update_ids`, in one
+        walk back through the history (a test checking every record of a stream asks for hundreds)."""
+        remembered = {self.update_id, *(state_id for state_id, _ in self.states())}
+        wanted = set(update_ids) & remembered
+        found: dict[int, tuple[Levels, Levels]] = {}
+        bids, asks = dict(self.bids), dict(self.asks)
+
+        def top() -> tuple[Levels, Levels]:
+            return heapq.nlargest(levels, bids.items()), heapq.nsmallest(levels, asks.items())
+
+        if self.update_id in wanted:
+            found[self.update_id] = top()
+        for entry in reversed(self.history):
+            if len(found) == len(wanted):
+                break
+            if entry.update_id in wanted:  # the state before undoing an entry is the state at its id
+                found[entry.update_id] = top()
+            _undo(entry, bids, asks)
+        if self.floor[0] in wanted and self.floor[0] not in found:
+            found[self.floor[0]] = top()
+        return found
 
     def update_id_at(self, time_ms: float) -> int:
         """The update id of the last remembered state at or before `time_ms` (the oldest if none)."""
@@ -228,6 +250,16 @@ class TruthBook:
 
     def time_of(self, update_id: int) -> int:
         return next((at for state_id, at in self.states() if state_id == update_id), self.time)
+
+
+def _undo(entry: _Entry, bids: dict[int, int], asks: dict[int, int]) -> None:
+    """Take one tick's changes back out of a copy of the levels."""
+    for is_bid, price, before in reversed(entry.undo):
+        side = bids if is_bid else asks
+        if before:
+            side[price] = before
+        else:
+            del side[price]
 
 
 def _insort(prices: list[int], price: int) -> None:
@@ -393,6 +425,30 @@ class DepthFeed:
                 "bids": self.format(book.instrument, bids[:levels]),
                 "asks": self.format(book.instrument, asks[:levels])}  # fmt: skip
 
+    def truths(self, wanted: str, dialect_ids: list[str], levels: int) -> list[dict[str, Any] | None] | None:
+        """`truth` at many ids of one symbol at once, in their order (None for an id not remembered);
+        None for an unknown symbol."""
+        symbol = self.names.get(wanted)
+        if symbol is None:
+            return None
+        book = self.book(symbol)
+        by_dialect_id: dict[str, tuple[int, int]] = {}
+        for uid, at in [(book.update_id, book.time), *book.states()]:  # the first match, as `truth`
+            by_dialect_id.setdefault(self.book_id(uid, at), (uid, at))
+        known = [by_dialect_id[i] for i in dialect_ids if i in by_dialect_id]
+        tops = book.as_of_many((uid for uid, _ in known), levels)
+        answers: list[dict[str, Any] | None] = []
+        for dialect_id in dialect_ids:
+            state = by_dialect_id.get(dialect_id)
+            if state is None or state[0] not in tops:
+                answers.append(None)
+                continue
+            bids, asks = tops[state[0]]
+            answers.append({"symbol": wanted, "updateId": dialect_id, "time": state[1],
+                            "bids": self.format(book.instrument, bids),
+                            "asks": self.format(book.instrument, asks)})  # fmt: skip
+        return answers
+
     def format(self, instrument: Instrument, levels: Iterable[tuple[int, int]]) -> list[list[str]]:
         price, quantity = self.price, self.quantity
         return [[price(instrument, ticks), quantity(instrument, lots)] for ticks, lots in levels]
@@ -453,6 +509,18 @@ def add_routes(app: web.Application, venues: dict[str, Any], default: str) -> No
             return _json({"error": "unknown symbol"}, 400)
         return _json(answer, 404 if "error" in answer else 200)
 
+    async def books(request: web.Request) -> web.Response:
+        depth, data = feed(request), await body(request)
+        ids, levels = data.get("updateIds"), data.get("levels", 100)
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise web.HTTPBadRequest(text="updateIds must be a list of strings")
+        if not isinstance(levels, int) or isinstance(levels, bool) or levels < 0:
+            raise web.HTTPBadRequest(text="levels must be a non-negative number")
+        answers = depth.truths(str(data.get("symbol", "")), ids, levels)
+        if answers is None:
+            return _json({"error": "unknown symbol"}, 400)
+        return _json({"books": answers})
+
     async def skip(request: web.Request) -> web.Response:
         depth, data = feed(request), await body(request)
         symbol = data.get("symbol")
@@ -469,6 +537,7 @@ def add_routes(app: web.Application, venues: dict[str, Any], default: str) -> No
         return _json(depth.state())
 
     app.router.add_get("/_sim/book", book)
+    app.router.add_post("/_sim/books", books)
     app.router.add_post("/_sim/faults/depth-skip", skip)
     app.router.add_post("/_sim/faults/stale-snapshot", stale)
 

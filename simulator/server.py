@@ -17,7 +17,8 @@ Control endpoints, for tests and demos:
                                        invent, refuse, shutdown, rest, throttle-then-refuse, limits, clear
     GET  /_sim/faults, /_sim/faults/skipped, /_sim/invented
                                        fault state, the trades skipped, the trades invented
-    GET  /_sim/book?symbol=BTCUSDT     the ground-truth order book, now or as of a recent update id;
+    GET  /_sim/book?symbol=BTCUSDT     the ground-truth order book, now or as of a recent update id
+    POST /_sim/books                   (or of many ids at once);
                                        depth faults (skipped diffs, stale snapshots): simulator/book.py
 
 Every dialect other than Binance spot runs its own market (its own symbols and trade tape) on the

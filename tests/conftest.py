@@ -52,16 +52,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # The longest files (seconds on a 2-core machine, from `--durations`), started first.
 LONGEST_FILES = {
-    "test_e2e_depth.py": 140,
     "test_e2e_continuity_binance.py": 110,
     "test_e2e_continuity_bithumb.py": 110,
     "test_e2e_continuity_upbit.py": 110,
     "test_e2e_faults.py": 95,
     "test_writer.py": 90,
+    "test_e2e_depth.py": 75,
     "test_e2e_broker_pause.py": 66,
     "test_e2e_embedded_pause.py": 61,
-    "test_e2e_two_workers.py": 52,
     "test_subscriptions_e2e.py": 55,
+    "test_e2e_two_workers.py": 52,
 }
 
 

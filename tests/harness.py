@@ -105,12 +105,12 @@ class Simulator:
         with urllib.request.urlopen(self.http + path, timeout=10) as response:
             return json.loads(response.read(), parse_float=Decimal if exact_numbers else float)
 
-    def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+    def post(self, path: str, body: dict[str, Any] | None = None, exact_numbers: bool = False) -> Any:
         data = json.dumps(body or {}).encode()
         request = urllib.request.Request(self.http + path, data=data, method="POST")
         request.add_header("Content-Type", "application/json")
         with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read() or b"{}")
+            return json.loads(response.read() or b"{}", parse_float=Decimal if exact_numbers else float)
 
     def stop(self) -> None:
         if self.process.poll() is None:

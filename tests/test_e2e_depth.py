@@ -36,6 +36,7 @@ KRW = ["BTC/KRW", "ETH/KRW"]
 ROUTES = {"binance": "", "binance-futures": "", "upbit": "/upbit", "bithumb": "/bithumb"}
 LEVELS = {"binance": 20, "binance-futures": 20, "upbit": 15, "bithumb": 15}
 RECOVER = 45.0  # seconds a book has to be synced and published past a fault
+TRUTHS_PER_REQUEST = 500  # ids asked of /_sim/books at once
 
 
 def symbols_of(exchange: str) -> list[str]:
@@ -130,6 +131,16 @@ class Books:
     def now_id(self, symbol: str) -> int:
         return int(self.truth(symbol)["updateId"])
 
+    def truths(self, symbol: str, update_ids: list[str]) -> list[Any]:
+        """The truth at each id, asked in one request per chunk (None for an id not remembered)."""
+        answers: list[Any] = []
+        for start in range(0, len(update_ids), TRUTHS_PER_REQUEST):
+            body = {"symbol": sim_symbol(self.exchange, symbol), "levels": self.levels,
+                    "updateIds": update_ids[start : start + TRUTHS_PER_REQUEST]}  # fmt: skip
+            path = f"/_sim/books?exchange={self.exchange}"
+            answers += self.setup.simulator.post(path, body, exact_numbers=True)["books"]
+        return answers
+
     def catch_up(self) -> None:
         """Read the new records, rebuild (a broken chain raises), compare each with the truth."""
         reader = self.setup.reader
@@ -137,6 +148,8 @@ class Books:
         reader.poll(0.3)
         for symbol in self.symbols:
             messages = reader.records.get(self.topic(symbol), [])
+            # (update id, the rebuilt top there) of each record the simulator should still remember
+            rebuilt: list[tuple[str, Any]] = []
             for message in messages[self.read[symbol] :]:
                 record = decode_record(message.value())
                 data = record.data
@@ -144,26 +157,26 @@ class Books:
                 book = self.rebuilt[symbol]
                 book.apply(record)
                 # Under load the module reaches an exchange's records late, past the simulator's
-                # memory: those cannot be checked, and asking for each (a scan of the simulator's
-                # states) took the last exchange's test past its timeout. Only an id the simulator
-                # should still remember is unknown.
+                # memory: those cannot be checked. Only an id it should still remember is unknown.
                 horizon_ms = time.time() * 1000 - (HISTORY_SECONDS - 5) * 1000
                 if record.received_at < horizon_ms:
                     self.expired += 1
                     continue
-                truth = self.truth(symbol, data.last_update_id)
+                rebuilt.append((str(data.last_update_id), book.top(self.levels)))
+            self.read[symbol] = len(messages)
+            truths = self.truths(symbol, [update_id for update_id, _ in rebuilt])
+            for (update_id, top), truth in zip(rebuilt, truths, strict=True):
                 if truth is None:
                     self.unknown += 1
                     continue
                 self.checked += 1
                 expected = (exact(truth["bids"]), exact(truth["asks"]))
-                if book.top(self.levels) != expected:
+                if top != expected:
                     self.mismatches += 1
                     if len(self.examples) < 3:
                         self.examples.append(
-                            f"{symbol} at {data.last_update_id}: {book.top(3)} != {expected}"
+                            f"{symbol} at {update_id}: {top[0][:3]}, {top[1][:3]} != {expected}"
                         )
-            self.read[symbol] = len(messages)
 
     def last_id(self, symbol: str) -> int:
         last = self.rebuilt[symbol].last_id

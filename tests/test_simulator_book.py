@@ -107,6 +107,26 @@ def test_the_book_as_of_a_remembered_update_id_is_what_it_was() -> None:
     assert book.as_of(min(seen) - 1) is None
 
 
+def test_many_ids_at_once_are_each_what_one_at_a_time_says() -> None:
+    venue, feed = market()
+    book = feed.book("BTC/USDT")
+    run(venue, feed, 2.0)
+    ids = [uid for uid, _ in book.states()] + [book.update_id]
+    wanted = [*ids[::7], book.update_id, book.update_id + 1, ids[3]]
+    tops = book.as_of_many(wanted, 10)
+    assert set(tops) == {uid for uid in wanted if uid in ids}
+    for uid, (bids, asks) in tops.items():
+        everything = book.as_of(uid)
+        assert everything is not None and (bids, asks) == (everything[0][:10], everything[1][:10])
+    dialect_ids = [str(uid) for uid in wanted] + ["nonsense"]
+    answers = feed.truths("BTCUSDT", dialect_ids, 10)
+    assert answers is not None and len(answers) == len(dialect_ids)
+    for dialect_id, answer in zip(dialect_ids, answers, strict=True):
+        one = feed.truth("BTCUSDT", dialect_id, 10)
+        assert one is not None and answer == (None if "error" in one else one)
+    assert feed.truths("XRPUSDT", ["1"], 10) is None
+
+
 def test_books_are_deterministic_and_their_own_per_symbol() -> None:
     first, first_feed = market(seed=9)
     second, second_feed = market(seed=9)
