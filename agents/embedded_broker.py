@@ -186,6 +186,10 @@ class EmbeddedBroker:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    def exit_code(self) -> int | None:
+        """How the broker ended, if it ended without being stopped (negative: the signal); else None."""
+        return self._process.poll() if self._process else None
+
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
 

@@ -454,11 +454,17 @@ class ProcessSampler:
 
 
 def resident_bytes() -> int:
+    resident = resident_bytes_of(os.getpid())
+    return resident if resident is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def resident_bytes_of(pid: int) -> int | None:
+    """A process's resident memory from /proc/<pid>/statm; None if it is gone or cannot be read."""
     try:
-        with open(f"/proc/{os.getpid()}/statm", encoding="ascii") as statm:
+        with open(f"/proc/{pid}/statm", encoding="ascii") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return None
 
 
 def now_ms() -> int:
@@ -561,6 +567,13 @@ def read_memory_limit(cgroup_mount: str = "/sys/fs/cgroup") -> int | None:
     return memory_limit_bytes(
         [limit for limit in limits if limit is not None], text_of("/proc/meminfo") or ""
     )
+
+
+EMBEDDED_BROKER_MEMORY = Gauge(
+    "collector_embedded_broker_memory_bytes",
+    "Resident memory of the embedded broker this worker runs (bytes; 0 on a worker without one).",
+    registry=REGISTRY,
+)
 
 
 def set_memory_limit() -> None:

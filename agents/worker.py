@@ -18,6 +18,7 @@ import faust
 
 from agents import faust_patches, metrics
 from agents.adapters import AdapterDirectory
+from agents.broker_watch import BrokerWatch
 from agents.control import Control, install_control
 from agents.distribution import install_distribution
 from agents.embedded_broker import EmbeddedBroker, PortClaim, free_port
@@ -148,7 +149,15 @@ def build_app(config: CollectorConfig) -> CollectorApp:
     app.service(sinks)  # type: ignore[arg-type]  # an instance: Faust starts it as is
     install_sink_views(app, sinks.health)
     health = sinks.health if sinks.services else None
-    install_views(app, StateViews(app, config, store, health, local_spool=metrics.spool_usage))
+    watch = None
+    if embedded is not None:
+        watch = BrokerWatch(embedded.exit_code, lambda: embedded.pid)
+        app.service(watch)  # type: ignore[arg-type]  # an instance: Faust starts it as is
+    views = StateViews(
+        app, config, store, health, local_spool=metrics.spool_usage,
+        local_reasons=watch.reasons if watch is not None else None,
+    )  # fmt: skip
+    install_views(app, views)
 
     local_book = None
     if control is not None:

@@ -122,6 +122,7 @@ class StateViews:
         store: StateStore,
         sinks: SinksHealth | None = None,
         local_spool: Callable[[], Mapping[str, QueueUsage]] | None = None,
+        local_reasons: Callable[[], list[str]] | None = None,
     ) -> None:
         self.app = app
         self.config = config
@@ -130,6 +131,8 @@ class StateViews:
         # This worker's raw spools, read live (agents/metrics.py spool_usage): while the broker is
         # away, its flow reports cannot reach the collectors table.
         self.local_spool = local_spool or _no_spool
+        # This worker's own reasons to fail /health (its embedded broker's: agents/broker_watch.py).
+        self.local_reasons = local_reasons or list
         # The config does not change after start; views read the thresholds per coin.
         self.settings = ManagerSettings.from_alerts(config.monitoring.alerts)
         # Any exchange routes to partition 0 of the one-partition state tables.
@@ -194,6 +197,7 @@ class StateViews:
                 reasons.append(f"the raw spool of {exchange} holds {held_text} the broker has not taken")
         if self.sinks is not None:
             reasons += self.sinks.reasons(now)
+        reasons += self.local_reasons()
         body: dict[str, Any] = {
             "status": "ok" if not reasons else "unhealthy",
             "reasons": reasons,

@@ -63,3 +63,32 @@ def test_a_broker_whose_port_another_broker_answers_on_refuses_to_start() -> Non
         with pytest.raises(RuntimeError, match="was taken by another process"):
             second.start()
         assert second.pid is None
+
+
+def test_the_worker_reports_its_brokers_memory_and_its_death(tmp_path: Path) -> None:
+    simulator = Simulator(["BTC/USDT"], rate=5)
+    config = write_config(tmp_path / "c.yaml", simulator, ["BTC/USDT"], ["trade"])
+    worker = Worker(config, brokers=None, log_dir=tmp_path)
+    try:
+        worker.wait_ready(timeout=60)
+
+        def broker_memory() -> float | None:
+            text = worker.request("/metrics")[1]
+            for line in text.splitlines():
+                if line.startswith("collector_embedded_broker_memory_bytes "):
+                    return float(line.split()[1]) or None
+            return None
+
+        assert wait_for(broker_memory, 15, "the broker's memory in /metrics") > 1024 * 1024
+        os.kill(_broker_pid(worker), signal.SIGKILL)  # as the kernel's OOM killer would
+
+        def reasons() -> list[str] | None:
+            status, health = worker.request("/health")
+            return health["reasons"] if status == 503 else None
+
+        said = wait_for(lambda: [r for r in reasons() or [] if "embedded broker exited" in r], 20, "/health")
+        assert said == ["the embedded broker exited (code -9); restart the worker"]
+        assert "the embedded broker exited (code -9" in worker.log()
+    finally:
+        os.killpg(worker.process.pid, signal.SIGKILL)
+        simulator.stop()
