@@ -292,10 +292,14 @@ class TradeHistory:
         self.total += 1
         if self._limit is not None and len(self._trades) - self._start > self._limit:
             self._start += 1
-            # Deleting the list head is O(n), so do it once per `limit` trades instead of every time.
-            if self._start >= self._limit:
-                for listener in self.trim_listeners:
-                    listener(self.begin)
+            # Told at every trade forgotten, while it is still in the list: told once per `limit`
+            # trades, every symbol's listeners caught up on 2 x `limit` trades in the same tick (the
+            # symbols of one rate trim together), a 200 ms stall every 10 s at 100 symbols x 100/s.
+            for listener in self.trim_listeners:
+                listener(self.begin)
+            # Deleting the list head is O(n), so do it once per `limit // 8` trades, not every time
+            # (and not once per `limit`: freeing that many trades of every symbol at once stalls too).
+            if self._start >= max(1, self._limit // 8):
                 del self._trades[: self._start]
                 self._start = 0
 

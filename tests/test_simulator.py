@@ -634,6 +634,9 @@ def test_history_limit_keeps_the_newest_trades() -> None:
     assert kept[-1].id - kept[0].id == 49
     stats = market.rolling_stats("BTC/USDT", int(clock.now * 1000))
     assert stats.count == 50 and stats.first_id == kept[0].id
+    # The 24 h window follows each forgotten trade out as it goes: its figures are the kept trades'.
+    assert (stats.high, stats.low) == (max(t.price_ticks for t in kept), min(t.price_ticks for t in kept))
+    assert stats.volume == sum(t.quantity_lots for t in kept)
 
 
 # -- command line -----------------------------------------------------------------------------------------
