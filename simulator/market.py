@@ -276,6 +276,9 @@ class RollingStats:
     last_id: int
 
 
+TRIM_CHUNKS = 8  # a history with a limit forgets its oldest trades in this many chunks of it
+
+
 class TradeHistory:
     """A symbol's trades in id order, optionally keeping only the newest `limit` of them."""
 
@@ -284,6 +287,7 @@ class TradeHistory:
         self._trades: list[Trade] = []
         self._start = 0  # list position of the oldest kept trade
         self._limit = limit
+        self._chunk = max(1, limit // TRIM_CHUNKS) if limit else 0
         self.total = 0  # trades ever appended
         self.trim_listeners: list[Callable[[int], None]] = []  # told the index about to become oldest
 
@@ -292,14 +296,13 @@ class TradeHistory:
         self.total += 1
         if self._limit is not None and len(self._trades) - self._start > self._limit:
             self._start += 1
-            # Told at every trade forgotten, while it is still in the list: told once per `limit`
-            # trades, every symbol's listeners caught up on 2 x `limit` trades in the same tick (the
-            # symbols of one rate trim together), a 200 ms stall every 10 s at 100 symbols x 100/s.
-            for listener in self.trim_listeners:
-                listener(self.begin)
-            # Deleting the list head is O(n), so do it once per `limit // 8` trades, not every time
-            # (and not once per `limit`: freeing that many trades of every symbol at once stalls too).
-            if self._start >= max(1, self._limit // 8):
+            # Forgotten trades leave the list, and the listeners catch up on them, a chunk at a time,
+            # each symbol at its own phase (its first id). Once per `limit` trades, every symbol of one
+            # rate trimmed in the same tick: at 100 symbols x 100/s a 150-330 ms stall every 10 s
+            # (docs/benchmarks.md). Deleting the list head is O(n): not at every trade either.
+            if self._start >= self._chunk and (self.total + self.first_id) % self._chunk == 0:
+                for listener in self.trim_listeners:
+                    listener(self.begin)
                 del self._trades[: self._start]
                 self._start = 0
 
@@ -358,7 +361,8 @@ class _RollingWindow:
         history.trim_listeners.append(self._drop_before)
 
     def stats(self, now_ms: int, window_ms: int) -> RollingStats:
-        self._extend()
+        # Trades forgotten since the last trim are still in the history's list: leave them out here.
+        self._drop_before(self._history.begin)
         cutoff = now_ms - window_ms
         history = self._history
         while self.left < self.right and history.at(self.left).time <= cutoff:
