@@ -63,10 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     if command == "worker" and NO_COLLECT in args:
         args = [arg for arg in args if arg != NO_COLLECT]
         config = config.model_copy(update={"collection": False})
+    argv = with_default_loop(args)
+    if argv[:2] == ["--loop", "uvloop"]:
+        # Faust applies `--loop` when it is first imported, reading sys.argv: here the app (and so
+        # Faust) comes before the command line it parses, so the loop is chosen before both.
+        import mode.loop
+
+        mode.loop.use("uvloop")
     from agents.worker import build_app
 
     app = build_app(config)
-    sys.argv = ["collector", *with_default_loop(args)]
+    sys.argv = ["collector", *argv]
     if not args or command in {"--help", "-h"}:
         print(USAGE_EXTRA, file=sys.stderr)
     try:
