@@ -42,7 +42,7 @@ def test_the_worker_starts_the_embedded_broker_and_it_dies_with_the_worker(
         worker.wait_ready(timeout=60)
         assert "embedded broker listening on 127.0.0.1:" in worker.log()
         assert "the embedded broker is for a single machine" in worker.log()  # and when to move on
-        assert "+uvloop |" in worker.log()  # Faust's banner: `collector worker` runs on uvloop
+        assert "] +uvloop" in worker.log()  # Faust's banner: `collector worker` runs on uvloop
         broker = _broker_pid(worker)
         worker.signal(signum)
         worker.process.wait(timeout=30)
