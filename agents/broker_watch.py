@@ -60,7 +60,7 @@ class BrokerWatch(Service):
         self,
         exit_code: Callable[[], int | None],
         pid: Callable[[], int | None],
-        limit: Callable[[], int | None] = metrics.read_memory_limit,
+        limit: Callable[[], int | None] = metrics.memory_limit,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)

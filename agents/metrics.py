@@ -7,6 +7,7 @@ only appends to a list; the accounting happens once per normalize step in `FlowM
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import time
@@ -576,9 +577,15 @@ EMBEDDED_BROKER_MEMORY = Gauge(
 )
 
 
+@functools.cache
+def memory_limit() -> int | None:
+    """`read_memory_limit`, read once: the limit does not change while the worker runs."""
+    return read_memory_limit()
+
+
 def set_memory_limit() -> None:
-    """Called once when a worker starts: the limit does not change while it runs."""
-    limit = read_memory_limit()
+    """Called once when a worker starts."""
+    limit = memory_limit()
     if limit is not None:
         MEMORY_LIMIT.set(limit)
 

@@ -405,35 +405,26 @@ class DepthFeed:
         return update_id, book.time_of(update_id), levels[0][:limit], levels[1][:limit]
 
     def truth(self, wanted: str, dialect_id: str | None, levels: int) -> dict[str, Any] | None:
-        """The ground truth of `/_sim/book`; None for an unknown symbol, {"error"} for an unknown id."""
+        """The ground truth of `/_sim/book` (now, without an id); None for an unknown symbol, {"error"}
+        for an unknown id."""
         symbol = self.names.get(wanted)
         if symbol is None:
             return None
-        book = self.book(symbol)
-        update_id = book.update_id
-        if dialect_id is not None:
-            states = [(book.update_id, book.time), *book.states()]
-            found = next((uid for uid, at in states if self.book_id(uid, at) == dialect_id), None)
-            if found is None:
-                return {"error": f"update id {dialect_id} is not a remembered state of {wanted}"}
-            update_id = found
-        as_of = book.as_of(update_id)
-        assert as_of is not None
-        time_ms = book.time_of(update_id)
-        bids, asks = as_of
-        return {"symbol": wanted, "updateId": self.book_id(update_id, time_ms), "time": time_ms,
-                "bids": self.format(book.instrument, bids[:levels]),
-                "asks": self.format(book.instrument, asks[:levels])}  # fmt: skip
+        if dialect_id is None:
+            book = self.book(symbol)
+            dialect_id = self.book_id(book.update_id, book.time)
+        [answer] = self.truths(wanted, [dialect_id], levels) or [None]
+        return answer or {"error": f"update id {dialect_id} is not a remembered state of {wanted}"}
 
     def truths(self, wanted: str, dialect_ids: list[str], levels: int) -> list[dict[str, Any] | None] | None:
-        """`truth` at many ids of one symbol at once, in their order (None for an id not remembered);
-        None for an unknown symbol."""
+        """The truth at many ids of one symbol at once, in their order (None for an id not remembered),
+        from one walk back through its history; None for an unknown symbol."""
         symbol = self.names.get(wanted)
         if symbol is None:
             return None
         book = self.book(symbol)
         by_dialect_id: dict[str, tuple[int, int]] = {}
-        for uid, at in [(book.update_id, book.time), *book.states()]:  # the first match, as `truth`
+        for uid, at in [(book.update_id, book.time), *book.states()]:  # an id's newest state first
             by_dialect_id.setdefault(self.book_id(uid, at), (uid, at))
         known = [by_dialect_id[i] for i in dialect_ids if i in by_dialect_id]
         tops = book.as_of_many((uid for uid, _ in known), levels)
