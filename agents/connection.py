@@ -114,6 +114,43 @@ def _chunks(frames: list[RawFrame]) -> list[list[RawFrame]]:
     return chunks
 
 
+class FlushClock:
+    """Flushes the batches of all of a source's links together, FLUSH_INTERVAL after the first frame
+    any of them took since the last flush.
+
+    With a timer per link, frames trickling in on several connections woke the event loop for a
+    flush per connection, and each flush made a normalize step and a hand-over to librdkafka of its
+    own: at a quiet worker's rates those wake-ups were most of its CPU (docs/benchmarks.md). No frame
+    waits longer than it did: FLUSH_INTERVAL still bounds it."""
+
+    def __init__(self, interval: float = FLUSH_INTERVAL) -> None:
+        self.interval = interval
+        self._due: dict[FrameBatcher, None] = {}  # an ordered set: flushed in the order they filled
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task[None]] = set()  # referenced until done
+
+    def due(self, batcher: FrameBatcher) -> None:
+        """`batcher` holds frames: flush it within the interval."""
+        self._due[batcher] = None
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        batchers, self._due = list(self._due), {}
+        task = asyncio.ensure_future(_flush_each(batchers))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+
+async def _flush_each(batchers: list[FrameBatcher]) -> None:
+    for batcher in batchers:
+        try:
+            await batcher.flush()
+        except Exception:  # one link's failure must not keep the others' frames
+            log.exception("writing %s's frames failed", batcher.connection_id)
+
+
 class LinkEnded(Exception):
     """Why a link stopped: `reason` is a short slug, `shutdown` when the exchange asked us to leave."""
 
@@ -137,6 +174,7 @@ class Link:
         *,
         silence_timeout: float,
         stall_factor: float = 8.0,
+        flush_clock: FlushClock | None = None,
     ) -> None:
         self.adapter = adapter
         self.url = url
@@ -151,7 +189,7 @@ class Link:
         self.marking = True
         self.watch: FlowWatch | None = None
         self.stalled = asyncio.Event()  # set when the link's silence is long for its pace
-        self._frames_waiting = asyncio.Event()  # frames are in the batch: flush it soon
+        self.flush_clock = flush_clock or FlushClock()  # shared by a source's links
         self.subscribed: set[str] = set()
         self._pending: dict[int, tuple[str, tuple[str, ...], asyncio.Future[bool]]] = {}
         self._request_id = 0
@@ -182,7 +220,6 @@ class Link:
         reader = asyncio.create_task(self._read(), name=f"read-{self.connection_id}")
         self._tasks = [
             reader,
-            asyncio.create_task(self._flush_when_due(), name=f"flush-{self.connection_id}"),
             asyncio.create_task(self._watch_pace(reader), name=f"pace-{self.connection_id}"),
         ]
         if self.adapter.keepalive is not None:
@@ -280,7 +317,7 @@ class Link:
         assert self.ws is not None
         ws, adapter, batcher = self.ws, self.adapter, self.batcher
         marker, keepalive_reply = adapter.trade_marker, adapter.keepalive_reply
-        frames_waiting = self._frames_waiting
+        flush_soon = self.flush_clock.due
         watch = self.watch
         assert watch is not None
         try:
@@ -299,8 +336,8 @@ class Link:
                         self.trade_seen.set()
                 if batcher.add(payload, received_at):
                     await batcher.flush()
-                else:
-                    frames_waiting.set()
+                elif batcher.pending == 1:
+                    flush_soon(batcher)
                 for event in adapter.control_events(payload):
                     if isinstance(event, ServerShutdown):
                         raise LinkEnded("server-shutdown", shutdown=True)
@@ -366,14 +403,6 @@ class Link:
             else:
                 suspected = False
             await asyncio.sleep(PACE_CHECK)
-
-    async def _flush_when_due(self) -> None:
-        """Write a batch FLUSH_INTERVAL after its first frame: no wake-ups while nothing arrives."""
-        while True:
-            await self._frames_waiting.wait()
-            await asyncio.sleep(FLUSH_INTERVAL)
-            self._frames_waiting.clear()
-            await self.batcher.flush()
 
     def _end(self, ended: LinkEnded) -> None:
         if not self.ended.done():

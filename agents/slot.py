@@ -137,6 +137,7 @@ class Slot:
             self._emit,
             silence_timeout=self.source.silence_timeout,
             stall_factor=self.source.settings.connections.stallAfterGaps,
+            flush_clock=self.source.flush_clock,
         )
 
     async def _connect(self) -> Link:

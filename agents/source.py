@@ -34,7 +34,7 @@ from mode import Service
 
 from agents import metrics
 from agents.backfill import RestWriter, StreamInfo
-from agents.connection import FrameBatcher, SendRaw, now_ms, wait_until_allowed
+from agents.connection import FlushClock, FrameBatcher, SendRaw, now_ms, wait_until_allowed
 from agents.rest import RestClient
 from agents.slot import ConnectionStatus, Group, Slot
 from streams.config import ExchangeConfig
@@ -89,6 +89,7 @@ class ExchangeSource(Service):
         self.settings = settings
         self._get_adapter = get_adapter
         self.send_raw = send_raw
+        self.flush_clock = FlushClock()  # one flush for the frames of all the source's links
         self._emit_event = emit_event
         self._on_stream = on_stream
         self._on_refused = on_refused

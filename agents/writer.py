@@ -264,9 +264,12 @@ class ConfluentDelivery:
     """A librdkafka producer owned by one writer.
 
     Producing is a cheap C call from the event loop thread; librdkafka compresses, sends and
-    collects acknowledgements in its own threads. Delivery reports are served by `poll`, which a
-    task of this delivery calls on the event loop every POLL_INTERVAL while any hand-over is open,
-    so the report callbacks never race the loop.
+    collects acknowledgements in its own threads. Delivery reports are served by `poll` on the event
+    loop, so the report callbacks never race it: at every hand-over (the loop is awake then anyway),
+    and by a task every REPORT_INTERVAL while any hand-over is open. No report can come sooner than
+    `linger.ms` (25 by default) after its record was handed over, so a faster timer only wakes the
+    loop for nothing: every 2 ms it was 500 wake-ups a second at any rate, a tenth of a quiet
+    worker's CPU (docs/benchmarks.md). Under load the hand-overs serve the reports.
 
     A broker that answers nothing for STALL_PURGE_SECONDS (paused, not gone: its connection stays
     open) gets its requests in flight taken back before librdkafka's 5-minute request timeout would
@@ -274,7 +277,8 @@ class ConfluentDelivery:
     broker answers, and only those missing there are retried, so a long pause writes no record twice.
     """
 
-    POLL_INTERVAL = 0.002
+    REPORT_INTERVAL = 0.010  # an acknowledgement is seen at most this late (the latency histogram's step)
+    POLL_INTERVAL = 0.002  # while waiting for room in librdkafka's full queue
     # Under socket.timeout.ms (300 s, when librdkafka sends a request again), with room to spare.
     STALL_PURGE_SECONDS = 240.0
     READ_BACK_ATTEMPTS = 5  # a purged request may be written just after the broker first answers
@@ -320,6 +324,7 @@ class ConfluentDelivery:
         if not self.handovers_open:
             self._answered_at = time.monotonic()  # nothing was outstanding: the stall clock starts now
         self.handovers_open += 1
+        self._serve_reports()
         self._keep_polling()
         producer, on_delivery = self._producer, handover.on_delivery
         for index, (topic, key, value) in enumerate(records):
@@ -349,7 +354,7 @@ class ConfluentDelivery:
             # Only records librdkafka holds count: hand-overs waiting for a look-up hold none.
             if len(self._producer) and time.monotonic() - self._answered_at > self.STALL_PURGE_SECONDS:
                 self._purge_in_flight()
-            await asyncio.sleep(self.POLL_INTERVAL)
+            await asyncio.sleep(self.REPORT_INTERVAL)
 
     def _purge_in_flight(self) -> None:
         """Take back the requests the silent broker holds: their records come back in doubt."""

@@ -7,6 +7,7 @@ import asyncio
 import msgspec
 import pytest
 
+from agents.connection import FlushClock
 from agents.source import Backoff, FrameBatcher
 from agents.writer import TopicWriter
 from streams.exchanges.base import DataType, Instrument
@@ -99,6 +100,40 @@ async def test_the_batcher_numbers_frames_per_connection_and_flushes_whole_batch
     assert [key for key, _ in sent] == ["conn-1", "conn-1"]
     assert [f.sequence for b in batches for f in b.frames] == [0, 1, 2, 3, 4, 5]
     assert batches[0].frames[4].received_at == 1004
+
+
+async def test_the_flush_clock_writes_the_batches_of_every_link_in_one_flush() -> None:
+    sent: list[str] = []
+    flushed = asyncio.Event()
+    expected = [2]  # records sent when `flushed` is set
+
+    async def send_raw(key: str, value: bytes) -> None:
+        if key == "broken":
+            raise RuntimeError("this link's producer failed")
+        sent.append(key)
+        if len(sent) == expected[0]:
+            flushed.set()
+
+    clock = FlushClock(interval=0.01)
+    links = [FrameBatcher("binance", name, send_raw) for name in ("a", "broken", "b")]
+    for batcher in links:
+        batcher.add(b"{}", 1)
+        clock.due(batcher)
+    clock.due(links[0])  # due again before the flush: still one record for it
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sent == []  # nothing before the interval is up
+    await asyncio.wait_for(flushed.wait(), timeout=5)
+    # In the order they became due; the failing link's frames do not keep the others'.
+    assert sent == ["a", "b"]
+    assert all(batcher.pending == 0 for batcher in links)
+    # A frame after the flush starts the clock again.
+    links[0].add(b"{}", 2)
+    clock.due(links[0])
+    expected[0] = 3
+    flushed.clear()
+    await asyncio.wait_for(flushed.wait(), timeout=5)
+    assert sent == ["a", "b", "a"]
 
 
 async def test_the_writer_returns_only_after_every_record_is_acknowledged_and_retries_failures() -> None:

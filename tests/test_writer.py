@@ -365,3 +365,28 @@ async def test_after_the_broker_restarted_empty_a_wedged_raw_producer_is_replace
         assert found == values  # the revived broker is empty: everything sent since, in order
     finally:
         revived.stop()
+
+
+async def test_a_hand_over_serves_the_reports_that_came_in_since_the_last(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    # The timer polls once and then not for an hour: only later hand-overs can serve the first
+    # record's report. Before, a 2 ms poll woke a quiet worker 500 times a second.
+    broker = shared_broker
+    topic = "market.trade.test.served"
+    await _declarer(broker.bootstrap)(topic)
+    delivery = ConfluentDelivery(_settings(broker.bootstrap))
+    delivery.REPORT_INTERVAL = 3600.0
+    first = asyncio.ensure_future(await delivery.hand_over([(topic, b"k", b"first")]))
+    handed_over = 1
+    deadline = time.monotonic() + 20
+    while not first.done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # the broker acknowledges meanwhile; nothing polls
+        await delivery.hand_over([(topic, b"k", b"next")])
+        handed_over += 1
+    assert first.done(), "no hand-over served the first record's report"
+    failed, error, acknowledged_at = first.result()
+    assert failed == [] and error is None and set(acknowledged_at) == {topic}
+    delivery.close()
+    found = _read_all(broker.bootstrap, [topic], handed_over, timeout=10)
+    assert found[topic][0] == b"first" and len(found[topic]) == handed_over
