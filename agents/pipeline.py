@@ -27,7 +27,13 @@ from agents.metrics import now_ms
 from agents.normalize import Normalizer, RawInput
 from agents.ownership import GroupOwnership
 from agents.source import ExchangeSource
-from agents.writer import ConfluentDelivery, RawProducer, TopicWriter, confluent_settings
+from agents.writer import (
+    RAW_SIDE_OUTPUT_LINGER_MS,
+    ConfluentDelivery,
+    RawProducer,
+    TopicWriter,
+    confluent_settings,
+)
 from streams.app import RAW_PARTITIONS
 from streams.config import CollectorConfig
 from streams.continuity import FetchRequest, Seed
@@ -94,6 +100,11 @@ class Pipeline:
     def confluent_settings(self) -> dict[str, Any]:
         producer = self.config.kafka.producer
         return confluent_settings(self.bootstrap_servers, producer.lingerMs, producer.compression)
+
+    @property
+    def raw_linger_ms(self) -> int:
+        """How long the raw producer lingers: long where the raw topic is only a side output."""
+        return RAW_SIDE_OUTPUT_LINGER_MS if self.handoffs else 1
 
     def raw_sender(self, exchange: str) -> SendRaw:
         name = raw_topic(exchange)
@@ -169,7 +180,7 @@ class Pipeline:
 
     async def start_sources(self, service: Service) -> None:
         self.raw_producer = RawProducer.from_config(
-            self.confluent_settings(), self.config.kafka.spool, self.app.conf.datadir
+            self.confluent_settings(), self.config.kafka.spool, self.app.conf.datadir, self.raw_linger_ms
         )
         for exchange, settings in self.config.exchanges.items():
             await self.raw_topics[exchange].maybe_declare()

@@ -61,6 +61,7 @@ class CollectorApp(faust.App):
         self.collector_config = config
         self.embedded_broker = embedded
         self.sinks: Sinks | None = None  # set by build_app; its `health` feeds /health and /sinks
+        self.pipeline: Pipeline | None = None  # set by build_app on a worker that collects
         # host:port list every other Kafka client of this worker connects to (the embedded broker's
         # actual address when it runs one).
         self.bootstrap_servers = (
@@ -172,6 +173,7 @@ def build_app(config: CollectorConfig) -> CollectorApp:
             embedded is not None,
         )
         install_pipeline(app, pipeline)
+        app.pipeline = pipeline
 
         def local_book(exchange: str, symbol: str, levels: int) -> dict[str, Any] | None:
             normalizer = pipeline.normalizers.get(exchange)

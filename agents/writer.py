@@ -286,6 +286,7 @@ class ConfluentDelivery:
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self._settings = settings
+        self._first_report_after = settings.get("linger.ms", 0) / 1000
         self._producer = Producer({**settings, "error_cb": self._on_client_error})
         self.handovers_open = 0
         self.polled_at = 0  # ms since the epoch of the latest poll: when its delivery reports arrived
@@ -349,6 +350,8 @@ class ConfluentDelivery:
             self._poller = asyncio.ensure_future(self._poll())
 
     async def _poll(self) -> None:
+        # Started by a hand-over when none was open: no report can come before its linger is up.
+        await asyncio.sleep(self._first_report_after)
         while self.handovers_open:
             self._serve_reports()
             # Only records librdkafka holds count: hand-overs waiting for a look-up hold none.
@@ -450,6 +453,11 @@ class ConfluentDelivery:
         self._producer.flush(timeout)
 
 
+# Where the raw batches reach the normalizer in-process (agents/handoff.py), the raw topic is a record
+# of the frames as received that nothing on the data path waits for. librdkafka sends one request per
+# partition, so at quiet rates every flush was a request per connection group; lingering collects a
+# partition's batches into one request (a tenth of a quiet worker's CPU was librdkafka's raw thread).
+RAW_SIDE_OUTPUT_LINGER_MS = 100
 RAW_MAX_BYTES = 8 * 1024 * 1024  # a raw record holds one frame of up to 6 MiB (agents/connection.py)
 DEFAULT_SPOOL_MEMORY = 64 * 1024 * 1024
 SPOOL_DIRECTORY = "raw-spool"  # in the worker's data directory
@@ -465,12 +473,13 @@ def raw_spool_limits(memory_bytes: int, disk_bytes: int) -> SpoolLimits:
     return SpoolLimits(memory_bytes, disk_bytes, window_bytes=memory_bytes // 4)
 
 
-def raw_producer_settings(settings: dict[str, Any]) -> dict[str, Any]:
+def raw_producer_settings(settings: dict[str, Any], linger_ms: int = 1) -> dict[str, Any]:
     """librdkafka settings of the raw producer, from the common ones (`confluent_settings`)."""
     return {
         **settings,
-        # The sources batch frames already (agents/connection.py); lingering again only adds latency.
-        "linger.ms": 1,
+        # The sources batch frames already (agents/connection.py): where the normalize agent reads the
+        # raw topic back, lingering again only adds latency. See RAW_SIDE_OUTPUT_LINGER_MS for the rest.
+        "linger.ms": linger_ms,
         "message.max.bytes": RAW_MAX_BYTES,
         # Idempotent: a produce request that timed out while the broker was paused (after
         # socket.timeout.ms, at most 5 minutes) and is sent again cannot be written twice, and the
@@ -510,8 +519,9 @@ class RawProducer:
         settings: dict[str, Any],
         limits: SpoolLimits | None = None,
         directory: Path | None = None,
+        linger_ms: int = 1,
     ) -> None:
-        self._settings = {**raw_producer_settings(settings), "error_cb": self._on_client_error}
+        self._settings = {**raw_producer_settings(settings, linger_ms), "error_cb": self._on_client_error}
         limits = limits or raw_spool_limits(DEFAULT_SPOOL_MEMORY, 0)
         if limits.disk_bytes and directory is None:
             raise ValueError("a raw spool with disk_bytes needs a directory")
@@ -531,10 +541,12 @@ class RawProducer:
         self.renewals = 0
 
     @classmethod
-    def from_config(cls, settings: dict[str, Any], spool: SpoolConfig, datadir: Path) -> RawProducer:
+    def from_config(
+        cls, settings: dict[str, Any], spool: SpoolConfig, datadir: Path, linger_ms: int = 1
+    ) -> RawProducer:
         """The raw producer `kafka.spool` asks for; its disk is `directory`, else raw-spool in `datadir`."""
         directory = Path(spool.directory) if spool.directory else Path(datadir) / SPOOL_DIRECTORY
-        return cls(settings, raw_spool_limits(spool.memoryBytes, spool.diskBytes), directory)
+        return cls(settings, raw_spool_limits(spool.memoryBytes, spool.diskBytes), directory, linger_ms)
 
     async def send(self, topic: str, key: bytes, value: bytes, partition: int = -1) -> None:
         """Hand a batch over; `partition` -1 lets the key choose it. Never waits for the broker."""

@@ -12,6 +12,7 @@ import pytest
 
 from agents import worker
 from agents.worker import build_app
+from agents.writer import RAW_SIDE_OUTPUT_LINGER_MS
 from streams.config import parse_config
 
 EXCHANGES = {
@@ -77,6 +78,21 @@ def test_the_embedded_default_gives_the_app_a_broker_to_start_and_its_address(
     assert app.embedded_broker is not None
     assert app.conf.broker[0].port == app.embedded_broker.port == 9092
     assert app.embedded_broker.pid is None  # started by the app when it starts, not when built
+
+
+def test_raw_batches_linger_only_where_the_raw_topic_is_a_side_output(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With its own broker a worker normalizes in-process and nothing waits for the raw topic; on a
+    # cluster the normalize agent reads it back, so every millisecond there is latency.
+    monkeypatch.setattr(worker, "_port_is_free", lambda port: True)
+    monkeypatch.setattr(worker.PortClaim, "take", lambda port: worker.PortClaim(-1))
+    embedded = build_app(parse_config({"exchanges": EXCHANGES}))
+    cluster = build_app(_config())
+    assert embedded.pipeline is not None and cluster.pipeline is not None
+    assert embedded.pipeline.raw_linger_ms == RAW_SIDE_OUTPUT_LINGER_MS > 1
+    assert cluster.pipeline.raw_linger_ms == 1
+    assert build_app(_config(collection=False)).pipeline is None
 
 
 def test_a_worker_starting_while_another_claims_9092_takes_a_free_port(
