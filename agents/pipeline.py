@@ -28,6 +28,7 @@ from agents.normalize import Normalizer, RawInput
 from agents.ownership import GroupOwnership
 from agents.source import ExchangeSource
 from agents.writer import (
+    RAW_LINGER_MS,
     RAW_SIDE_OUTPUT_LINGER_MS,
     ConfluentDelivery,
     RawProducer,
@@ -104,7 +105,7 @@ class Pipeline:
     @property
     def raw_linger_ms(self) -> int:
         """How long the raw producer lingers: long where the raw topic is only a side output."""
-        return RAW_SIDE_OUTPUT_LINGER_MS if self.handoffs else 1
+        return RAW_SIDE_OUTPUT_LINGER_MS if self.handoffs else RAW_LINGER_MS
 
     def raw_sender(self, exchange: str) -> SendRaw:
         name = raw_topic(exchange)

@@ -266,10 +266,11 @@ class ConfluentDelivery:
     Producing is a cheap C call from the event loop thread; librdkafka compresses, sends and
     collects acknowledgements in its own threads. Delivery reports are served by `poll` on the event
     loop, so the report callbacks never race it: at every hand-over (the loop is awake then anyway),
-    and by a task every REPORT_INTERVAL while any hand-over is open. No report can come sooner than
-    `linger.ms` (25 by default) after its record was handed over, so a faster timer only wakes the
-    loop for nothing: every 2 ms it was 500 wake-ups a second at any rate, a tenth of a quiet
-    worker's CPU (docs/benchmarks.md). Under load the hand-overs serve the reports.
+    and by a task that first looks `linger.ms` after a hand-over and then every REPORT_INTERVAL while
+    any hand-over is open. No report can come sooner than `linger.ms` (25 by default) after its
+    record was handed over, so a faster timer only wakes the loop for nothing: every 2 ms it was 500
+    wake-ups a second at any rate, a tenth of a quiet worker's CPU (docs/benchmarks.md). Under load
+    the hand-overs serve the reports.
 
     A broker that answers nothing for STALL_PURGE_SECONDS (paused, not gone: its connection stays
     open) gets its requests in flight taken back before librdkafka's 5-minute request timeout would
@@ -453,6 +454,9 @@ class ConfluentDelivery:
         self._producer.flush(timeout)
 
 
+# The sources batch frames already (agents/connection.py): where the normalize agent reads the raw
+# topic back, lingering again would only add latency.
+RAW_LINGER_MS = 1
 # Where the raw batches reach the normalizer in-process (agents/handoff.py), the raw topic is a record
 # of the frames as received that nothing on the data path waits for. librdkafka sends one request per
 # partition, so at quiet rates every flush was a request per connection group; lingering collects a
@@ -473,12 +477,10 @@ def raw_spool_limits(memory_bytes: int, disk_bytes: int) -> SpoolLimits:
     return SpoolLimits(memory_bytes, disk_bytes, window_bytes=memory_bytes // 4)
 
 
-def raw_producer_settings(settings: dict[str, Any], linger_ms: int = 1) -> dict[str, Any]:
+def raw_producer_settings(settings: dict[str, Any], linger_ms: int = RAW_LINGER_MS) -> dict[str, Any]:
     """librdkafka settings of the raw producer, from the common ones (`confluent_settings`)."""
     return {
         **settings,
-        # The sources batch frames already (agents/connection.py): where the normalize agent reads the
-        # raw topic back, lingering again only adds latency. See RAW_SIDE_OUTPUT_LINGER_MS for the rest.
         "linger.ms": linger_ms,
         "message.max.bytes": RAW_MAX_BYTES,
         # Idempotent: a produce request that timed out while the broker was paused (after
@@ -519,7 +521,7 @@ class RawProducer:
         settings: dict[str, Any],
         limits: SpoolLimits | None = None,
         directory: Path | None = None,
-        linger_ms: int = 1,
+        linger_ms: int = RAW_LINGER_MS,
     ) -> None:
         self._settings = {**raw_producer_settings(settings, linger_ms), "error_cb": self._on_client_error}
         limits = limits or raw_spool_limits(DEFAULT_SPOOL_MEMORY, 0)
@@ -542,7 +544,7 @@ class RawProducer:
 
     @classmethod
     def from_config(
-        cls, settings: dict[str, Any], spool: SpoolConfig, datadir: Path, linger_ms: int = 1
+        cls, settings: dict[str, Any], spool: SpoolConfig, datadir: Path, linger_ms: int = RAW_LINGER_MS
     ) -> RawProducer:
         """The raw producer `kafka.spool` asks for; its disk is `directory`, else raw-spool in `datadir`."""
         directory = Path(spool.directory) if spool.directory else Path(datadir) / SPOOL_DIRECTORY

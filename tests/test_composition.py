@@ -12,7 +12,7 @@ import pytest
 
 from agents import worker
 from agents.worker import build_app
-from agents.writer import RAW_SIDE_OUTPUT_LINGER_MS
+from agents.writer import RAW_LINGER_MS, RAW_SIDE_OUTPUT_LINGER_MS
 from streams.config import parse_config
 
 EXCHANGES = {
@@ -91,7 +91,7 @@ def test_raw_batches_linger_only_where_the_raw_topic_is_a_side_output(
     cluster = build_app(_config())
     assert embedded.pipeline is not None and cluster.pipeline is not None
     assert embedded.pipeline.raw_linger_ms == RAW_SIDE_OUTPUT_LINGER_MS > 1
-    assert cluster.pipeline.raw_linger_ms == 1
+    assert cluster.pipeline.raw_linger_ms == RAW_LINGER_MS == 1
     assert build_app(_config(collection=False)).pipeline is None
 
 
