@@ -166,19 +166,27 @@ def _distribution_step(
 
 def _depth(args: argparse.Namespace, failures: list[str]) -> str:
     """The order book steps: depth under load, then syncing many books (bench/depth.py)."""
-    load: DepthLoadResult | None = None
-    books: BooksResult | None = None
+    loads: list[DepthLoadResult] = []
     if args.depth_symbols:
-        print(
-            f"bench: depth, {args.depth_symbols} symbols with diffs + {args.depth_trade_rate:,} trades/s …",
-            flush=True,
-        )
-        try:
-            load = run_depth_load(args.depth_symbols, args.depth_trade_rate, args.warmup, args.duration)
-            print(depth_lines(load, None), flush=True)
-        except (TimeoutError, OSError, RuntimeError) as exc:
-            failures.append(f"depth load: {exc!r}")
-            print(f"bench: depth step failed: {exc!r}", flush=True)
+        # The default config first (the target), then the raw topic path of a cluster beside it.
+        for separate in (False, True):
+            where = "a broker process of its own" if separate else "the worker's embedded broker"
+            print(
+                f"bench: depth, {args.depth_symbols} symbols with diffs + {args.depth_trade_rate:,} "
+                f"trades/s, {where} …",
+                flush=True,
+            )
+            try:
+                load = run_depth_load(
+                    args.depth_symbols, args.depth_trade_rate, args.warmup, args.duration,
+                    separate_broker=separate,
+                )  # fmt: skip
+                loads.append(load)
+                print(depth_lines([load], None), flush=True)
+            except (TimeoutError, OSError, RuntimeError) as exc:
+                failures.append(f"depth load ({where}): {exc!r}")
+                print(f"bench: depth step failed: {exc!r}", flush=True)
+    books: BooksResult | None = None
     if args.books:
         print(f"bench: syncing {args.books:,} books of {args.book_levels} levels …", flush=True)
         try:
@@ -186,7 +194,7 @@ def _depth(args: argparse.Namespace, failures: list[str]) -> str:
         except (TimeoutError, OSError, RuntimeError) as exc:
             failures.append(f"books: {exc!r}")
             print(f"bench: books step failed: {exc!r}", flush=True)
-    text = depth_lines(load, books)
+    text = depth_lines(loads, books)
     print(text, flush=True)
     return text
 

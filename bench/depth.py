@@ -15,6 +15,7 @@ on first use keeps a worker's event loop busy for seconds) and so are the simula
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
 import time
@@ -29,7 +30,7 @@ from confluent_kafka import Consumer, TopicPartition
 from agents.embedded_broker import EmbeddedBroker
 from bench.procfs import CpuMeter, memory_mb
 from bench.reader import create_topics
-from bench.step import bench_symbols, percentiles
+from bench.step import StepBroker, bench_symbols, percentiles
 from streams.exchanges import adapter_class
 from streams.topics import market_topic
 from tests.harness import Simulator, Worker, wait_for, write_config
@@ -50,6 +51,7 @@ class DepthLoadResult:
     books_synced: int
     resyncs: dict[str, int]  # after the first sync, by reason
     trade_latency: dict[str, float] = field(default_factory=dict)  # receipt → producer stamp, ms
+    separate_broker: bool = False  # the raw topic path of a cluster, not the default config
 
 
 @dataclass
@@ -90,10 +92,9 @@ def _resyncs(worker: Worker) -> dict[str, int]:
 
 def _config(
     path: Path, simulator: Simulator, names: list[str], data_types: list[str], depth: dict[str, object],
-    broker: EmbeddedBroker,
+    kafka: dict[str, object],
 ) -> Path:  # fmt: skip
-    write_config(path, simulator, names, data_types, kafka={"brokers": [broker.bootstrap]},
-                 logging={"level": "info", "format": "json"})  # fmt: skip
+    write_config(path, simulator, names, data_types, kafka=kafka, logging={"level": "info", "format": "json"})
     document = yaml.safe_load(path.read_text())
     document["exchanges"]["binance"]["depth"] = depth
     path.write_text(yaml.safe_dump(document))
@@ -110,31 +111,39 @@ def _prime_books(simulator: Simulator, names: list[str]) -> None:
 
 def run_depth_load(
     symbols: int = 100, trade_rate: int = 5000, warmup: float = 4.0, duration: float = 12.0,
-    log_dir: Path | None = None,
+    log_dir: Path | None = None, separate_broker: bool = False,
 ) -> DepthLoadResult:  # fmt: skip
+    """The broker runs inside the worker, as the default config has it (the worker normalizes
+    in-process), unless `separate_broker` asks for the raw topic path of a cluster."""
     names = bench_symbols(symbols)
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="collector-bench-depth-"))
-    with EmbeddedBroker() as broker:
+    topics = [market_topic(k, "binance", n) for k in ("trade", "depth") for n in names]
+    with contextlib.ExitStack() as stack:
+        broker = StepBroker(stack.enter_context(EmbeddedBroker()) if separate_broker else None)
         simulator = Simulator(names, rate=trade_rate / symbols, seed=11, extra=["--history-limit", "1000"])
         worker: Worker | None = None
-        reader = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": f"bench-depth-{time.time_ns()}",
-                           "enable.auto.commit": False, "auto.offset.reset": "latest"})  # fmt: skip
+        reader: Consumer | None = None
         try:
             _prime_books(simulator, names)
-            create_topics(
-                broker.bootstrap, [market_topic(k, "binance", n) for k in ("trade", "depth") for n in names]
-            )
+            if separate_broker:
+                create_topics(broker.bootstrap, topics)
             config = _config(log_dir / "depth-load.yaml", simulator, names, ["trade", "depth"],
-                             {"speed": "100ms"}, broker)  # fmt: skip
-            worker = Worker(config, broker.bootstrap, log_dir, "depth")
+                             {"speed": "100ms"}, broker.worker_config())  # fmt: skip
+            worker = Worker(config, broker.bootstrap or None, log_dir, "depth")
             worker.wait_ready(90)
+            broker.found_in(worker)
+            create_topics(broker.bootstrap, topics)  # made already, or made now before most are used
             synced = 'exchange="binance",state="synced"'
             wait_for(lambda: _metric(worker, "collector_books", synced) >= symbols, 180, "every book synced")  # type: ignore[arg-type]
             first = _resyncs(worker)
-            topics = [
-                market_topic(k, "binance", n) for k in ("depth", "trade") for n in names[:LATENCY_TOPICS]
-            ]
-            reader.assign([TopicPartition(topic, 0) for topic in topics])
+            reader = Consumer({
+                "bootstrap.servers": broker.bootstrap, "group.id": f"bench-depth-{time.time_ns()}",
+                "enable.auto.commit": False, "auto.offset.reset": "latest",
+            })  # fmt: skip
+            reader.assign([
+                TopicPartition(market_topic(k, "binance", n), 0)
+                for k in ("depth", "trade") for n in names[:LATENCY_TOPICS]
+            ])  # fmt: skip
             deadline = time.monotonic() + warmup
             while time.monotonic() < deadline:
                 reader.consume(10_000, 0.1)
@@ -160,7 +169,8 @@ def run_depth_load(
             resyncs = {r: n - first.get(r, 0) for r, n in _resyncs(worker).items() if n > first.get(r, 0)}
             rss = memory_mb(worker.process.pid)[0]
         finally:
-            reader.close()
+            if reader is not None:
+                reader.close()
             if worker is not None:
                 worker.stop()
             simulator.stop()
@@ -168,7 +178,7 @@ def run_depth_load(
     return DepthLoadResult(
         symbols, trade_rate, round(seconds, 1), (depth_after - depth_before) / seconds,
         (trades_after - trades_before) / seconds, percentiles(latencies), cpu, rss, books, resyncs,
-        percentiles(trade_latencies),
+        percentiles(trade_latencies), separate_broker,
     )  # fmt: skip
 
 
@@ -187,8 +197,10 @@ def run_books(
             create_topics(broker.bootstrap, [market_topic("depth", "binance", name) for name in names])
             # 100 ms, not 1000 ms: the simulator sends every stream's 1000 ms events at the same instant,
             # and a connection silent between such bursts looked stalled to the worker.
-            config = _config(log_dir / "books.yaml", simulator, names, ["depth"],
-                             {"levels": levels, "speed": "100ms"}, broker)  # fmt: skip
+            config = _config(
+                log_dir / "books.yaml", simulator, names, ["depth"], {"levels": levels, "speed": "100ms"},
+                {"brokers": [broker.bootstrap]},
+            )  # fmt: skip
             worker = Worker(config, broker.bootstrap, log_dir, "books")
             progress: list[tuple[float, int]] = []
             weights = [0]
@@ -235,11 +247,17 @@ def _all_synced(count: Callable[[], int], books: int, timeout: float) -> bool:
     return True
 
 
-def depth_lines(load: DepthLoadResult | None, books: BooksResult | None) -> str:
+def depth_lines(loads: list[DepthLoadResult], books: BooksResult | None) -> str:
     lines = ["Order books:"]
-    if load is not None:
+    for load in loads:
+        where = (
+            "a broker process of its own: the raw topic path of a cluster"
+            if load.separate_broker
+            else ("its embedded broker: the default config")
+        )
         lines.append(
-            f"- {load.symbols} symbols with @depth@100ms + trades at {load.trade_rate:,}/s, one worker, "
+            f"- {load.symbols} symbols with @depth@100ms + trades at {load.trade_rate:,}/s, one worker "
+            f"({where}), "
             f"{load.seconds:.0f} s: {load.depth_per_second:,.0f} depth records/s, "
             f"{load.trades_per_second:,.0f} trades/s, depth receipt→CreateTime ms "
             f"p50/p95/p99/max {_lat(load.depth_latency)}, trade receipt→CreateTime ms p50/p95/p99/max "

@@ -118,7 +118,7 @@ def _window(sample: Sample, start_ms: int, end_ms: int) -> tuple[list[int], list
     return to_created, to_read, event_to_created, stamped
 
 
-class _Broker:
+class StepBroker:
     """Where a step's broker runs: its own process (`EmbeddedBroker`), or inside the worker as
     `kafka.brokers: embedded` starts it (the default config: the worker then normalizes in-process)."""
 
@@ -155,7 +155,7 @@ def run_step(
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="collector-bench-"))
     with contextlib.ExitStack() as stack:
         separate = separate_broker or workers > 1
-        broker = _Broker(stack.enter_context(EmbeddedBroker()) if separate else None)
+        broker = StepBroker(stack.enter_context(EmbeddedBroker()) if separate else None)
         # The simulator sends one bookTicker per symbol after its trades of a tick: about one per trade.
         trade_rate = rate / 2 if bbo else rate
         simulator = Simulator(names, rate=trade_rate / symbols, seed=11, extra=["--history-limit", "1000"])
