@@ -14,6 +14,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -361,7 +362,10 @@ _spools: dict[str, QueueUsage] = {}
 
 def spool_reported(exchange: str, usage: QueueUsage) -> None:
     """The raw producer's latest figures for an exchange (it reports them every poll)."""
-    previous = _spools.get(exchange) or QueueUsage()
+    previous = _spools.get(exchange)
+    if previous == usage:
+        return  # every poll reports; most report nothing new
+    previous = previous or QueueUsage()
     SPOOL_BYTES.labels(exchange).set(usage.bytes)
     SPOOL_DISK_BYTES.labels(exchange).set(usage.disk_bytes)
     if usage.dropped_batches > previous.dropped_batches:
@@ -407,9 +411,16 @@ def connection_failed(exchange: str) -> None:
     CONNECTION_FAILURES.labels(exchange).inc()
 
 
+@functools.cache
+def _received(exchange: str) -> tuple[Any, Any]:
+    # Looked up once: `labels()` costs more than the increments, at every flush of every connection.
+    return FRAMES_RECEIVED.labels(exchange), BYTES_RECEIVED.labels(exchange)
+
+
 def frames_received(exchange: str, frames: int, size: int) -> None:
-    FRAMES_RECEIVED.labels(exchange).inc(frames)
-    BYTES_RECEIVED.labels(exchange).inc(size)
+    frames_counter, bytes_counter = _received(exchange)
+    frames_counter.inc(frames)
+    bytes_counter.inc(size)
 
 
 def rest_weight_reported(exchange: str, headers: Mapping[str, str]) -> None:

@@ -256,7 +256,7 @@ class _Handover:
                 self.finish()
 
     def finish(self) -> None:
-        self._delivery.handovers_open -= 1
+        self._delivery.closed(self)
         self.done.set_result((self.failed, self.error, self.acknowledged_at))
 
 
@@ -266,11 +266,13 @@ class ConfluentDelivery:
     Producing is a cheap C call from the event loop thread; librdkafka compresses, sends and
     collects acknowledgements in its own threads. Delivery reports are served by `poll` on the event
     loop, so the report callbacks never race it: at every hand-over (the loop is awake then anyway),
-    and by a task that first looks `linger.ms` after a hand-over and then every REPORT_INTERVAL while
-    any hand-over is open. No report can come sooner than `linger.ms` (25 by default) after its
-    record was handed over, so a faster timer only wakes the loop for nothing: every 2 ms it was 500
-    wake-ups a second at any rate, a tenth of a quiet worker's CPU (docs/benchmarks.md). Under load
-    the hand-overs serve the reports.
+    and by a task that looks for the oldest open hand-over's reports `linger.ms` plus a round trip
+    (FIRST_LOOK_AFTER) after it was handed over, and then every REPORT_INTERVAL while it stays open.
+    No report can come sooner than `linger.ms` (25 by default) after its record was handed over, so
+    a faster timer only wakes the loop for nothing: every 2 ms it was 500 wake-ups a second at any
+    rate, a tenth of a quiet worker's CPU; and at a 10 ms pace while any hand-over was open, a
+    quiet worker handing over every 40 ms was looked at 100 times a second for 25 reports
+    (docs/benchmarks.md). Under load the hand-overs serve the reports.
 
     A broker that answers nothing for STALL_PURGE_SECONDS (paused, not gone: its connection stays
     open) gets its requests in flight taken back before librdkafka's 5-minute request timeout would
@@ -279,6 +281,7 @@ class ConfluentDelivery:
     """
 
     REPORT_INTERVAL = 0.010  # an acknowledgement is seen at most this late (the latency histogram's step)
+    FIRST_LOOK_AFTER = 0.003  # past linger.ms: a produce request's round trip to a broker nearby
     POLL_INTERVAL = 0.002  # while waiting for room in librdkafka's full queue
     # Under socket.timeout.ms (300 s, when librdkafka sends a request again), with room to spare.
     STALL_PURGE_SECONDS = 240.0
@@ -287,9 +290,9 @@ class ConfluentDelivery:
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self._settings = settings
-        self._first_report_after = settings.get("linger.ms", 0) / 1000
+        self._first_report_after = settings.get("linger.ms", 0) / 1000 + self.FIRST_LOOK_AFTER
         self._producer = Producer({**settings, "error_cb": self._on_client_error})
-        self.handovers_open = 0
+        self._open: dict[_Handover, float] = {}  # open hand-overs, oldest first → when (monotonic)
         self.polled_at = 0  # ms since the epoch of the latest poll: when its delivery reports arrived
         self._poller: asyncio.Task[None] | None = None
         self.undeliverable_records = 0
@@ -323,9 +326,10 @@ class ConfluentDelivery:
             done.set_result(([], None, {}))
             return done
         handover = _Handover(self, len(records), done)
-        if not self.handovers_open:
-            self._answered_at = time.monotonic()  # nothing was outstanding: the stall clock starts now
-        self.handovers_open += 1
+        now = time.monotonic()
+        if not self._open:
+            self._answered_at = now  # nothing was outstanding: the stall clock starts now
+        self._open[handover] = now
         self._serve_reports()
         self._keep_polling()
         producer, on_delivery = self._producer, handover.on_delivery
@@ -346,19 +350,33 @@ class ConfluentDelivery:
                     handover.give_up([(topic, key, value)], exc)
         return done
 
+    def closed(self, handover: _Handover) -> None:
+        self._open.pop(handover, None)
+
     def _keep_polling(self) -> None:
         if self._poller is None or self._poller.done():
             self._poller = asyncio.ensure_future(self._poll())
 
     async def _poll(self) -> None:
-        # Started by a hand-over when none was open: no report can come before its linger is up.
-        await asyncio.sleep(self._first_report_after)
-        while self.handovers_open:
+        looked_for: _Handover | None = None  # the oldest open hand-over when it was last looked for
+        while self._open:
+            oldest, handed_over_at = next(iter(self._open.items()))
+            if oldest is looked_for:
+                delay = self.REPORT_INTERVAL
+            else:
+                delay = handed_over_at + self._first_report_after - time.monotonic()
+            await asyncio.sleep(max(delay, 0.0))
+            if not self._open:
+                break  # the hand-overs meanwhile served every report
             self._serve_reports()
+            now = time.monotonic()
             # Only records librdkafka holds count: hand-overs waiting for a look-up hold none.
-            if len(self._producer) and time.monotonic() - self._answered_at > self.STALL_PURGE_SECONDS:
+            if len(self._producer) and now - self._answered_at > self.STALL_PURGE_SECONDS:
                 self._purge_in_flight()
-            await asyncio.sleep(self.REPORT_INTERVAL)
+            # A hand-over that was due by now has been looked for by this poll as well.
+            looked_for = next(iter(self._open), None)
+            if looked_for is not None and self._open[looked_for] + self._first_report_after > now:
+                looked_for = None
 
     def _purge_in_flight(self) -> None:
         """Take back the requests the silent broker holds: their records come back in doubt."""

@@ -50,8 +50,10 @@ class FlowWatch:
 
     def frame(self, now: float) -> None:
         """A data frame arrived (not a keepalive answer)."""
-        self._roll(now)
-        self._counts[math.floor(now) % self.window] += 1
+        second = math.floor(now)
+        if second != self._second:  # most frames come within the second of the one before
+            self._roll(now)
+        self._counts[second % self.window] += 1
         self.last_frame = now
 
     def silence_limit(self, now: float) -> float:

@@ -390,3 +390,35 @@ async def test_a_hand_over_serves_the_reports_that_came_in_since_the_last(
     delivery.close()
     found = _read_all(broker.bootstrap, [topic], handed_over, timeout=10)
     assert found[topic][0] == b"first" and len(found[topic]) == handed_over
+
+
+async def test_a_quiet_writer_looks_for_reports_about_once_per_hand_over(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    # A quiet worker hands over every 40 ms (the simulator's tick) at the default 25 ms linger, so
+    # some hand-over is always open. Polling every 10 ms while any was open looked ~5 times per
+    # hand-over; looking for the oldest one when its reports can be there looks about twice (the
+    # hand-over itself, and once after its linger).
+    broker = shared_broker
+    topics = [f"market.trade.test.quiet{n}" for n in range(5)]
+    for topic in topics:
+        await _declarer(broker.bootstrap)(topic)
+    delivery = ConfluentDelivery(confluent_settings([broker.bootstrap], linger_ms=25, compression="lz4"))
+    polls = 0
+    serve = delivery._serve_reports
+
+    def counted() -> None:
+        nonlocal polls
+        polls += 1
+        serve()
+
+    delivery._serve_reports = counted  # type: ignore[method-assign]
+    outcomes = []
+    for tick in range(30):
+        records = [(topic, b"k", f"{tick}".encode()) for topic in topics]
+        outcomes.append(asyncio.ensure_future(await delivery.hand_over(records)))
+        await asyncio.sleep(0.04)
+    done, _ = await asyncio.wait(outcomes, timeout=20)
+    assert len(done) == len(outcomes) and all(o.result()[:2] == ([], None) for o in outcomes)
+    assert polls <= 3 * len(outcomes), f"{polls} polls for {len(outcomes)} hand-overs"
+    delivery.close()
