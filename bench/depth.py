@@ -4,7 +4,9 @@ on first use keeps a worker's event loop busy for seconds) and so are the simula
 
 - Depth under load: N symbols (100) with `@depth@100ms` diffs plus trades at a total rate (5,000/s):
   depth and trade records per second over the window, depth receipt → producer stamp latency (read
-  back from a few depth topics), worker CPU and RSS, resyncs other than the books' first sync.
+  back from a few depth topics), worker CPU and RSS, resyncs other than the books' first sync. Run
+  on the default config (the worker's own embedded broker, normalizing in-process), then with a
+  broker process of its own (the raw topic path of a Kafka cluster).
 - 1,000 books: Binance books keeping 100 levels a side on one worker (`levels` 50: the snapshot of
   100 levels, weight 5; `@depth@100ms`, a trade a second per symbol): seconds from the worker's
   start until every book is synced, then again after every connection drops at once (a mass
