@@ -206,6 +206,7 @@ class FlowMeter:
         self._raw_bytes = 0
         self._latency: dict[str, list[int]] = {}
         self._send_retries_seen = 0
+        self._counters_by_type: dict[str, tuple[Any, Any]] = {}  # the sent counters' label children
         # connection id → receipt time of the newest frame normalized from it. Kept across intervals
         # (a starved normalize agent reports nothing new, and the manager must still see how far back
         # it is), bounded to the most recent connections.
@@ -258,26 +259,39 @@ class FlowMeter:
         per_topic = acknowledged_at or {}
         per_type: dict[str, int] = {}
         coins = self._coins
-        for record, _ in pending:
-            kind = record.type
+        to_receive: list[float] = []
+        to_append: list[float] = []
+        # One pass: at a quiet worker's rates this ran for every hand-over's acknowledgement.
+        for record, topic in pending:
+            kind, received_at, timestamp = record.type, record.received_at, record.timestamp
             per_type[kind] = per_type.get(kind, 0) + 1
             coin = coins.get(record.symbol)
             if coin is None:
                 coin = coins[record.symbol] = CoinFlow()
             coin.records[kind] = coin.records.get(kind, 0) + 1
-            if record.received_at > coin.last_received_at:
-                coin.last_received_at = record.received_at
-            if record.timestamp > coin.last_event_at:
-                coin.last_event_at = record.timestamp
+            if received_at > coin.last_received_at:
+                coin.last_received_at = received_at
+            if timestamp > coin.last_event_at:
+                coin.last_event_at = timestamp
+            # Clock skew can put an exchange's event time after our receive time: count it as zero.
+            to_receive.append((received_at - timestamp) / 1000.0 if received_at > timestamp else 0.0)
+            appended = per_topic.get(topic, settled_at) - received_at
+            to_append.append(appended / 1000.0 if appended > 0 else 0.0)
         for record_type, count in per_type.items():
-            MESSAGES_PROCESSED.labels(self.exchange, record_type).inc(count)
-            MESSAGES_SENT.labels(self.exchange, record_type).inc(count)
-        # Clock skew can put an exchange's event time after our receive time: count it as zero.
-        self._observe(EXCHANGE_TO_RECEIVE, (max(r.received_at - r.timestamp, 0) / 1000.0 for r, _ in pending))
-        self._observe(
-            RECEIVE_TO_APPEND,
-            (max(per_topic.get(t, settled_at) - r.received_at, 0) / 1000.0 for r, t in pending),
-        )
+            processed, sent = self._type_counters(record_type)
+            processed.inc(count)
+            sent.inc(count)
+        self._observe(EXCHANGE_TO_RECEIVE, to_receive)
+        self._observe(RECEIVE_TO_APPEND, to_append)
+
+    def _type_counters(self, record_type: str) -> tuple[Any, Any]:
+        counters = self._counters_by_type.get(record_type)
+        if counters is None:
+            counters = self._counters_by_type[record_type] = (
+                MESSAGES_PROCESSED.labels(self.exchange, record_type),
+                MESSAGES_SENT.labels(self.exchange, record_type),
+            )
+        return counters
 
     def _observe(self, stage: str, seconds: Iterable[float]) -> None:
         added = LATENCY.observe_many((self.exchange, stage), seconds)
