@@ -190,6 +190,13 @@ LATENCY = BulkHistogram(
 REGISTRY.register(LATENCY)
 
 
+@functools.cache
+def _child(metric: Any, *label_values: str) -> Any:
+    """A metric's child for these label values, looked up once: on the paths run for every flush and
+    every acknowledgement, `labels()` cost more than the increments."""
+    return metric.labels(*label_values)
+
+
 # ---- per-coin flow, aggregated in the normalize agents --------------------------------------------
 
 
@@ -206,7 +213,6 @@ class FlowMeter:
         self._raw_bytes = 0
         self._latency: dict[str, list[int]] = {}
         self._send_retries_seen = 0
-        self._counters_by_type: dict[str, tuple[Any, Any]] = {}  # the sent counters' label children
         # connection id → receipt time of the newest frame normalized from it. Kept across intervals
         # (a starved normalize agent reports nothing new, and the manager must still see how far back
         # it is), bounded to the most recent connections.
@@ -278,20 +284,10 @@ class FlowMeter:
             appended = per_topic.get(topic, settled_at) - received_at
             to_append.append(appended / 1000.0 if appended > 0 else 0.0)
         for record_type, count in per_type.items():
-            processed, sent = self._type_counters(record_type)
-            processed.inc(count)
-            sent.inc(count)
+            _child(MESSAGES_PROCESSED, self.exchange, record_type).inc(count)
+            _child(MESSAGES_SENT, self.exchange, record_type).inc(count)
         self._observe(EXCHANGE_TO_RECEIVE, to_receive)
         self._observe(RECEIVE_TO_APPEND, to_append)
-
-    def _type_counters(self, record_type: str) -> tuple[Any, Any]:
-        counters = self._counters_by_type.get(record_type)
-        if counters is None:
-            counters = self._counters_by_type[record_type] = (
-                MESSAGES_PROCESSED.labels(self.exchange, record_type),
-                MESSAGES_SENT.labels(self.exchange, record_type),
-            )
-        return counters
 
     def _observe(self, stage: str, seconds: Iterable[float]) -> None:
         added = LATENCY.observe_many((self.exchange, stage), seconds)
@@ -425,16 +421,9 @@ def connection_failed(exchange: str) -> None:
     CONNECTION_FAILURES.labels(exchange).inc()
 
 
-@functools.cache
-def _received(exchange: str) -> tuple[Any, Any]:
-    # Looked up once: `labels()` costs more than the increments, at every flush of every connection.
-    return FRAMES_RECEIVED.labels(exchange), BYTES_RECEIVED.labels(exchange)
-
-
 def frames_received(exchange: str, frames: int, size: int) -> None:
-    frames_counter, bytes_counter = _received(exchange)
-    frames_counter.inc(frames)
-    bytes_counter.inc(size)
+    _child(FRAMES_RECEIVED, exchange).inc(frames)
+    _child(BYTES_RECEIVED, exchange).inc(size)
 
 
 def rest_weight_reported(exchange: str, headers: Mapping[str, str]) -> None:

@@ -134,7 +134,8 @@ def run_depth_load(
             worker = Worker(config, broker.bootstrap or None, log_dir, "depth")
             worker.wait_ready(90)
             broker.found_in(worker)
-            create_topics(broker.bootstrap, topics)  # made already, or made now before most are used
+            if not separate_broker:  # the worker's own broker: made now, before most are used
+                create_topics(broker.bootstrap, topics)
             synced = 'exchange="binance",state="synced"'
             wait_for(lambda: _metric(worker, "collector_books", synced) >= symbols, 180, "every book synced")  # type: ignore[arg-type]
             first = _resyncs(worker)
@@ -255,7 +256,7 @@ def depth_lines(loads: list[DepthLoadResult], books: BooksResult | None) -> str:
         where = (
             "a broker process of its own: the raw topic path of a cluster"
             if load.separate_broker
-            else ("its embedded broker: the default config")
+            else "its embedded broker: the default config"
         )
         lines.append(
             f"- {load.symbols} symbols with @depth@100ms + trades at {load.trade_rate:,}/s, one worker "
