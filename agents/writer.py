@@ -261,7 +261,7 @@ class _Handover:
 
 
 class ConfluentDelivery:
-    """A librdkafka producer owned by one writer.
+    """The librdkafka producers owned by one writer: one, and one more per TOPICS_PER_PRODUCER topics.
 
     Producing is a cheap C call from the event loop thread; librdkafka compresses, sends and
     collects acknowledgements in its own threads. Delivery reports are served by `poll` on the event
@@ -282,6 +282,11 @@ class ConfluentDelivery:
 
     REPORT_INTERVAL = 0.010  # an acknowledgement is seen at most this late (the latency histogram's step)
     FIRST_LOOK_AFTER = 0.003  # past linger.ms: a produce request's round trip to a broker nearby
+    # librdkafka's broker thread visits, under a lock each, every partition it leads at each wake-up,
+    # and it wakes about twice per produce request, a request per partition: at 1,000 symbols (2,000
+    # topics) that walk was most of the worker's CPU. Split over producers of this many topics each, a
+    # wake-up walks only its producer's share (docs/benchmarks.md).
+    TOPICS_PER_PRODUCER = 500
     POLL_INTERVAL = 0.002  # while waiting for room in librdkafka's full queue
     # Under socket.timeout.ms (300 s, when librdkafka sends a request again), with room to spare.
     STALL_PURGE_SECONDS = 240.0
@@ -291,7 +296,9 @@ class ConfluentDelivery:
     def __init__(self, settings: dict[str, Any]) -> None:
         self._settings = settings
         self._first_report_after = settings.get("linger.ms", 0) / 1000 + self.FIRST_LOOK_AFTER
-        self._producer = Producer({**settings, "error_cb": self._on_client_error})
+        self._producers = [self._new_producer()]
+        # Each topic's records always go through the same producer: its partitions keep their order.
+        self._producer_of: dict[str, Producer] = {}
         self._open: dict[_Handover, float] = {}  # open hand-overs, oldest first → when (monotonic)
         self.polled_at = 0  # ms since the epoch of the latest poll: when its delivery reports arrived
         self._poller: asyncio.Task[None] | None = None
@@ -320,6 +327,24 @@ class ConfluentDelivery:
     def _on_client_error(self, error: KafkaError) -> None:
         log.warning("kafka producer: %s", error)
 
+    def _new_producer(self) -> Producer:
+        return Producer({**self._settings, "error_cb": self._on_client_error})
+
+    def _assign_producer(self, topic: str) -> Producer:
+        index = len(self._producer_of) // self.TOPICS_PER_PRODUCER
+        if index == len(self._producers):
+            self._producers.append(self._new_producer())
+        producer = self._producer_of[topic] = self._producers[index]
+        return producer
+
+    @property
+    def producer_count(self) -> int:
+        return len(self._producers)
+
+    def _held(self) -> int:
+        """Records librdkafka holds: queued, in flight, or with a report not yet served."""
+        return sum(len(producer) for producer in self._producers)
+
     async def hand_over(self, records: list[Record]) -> Awaitable[Outcome]:
         done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         if not records:
@@ -332,8 +357,11 @@ class ConfluentDelivery:
         self._open[handover] = now
         self._serve_reports()
         self._keep_polling()
-        producer, on_delivery = self._producer, handover.on_delivery
+        producer_of, on_delivery = self._producer_of, handover.on_delivery
         for index, (topic, key, value) in enumerate(records):
+            producer = producer_of.get(topic)
+            if producer is None:  # not `or`: a Producer holding no records is falsy (len 0)
+                producer = self._assign_producer(topic)
             try:
                 try:
                     producer.produce(topic, value, key, on_delivery=on_delivery)
@@ -371,7 +399,7 @@ class ConfluentDelivery:
             self._serve_reports()
             now = time.monotonic()
             # Only records librdkafka holds count: hand-overs waiting for a look-up hold none.
-            if len(self._producer) and now - self._answered_at > self.STALL_PURGE_SECONDS:
+            if self._held() and now - self._answered_at > self.STALL_PURGE_SECONDS:
                 self._purge_in_flight()
             # A hand-over that was due by now has been looked for by this poll as well.
             looked_for = next(iter(self._open), None)
@@ -388,7 +416,8 @@ class ConfluentDelivery:
             " out and are sent again (a paused broker would write them twice): their records are looked"
             " up once the broker answers", self.STALL_PURGE_SECONDS,
         )  # fmt: skip
-        self._producer.purge(in_queue=False, in_flight=True)
+        for producer in self._producers:
+            producer.purge(in_queue=False, in_flight=True)
 
     def look_up(self, handover: _Handover) -> None:
         """Settle a hand-over with in-doubt records once they have been looked up. Every hand-over
@@ -430,7 +459,7 @@ class ConfluentDelivery:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                await loop.run_in_executor(None, functools.partial(self._producer.list_topics, timeout=5))
+                await loop.run_in_executor(None, functools.partial(self._producers[0].list_topics, timeout=5))
                 return
             except KafkaException:  # still no answer
                 await asyncio.sleep(1.0)
@@ -456,20 +485,21 @@ class ConfluentDelivery:
         return missing
 
     async def _wait_for_room(self) -> None:
-        producer = self._producer
-        limit = len(producer) // 2
-        while len(producer) > limit:
+        limit = self._held() // 2
+        while self._held() > limit:
             self._serve_reports()
             await asyncio.sleep(self.POLL_INTERVAL)
 
     def _serve_reports(self) -> None:
         self.polled_at = now_ms()
-        if self._producer.poll(0):
+        if sum(producer.poll(0) for producer in self._producers):
             self._answered_at = time.monotonic()
 
     def close(self, timeout: float = 5.0) -> None:
         self.polled_at = now_ms()
-        self._producer.flush(timeout)
+        deadline = time.monotonic() + timeout
+        for producer in self._producers:
+            producer.flush(max(deadline - time.monotonic(), 0.0))
 
 
 # The sources batch frames already (agents/connection.py): where the normalize agent reads the raw

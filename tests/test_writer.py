@@ -91,6 +91,26 @@ async def test_flush_returns_with_every_record_of_many_topics_in_order_on_the_br
     delivery.close()
 
 
+async def test_topics_past_one_producers_share_go_to_more_producers_each_topic_in_order(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    broker = shared_broker
+    delivery = ConfluentDelivery(_settings(broker.bootstrap))
+    delivery.TOPICS_PER_PRODUCER = 6  # 20 topics: four producers (the default is 500 topics each)
+    writer = TopicWriter(None, _declarer(broker.bootstrap), delivery=delivery)
+    topics = [f"market.trade.test.p{i}" for i in range(20)]
+    for round_ in range(3):  # topics seen again stay with their producer
+        for n in range(round_ * 600, (round_ + 1) * 600):
+            writer.send(topics[n % 20], b"key", str(n).encode())
+        await asyncio.wait_for(writer.flush(), timeout=30)
+        assert delivery.producer_count == 4
+    assert writer.sent == 1800 and writer.retries == 0
+    found = _read_all(broker.bootstrap, topics, 1800, timeout=10)
+    for i, topic in enumerate(topics):
+        assert [int(v) for v in found[topic]] == list(range(i, 1800, 20))
+    delivery.close()
+
+
 async def _writer_on_a_broker_to_stop(topic: str) -> tuple[EmbeddedBroker, TopicWriter]:
     """A writer that has delivered once to `topic` (so it is declared), with 1 s delivery timeouts."""
     broker = EmbeddedBroker().start()
