@@ -286,7 +286,7 @@ class ConfluentDelivery:
     # and it wakes about twice per produce request, a request per partition: at 1,000 symbols (2,000
     # topics) that walk was most of the worker's CPU. Split over producers of this many topics each, a
     # wake-up walks only its producer's share (docs/benchmarks.md).
-    TOPICS_PER_PRODUCER = 500
+    TOPICS_PER_PRODUCER = 1000
     POLL_INTERVAL = 0.002  # while waiting for room in librdkafka's full queue
     # Under socket.timeout.ms (300 s, when librdkafka sends a request again), with room to spare.
     STALL_PURGE_SECONDS = 240.0

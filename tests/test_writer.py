@@ -96,7 +96,7 @@ async def test_topics_past_one_producers_share_go_to_more_producers_each_topic_i
 ) -> None:
     broker = shared_broker
     delivery = ConfluentDelivery(_settings(broker.bootstrap))
-    delivery.TOPICS_PER_PRODUCER = 6  # 20 topics: four producers (the default is 500 topics each)
+    delivery.TOPICS_PER_PRODUCER = 6  # 20 topics: four producers (the default is 1,000 topics each)
     writer = TopicWriter(None, _declarer(broker.bootstrap), delivery=delivery)
     topics = [f"market.trade.test.p{i}" for i in range(20)]
     for round_ in range(3):  # topics seen again stay with their producer
