@@ -483,6 +483,10 @@ class Market:
                 quote=Quote(symbol, *book),
                 book=book,
                 floor=max(10, price // 10),
+                # Each symbol's first trade comes at its own point of the first interval: symbols that
+                # all traded in the same tick sent a quiet feed as a burst every 1/rate seconds, which
+                # a real exchange does not (and which made a quiet worker look half as busy).
+                due=random.Random(f"{seed}/{symbol}/phase").random(),
             )
         self.started_at = int(clock() * 1000)
         self._last_tick = clock()
