@@ -492,7 +492,10 @@ class ConfluentDelivery:
 
     def _serve_reports(self) -> None:
         self.polled_at = now_ms()
-        if sum(producer.poll(0) for producer in self._producers):
+        served = 0
+        for producer in self._producers:  # at every hand-over: a loop, not a generator, on this path
+            served += producer.poll(0)
+        if served:
             self._answered_at = time.monotonic()
 
     def close(self, timeout: float = 5.0) -> None:

@@ -415,10 +415,10 @@ async def test_a_hand_over_serves_the_reports_that_came_in_since_the_last(
 async def test_a_quiet_writer_looks_for_reports_about_once_per_hand_over(
     shared_broker: EmbeddedBroker,
 ) -> None:
-    # A quiet worker hands over every 40 ms (the simulator's tick) at the default 25 ms linger, so
-    # some hand-over is always open. Polling every 10 ms while any was open looked ~4 times per
-    # hand-over (118 polls here); looking for the oldest one when its reports can be there looks
-    # about twice (the hand-over itself, and once after its linger).
+    # Hand-overs every 40 ms (a quiet feed whose symbols all trade in the same tick) at the default
+    # 25 ms linger, so some hand-over is always open. Polling every 10 ms while any was open looked
+    # ~4 times per hand-over (118 polls here); looking for the oldest one when its reports can be
+    # there looks about twice (the hand-over itself, and once after its linger).
     broker = shared_broker
     topics = [f"market.trade.test.quiet{n}" for n in range(5)]
     for topic in topics:
