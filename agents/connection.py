@@ -32,7 +32,12 @@ log = logging.getLogger(__name__)
 SendRaw = Callable[[str, bytes], Awaitable[None]]
 Emit = Callable[..., Awaitable[None]]  # (kind, detail, connection_id=None)
 
-FLUSH_INTERVAL = 0.005  # seconds a frame may wait in a batch: bounds the latency batching adds
+FLUSH_INTERVAL = 0.005  # seconds a frame may wait in a batch while frames come fast
+# ... and while they trickle in (the default of `connections.quietFlushMs`). Each flush is a normalize
+# step and a hand-over to librdkafka, which cost about the same whatever they carry: at a quiet
+# worker's rates, a flush every 5 ms of two or three frames was most of its CPU (docs/benchmarks.md).
+QUIET_FLUSH_INTERVAL = 0.020
+FRAMES_PER_FLUSH = 16  # the window is as long as the last one's pace takes to bring this many frames
 MAX_BATCH_FRAMES = 1000
 MAX_BATCH_BYTES = 512 * 1024
 # A frame travels in a raw record of its own when it is large; it must fit the producer's 8 MiB
@@ -114,30 +119,52 @@ def _chunks(frames: list[RawFrame]) -> list[list[RawFrame]]:
     return chunks
 
 
+def flush_window(frames: int, elapsed: float, shortest: float, longest: float) -> float:
+    """How long the next batch may collect frames, after a flush of `frames` frames that came in the
+    `elapsed` seconds since the flush before: long enough for FRAMES_PER_FLUSH at that pace, within
+    [`shortest`, `longest`]."""
+    if frames <= 0:
+        return longest
+    return min(max(FRAMES_PER_FLUSH * elapsed / frames, shortest), longest)
+
+
 class FlushClock:
-    """Flushes the batches of all of a source's links together, FLUSH_INTERVAL after the first frame
+    """Flushes the batches of all of a source's links together, one window after the first frame
     any of them took since the last flush.
 
     With a timer per link, frames trickling in on several connections woke the event loop for a
     flush per connection, and each flush made a normalize step and a hand-over to librdkafka of its
-    own: at a quiet worker's rates those wake-ups were most of its CPU (docs/benchmarks.md). No frame
-    waits longer than it did: FLUSH_INTERVAL still bounds it."""
+    own: at a quiet worker's rates those wake-ups were most of its CPU (docs/benchmarks.md). The
+    window is `interval` while frames come fast (3,200 a second and more) and grows towards
+    `quiet_interval` as they slow down (`flush_window`), so that no step carries a frame or two."""
 
-    def __init__(self, interval: float = FLUSH_INTERVAL) -> None:
+    def __init__(
+        self, interval: float = FLUSH_INTERVAL, quiet_interval: float = QUIET_FLUSH_INTERVAL
+    ) -> None:
         self.interval = interval
+        self.quiet_interval = max(quiet_interval, interval)
+        self.window = interval  # the next flush's; the first frames are not kept waiting
+        self._last_flush: float | None = None  # loop time
         self._due: dict[FrameBatcher, None] = {}  # an ordered set: flushed in the order they filled
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()  # referenced until done
 
     def due(self, batcher: FrameBatcher) -> None:
-        """`batcher` holds frames: flush it within the interval."""
+        """`batcher` holds frames: flush it within the window."""
         self._due[batcher] = None
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.interval, self._fire)
+            self._timer = asyncio.get_running_loop().call_later(self.window, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
         batchers, self._due = list(self._due), {}
+        # Batches flushed on filling up are not counted: a connection fills one within a window only
+        # at a pace where the window is short, and it is never longer than `quiet_interval` anyway.
+        now = asyncio.get_running_loop().time()
+        elapsed = self.window if self._last_flush is None else now - self._last_flush
+        self._last_flush = now
+        frames = sum(batcher.pending for batcher in batchers)
+        self.window = flush_window(frames, elapsed, self.interval, self.quiet_interval)
         task = asyncio.ensure_future(_flush_each(batchers))
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)

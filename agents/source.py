@@ -89,7 +89,8 @@ class ExchangeSource(Service):
         self.settings = settings
         self._get_adapter = get_adapter
         self.send_raw = send_raw
-        self.flush_clock = FlushClock()  # one flush for the frames of all the source's links
+        # One flush for the frames of all the source's links.
+        self.flush_clock = FlushClock(quiet_interval=settings.connections.quietFlushMs / 1000)
         self._emit_event = emit_event
         self._on_stream = on_stream
         self._on_refused = on_refused

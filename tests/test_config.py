@@ -87,6 +87,12 @@ def test_endpoints_lose_their_trailing_slash() -> None:
             "exchanges.binance.connections.streamsPerConnection",
             "at most 1024",
         ),
+        (
+            ("exchanges", "binance", "connections", "quietFlushMs"),
+            1,
+            "exchanges.binance.connections.quietFlushMs",
+            "greater than or equal to 5",
+        ),
         (("exchanges", "krakenish"), GOOD["exchanges"]["binance"], "exchanges.krakenish", "unknown exchange"),
         (("kafka", "brokers"), ["localhost"], "kafka.brokers", "host:port"),
         (("kafka", "brokers"), "somewhere", "kafka.brokers", "embedded"),

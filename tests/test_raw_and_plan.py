@@ -7,7 +7,7 @@ import asyncio
 import msgspec
 import pytest
 
-from agents.connection import FlushClock
+from agents.connection import FRAMES_PER_FLUSH, FlushClock, flush_window
 from agents.source import Backoff, FrameBatcher
 from agents.writer import TopicWriter
 from streams.exchanges.base import DataType, Instrument
@@ -134,6 +134,45 @@ async def test_the_flush_clock_writes_the_batches_of_every_link_in_one_flush() -
     flushed.clear()
     await asyncio.wait_for(flushed.wait(), timeout=5)
     assert sent == ["a", "b", "a"]
+
+
+@pytest.mark.parametrize(
+    ("frames", "elapsed", "window"),
+    [
+        (FRAMES_PER_FLUSH * 4, 0.010, 0.005),  # fast: never shorter than the shortest window
+        (FRAMES_PER_FLUSH, 0.008, 0.008),  # the pace brings FRAMES_PER_FLUSH in 8 ms
+        (FRAMES_PER_FLUSH // 2, 0.006, 0.012),  # half as fast: twice as long
+        (10, 0.022, 0.020),  # 500 frames a second: the longest window
+        (1, 60.0, 0.020),  # the first frame after a quiet minute
+        (0, 0.005, 0.020),  # a flush that found nothing (every batch had filled up and gone)
+    ],
+)
+def test_the_flush_window_grows_as_frames_slow_down_within_its_bounds(frames, elapsed, window) -> None:
+    assert flush_window(frames, elapsed, shortest=0.005, longest=0.020) == pytest.approx(window)
+
+
+async def test_the_flush_clock_waits_longer_while_frames_trickle_in_and_less_when_they_come_fast() -> None:
+    flushed: asyncio.Queue[str] = asyncio.Queue()
+
+    async def send_raw(key: str, value: bytes) -> None:
+        flushed.put_nowait(key)
+
+    clock = FlushClock(interval=0.005, quiet_interval=0.2)
+    batcher = FrameBatcher("binance", "a", send_raw)
+    windows = [clock.window]
+    for _ in range(2):  # a frame at a time
+        batcher.add(b"{}", 1)
+        clock.due(batcher)
+        await asyncio.wait_for(flushed.get(), timeout=5)
+        windows.append(clock.window)
+    # The first frames are not kept waiting; then the window grows to the longest one.
+    assert windows[0] == 0.005 and 0.005 < windows[1] <= 0.2 and windows[2] == pytest.approx(0.2)
+    for _ in range(FRAMES_PER_FLUSH * 100):  # far more than a window's worth at the window's length
+        batcher.add(b"{}", 2)
+    clock.due(batcher)
+    await asyncio.wait_for(flushed.get(), timeout=5)
+    assert clock.window == 0.005
+    assert batcher.pending == 0
 
 
 async def test_the_writer_returns_only_after_every_record_is_acknowledged_and_retries_failures() -> None:
