@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 6
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-deps run demo simulate test test-unit test-soak lint format clean bench bench-soak bench-sinks
+.PHONY: help install system-deps run demo simulate test test-unit test-soak lint format clean bench bench-soak bench-sinks bench-floor
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -62,6 +62,9 @@ bench: install system-deps ## Throughput/latency ladder, then the sinks' bench; 
 
 bench-sinks: install system-deps ## Kafka → PostgreSQL and → Redis: 30,000 trades/s steady, and a backlog drain (~4 min)
 	$(PY) -m bench.sinks $(BENCH_SINKS_ARGS)
+
+bench-floor: install ## The quiet step's feed read by websockets and produced by librdkafka alone, no collector (~4 min)
+	$(PY) -m bench.quiet_floor
 
 bench-soak: install ## One worker for 6 min at 10,000 events/s, every 30 s: how the embedded broker ages
 	$(PY) -m bench --symbols 100 --soak 360 $(BENCH_ARGS)

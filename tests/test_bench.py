@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import broker_probe
+from bench import broker_probe, quiet_floor
 from bench.acks import window_percentiles
 from bench.profile import summarize
 from bench.report import BEGIN, END, slice_table, table, write_results
@@ -77,6 +77,16 @@ def test_the_broker_probe_fetches_new_records_at_each_partition_size() -> None:
     for _, found in rows:
         assert found["not fetched"] == 0
         assert 0 <= found["fetch p50 ms"] <= found["fetch max ms"] < broker_probe.GIVE_UP_S * 1000
+
+
+@pytest.mark.e2e
+def test_the_quiet_floor_runs_each_part_on_the_feed_and_the_producers_deliver_every_frame() -> None:
+    rows = quiet_floor.run(rounds=1, warmup=1.0, duration=1.5)
+    assert [part for part, _ in rows] == list(quiet_floor.PARTS)
+    for part, found in rows:
+        assert found["frames per second"] > 0 and found["cpu percent"] > 0, part
+        assert found["unacknowledged"] == 0, part  # flushed before the part's process ends
+    assert quiet_floor._line(*rows[0]).startswith("| websockets reader alone | ")
 
 
 def test_acknowledgement_percentiles_come_from_the_window_difference_summed_over_workers() -> None:
