@@ -15,7 +15,6 @@ import json
 import subprocess
 import sys
 import time
-import zlib
 
 import uvloop
 import websockets
@@ -26,11 +25,14 @@ from agents.embedded_broker import EmbeddedBroker
 from agents.writer import confluent_settings
 from bench.reader import create_topics
 from bench.step import bench_symbols
+from streams.config import ConnectionsConfig
+from tables.subscription_rules import group_index, groups_per_exchange
 from tests.harness import Simulator
 
 SYMBOLS = 20
 RATE = 500  # events a second over all symbols, as the bench's quiet step
-CONNECTIONS = 5  # the default config's connections.max: symbols spread over them as the collector does
+# The default config's connection groups: symbols spread over them as the collector does.
+CONNECTIONS = groups_per_exchange(ConnectionsConfig().max)
 LINGER_MS = 25  # the default config's kafka.producer
 REPORT_INTERVAL = 0.010  # how often the producer part serves delivery reports, as the worker's timer
 PARTS = ("reader", "producer", "one-topic")
@@ -91,7 +93,7 @@ async def _serve_reports(producer: Producer) -> None:
 async def _part(part: str, url: str, bootstrap: str, warmup: float, duration: float) -> dict[str, float]:
     groups: dict[int, list[str]] = {}
     for symbol in bench_symbols(SYMBOLS):
-        groups.setdefault(zlib.crc32(symbol.encode()) % CONNECTIONS, []).append(_stream(symbol))
+        groups.setdefault(group_index(symbol, CONNECTIONS), []).append(_stream(symbol))
     producing = part != "reader"
     producer = Producer(confluent_settings([bootstrap], LINGER_MS, "lz4")) if producing else None
     tally = _Tally()
