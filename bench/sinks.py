@@ -176,15 +176,13 @@ async def _run(sink: str, mode: str, args: argparse.Namespace) -> SinkRun:
                     args=(broker.bootstrap, args.symbols, records, args.rate, exchange, 1, times),
                 )
                 producer.start()
-            max_lag, first_stored_at, window_stored = 0.0, None, 0
+            max_lag, first_stored_at = 0.0, None
             while True:
                 now = time.monotonic()
                 stored = status.rows.get("trade", 0)
                 if first_stored_at is None and stored > base:
                     first_stored_at = now
                 max_lag = max(max_lag, status.lag_seconds(time.time_ns() // 1_000_000))
-                if mode == "steady" and not times[1]:  # the producer is still writing
-                    window_stored = stored - base
                 if stored >= target or now - wall0 > args.duration + 60:
                     break
                 await asyncio.sleep(0.05)
@@ -199,18 +197,18 @@ async def _run(sink: str, mode: str, args: argparse.Namespace) -> SinkRun:
         finally:
             await sinks.stop()
         stored = status.rows.get("trade", 0) - base
+        # The sink's pace from its first stored record to its last. Not what it stored while the
+        # producer wrote: a sink trails by its fetch wait (up to 500 ms) and a batch by design, which
+        # cost a sink that kept pace all along 3-5 % of a 30 s window.
+        span = finished - (first_stored_at or wall0)
+        stored_rate = stored / span if span > 0 else 0.0
         if mode == "steady":
-            # What the sink stored while the producer wrote, over that time; then how long it took
-            # to finish once the producer had.
             written_rate = records / max(times[1] - times[0], 1e-9)
-            stored_rate = window_stored / max(times[1] - times[0], 1e-9)
-            finish = max(finished_wall - times[1], 0.0)
-            # Kept up: stored nearly all while it was written, the rest within seconds.
+            finish = max(finished_wall - times[1], 0.0)  # how long it took once the producer stopped
+            # Kept up: stored at nearly the written pace, and the rest within seconds of the last write.
             passed = stored >= records and stored_rate >= 0.97 * min(written_rate, args.rate) and finish <= 5
         else:
             written_rate = 0.0
-            span = finished - (first_stored_at or wall0)
-            stored_rate = stored / span if span > 0 else 0.0
             finish = finished - wall0
             passed = stored >= records
         target_rate = args.rate if mode == "steady" else 0
