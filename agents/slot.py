@@ -18,7 +18,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import websockets
+import aiohttp
 
 from agents import metrics
 from agents.backfill import RestWriter, poll_while_down
@@ -167,7 +167,7 @@ class Slot:
                 link = await self._connect()
             except asyncio.CancelledError:
                 raise
-            except (OSError, TimeoutError, websockets.WebSocketException, LinkEnded) as exc:
+            except (OSError, TimeoutError, aiohttp.ClientError, LinkEnded) as exc:
                 await self._down(f"connect failed: {type(exc).__name__}: {exc}", shutdown=False, lasted=0.0)
                 continue
             await self._up(link)
@@ -225,7 +225,7 @@ class Slot:
         both carried are dropped as repeats downstream; any the old one missed are repaired there."""
         try:
             new = await self._connect()
-        except (OSError, TimeoutError, websockets.WebSocketException, LinkEnded) as exc:
+        except (OSError, TimeoutError, aiohttp.ClientError, LinkEnded) as exc:
             log.warning("%s: %s replacement connection failed: %r", self.name, reason, exc)
             self.state = "connected"
             return None

@@ -1,10 +1,11 @@
 """`python -m bench.quiet_floor`: what the quiet step's feed costs any collector built from our parts.
 
 The quiet target (a worker at ≤ 8 % of a core at 500 events/s) counts the whole worker process. Part
-of that is paid before the collector does anything of its own: reading the frames with websockets, and
-handing each to a librdkafka producer, a topic per symbol, with the worker's producer settings. This
-runs those parts alone, each in a process of its own, on the bench's quiet feed (the simulator, 20
-symbols at 25 trades a second, over the default config's five connections), and reports their CPU.
+of that is paid before the collector does anything of its own: reading the frames (with aiohttp, as
+the collector's links do), and handing each to a librdkafka producer, a topic per symbol, with the
+worker's producer settings. This runs those parts alone, each in a process of its own, on the
+bench's quiet feed (the simulator, 20 symbols at 25 trades a second, over the default config's five
+connections), and reports their CPU.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import sys
 import time
 
 import uvloop
-import websockets
 from confluent_kafka import Producer
 
-from agents.connection import MAX_FRAME_BYTES
+from agents.connection import BINARY, TEXT, connect_websocket
 from agents.embedded_broker import EmbeddedBroker
 from agents.writer import confluent_settings
 from bench.reader import create_topics
@@ -37,7 +37,7 @@ LINGER_MS = 25  # the default config's kafka.producer
 REPORT_INTERVAL = 0.010  # how often the producer part serves delivery reports, as the worker's timer
 PARTS = ("reader", "producer", "one-topic")
 LABELS = {
-    "reader": "websockets reader alone",
+    "reader": "aiohttp reader alone",
     "producer": f"reader + librdkafka producer (a topic per symbol, linger {LINGER_MS} ms, lz4)",
     # What the topic-per-symbol contract costs: librdkafka sends a request per partition.
     "one-topic": "the same, every frame to one topic",
@@ -68,20 +68,23 @@ class _Tally:
 async def _read(
     url: str, streams: list[str], producer: Producer | None, one_topic: bool, tally: _Tally
 ) -> None:
-    async with websockets.connect(
-        url, ping_interval=None, max_size=MAX_FRAME_BYTES, max_queue=4096, compression=None
-    ) as ws:
-        await ws.send(json.dumps({"method": "SUBSCRIBE", "params": streams, "id": 1}))
+    session, ws = await connect_websocket(url)
+    try:
+        await ws.send_str(json.dumps({"method": "SUBSCRIBE", "params": streams, "id": 1}))
         while True:
-            payload = await ws.recv(decode=False)
-            if isinstance(payload, str):
-                payload = payload.encode()
+            message = await ws.receive()
+            if message.type is not TEXT and message.type is not BINARY:
+                raise ConnectionError(f"the simulator ended a connection: {message}")
+            payload = message.data
             tally.read += 1
             # A combined-stream frame starts {"stream":"<name>", ...; the ack does not.
             if producer is not None and payload.startswith(b'{"stream":"'):
                 topic = ONE_TOPIC if one_topic else _topic(payload[11 : payload.index(b'"', 11)])
                 producer.produce(topic, payload, on_delivery=tally.on_delivery)
                 tally.produced += 1
+    finally:
+        await ws.close()
+        await session.close()
 
 
 async def _serve_reports(producer: Producer) -> None:

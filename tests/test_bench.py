@@ -86,7 +86,7 @@ def test_the_quiet_floor_runs_each_part_on_the_feed_and_the_producers_deliver_ev
     for part, found in rows:
         assert found["frames per second"] > 0 and found["cpu percent"] > 0, part
         assert found["unacknowledged"] == 0, part  # flushed before the part's process ends
-    assert quiet_floor._line(*rows[0]).startswith("| websockets reader alone | ")
+    assert quiet_floor._line(*rows[0]).startswith("| aiohttp reader alone | ")
 
 
 def test_acknowledgement_percentiles_come_from_the_window_difference_summed_over_workers() -> None:

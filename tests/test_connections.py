@@ -197,6 +197,28 @@ async def test_live_changes_subscribe_and_unsubscribe_without_reconnecting_anyth
 
 
 @pytest.mark.e2e
+async def test_a_link_answers_the_exchange_pings_and_outlives_its_pong_timeout() -> None:
+    """Binance drops a connection that leaves its pings unanswered; the link never pings by itself."""
+    config = SimulatorConfig(
+        symbols=SYMBOLS, trades_per_second=5, seed=5, ping_interval=0.3, pong_timeout=0.8
+    )
+    async with Simulator(config) as simulator, aiohttp.ClientSession() as session:
+        adapter = BinanceAdapter(await fetch_instruments(BinanceAdapter, simulator.url, session))
+        harness = Harness(simulator, adapter, {})
+        try:
+            await harness.source.assign_group("binance:0", ["btcusdt@trade"])
+            await until(lambda: harness.sim_connections(), "a connection")
+            first = set(harness.sim_connections())
+            # Eight pings: several pong timeouts long.
+            await until(lambda: simulator.binance.stats()["framesSent"].get("ping", 0) >= 8, "eight pings")
+            stats = simulator.binance.stats()
+            assert stats["pongTimeouts"] == 0 and stats["violations"] == 0
+            assert set(harness.sim_connections()) == first  # the same connection all along
+        finally:
+            await harness.close()
+
+
+@pytest.mark.e2e
 async def test_server_shutdown_reconnects_at_once_and_backfills_the_gap_exactly_once(
     sim: Simulator, adapter: BinanceAdapter
 ) -> None:
