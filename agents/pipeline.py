@@ -29,6 +29,7 @@ from agents.ownership import GroupOwnership
 from agents.source import ExchangeSource
 from agents.writer import (
     RAW_LINGER_MS,
+    RAW_SIDE_OUTPUT_COALESCE,
     RAW_SIDE_OUTPUT_LINGER_MS,
     ConfluentDelivery,
     RawProducer,
@@ -181,8 +182,9 @@ class Pipeline:
 
     async def start_sources(self, service: Service) -> None:
         self.raw_producer = RawProducer.from_config(
-            self.confluent_settings(), self.config.kafka.spool, self.app.conf.datadir, self.raw_linger_ms
-        )
+            self.confluent_settings(), self.config.kafka.spool, self.app.conf.datadir, self.raw_linger_ms,
+            RAW_SIDE_OUTPUT_COALESCE if self.handoffs else 0.0,
+        )  # fmt: skip
         for exchange, settings in self.config.exchanges.items():
             await self.raw_topics[exchange].maybe_declare()
             source = ExchangeSource(

@@ -27,10 +27,12 @@ from typing import Any, Protocol
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from agents import metrics
+from agents.connection import MAX_BATCH_BYTES, MAX_BATCH_FRAMES
 from agents.indoubt import InDoubt, read_back, still_missing
 from agents.metrics import now_ms
 from agents.spool import FileSegments
 from streams.config import SpoolConfig
+from streams.raw import coalesce
 from streams.spool import Outgoing, Spool, SpoolLimits
 from tables.records import QueueUsage
 
@@ -513,6 +515,10 @@ RAW_LINGER_MS = 1
 # partition, so at quiet rates every flush was a request per connection group; lingering collects a
 # partition's batches into one request (a tenth of a quiet worker's CPU was librdkafka's raw thread).
 RAW_SIDE_OUTPUT_LINGER_MS = 100
+# ... and there a connection's batches of this long travel as one record: a batch handed to the spool
+# and librdkafka costs the event loop about the same whatever it carries, and at quiet rates a flush
+# carries two or three frames (about a point of a quiet worker's CPU, docs/benchmarks.md).
+RAW_SIDE_OUTPUT_COALESCE = 0.1
 RAW_MAX_BYTES = 8 * 1024 * 1024  # a raw record holds one frame of up to 6 MiB (agents/connection.py)
 DEFAULT_SPOOL_MEMORY = 64 * 1024 * 1024
 SPOOL_DIRECTORY = "raw-spool"  # in the worker's data directory
@@ -573,8 +579,14 @@ class RawProducer:
         limits: SpoolLimits | None = None,
         directory: Path | None = None,
         linger_ms: int = RAW_LINGER_MS,
+        coalesce_seconds: float = 0.0,
     ) -> None:
         self._settings = {**raw_producer_settings(settings, linger_ms), "error_cb": self._on_client_error}
+        # 0: every batch goes to the spool as it comes. Else batches wait this long, per partition and
+        # key, and go as fewer records (streams/raw.py `coalesce`).
+        self._coalesce_seconds = coalesce_seconds
+        self._coalescing: dict[tuple[str, int, bytes], list[bytes]] = {}
+        self._coalesce_timer: asyncio.TimerHandle | None = None
         limits = limits or raw_spool_limits(DEFAULT_SPOOL_MEMORY, 0)
         if limits.disk_bytes and directory is None:
             raise ValueError("a raw spool with disk_bytes needs a directory")
@@ -595,14 +607,33 @@ class RawProducer:
 
     @classmethod
     def from_config(
-        cls, settings: dict[str, Any], spool: SpoolConfig, datadir: Path, linger_ms: int = RAW_LINGER_MS
-    ) -> RawProducer:
+        cls, settings: dict[str, Any], spool: SpoolConfig, datadir: Path, linger_ms: int = RAW_LINGER_MS,
+        coalesce_seconds: float = 0.0,
+    ) -> RawProducer:  # fmt: skip
         """The raw producer `kafka.spool` asks for; its disk is `directory`, else raw-spool in `datadir`."""
         directory = Path(spool.directory) if spool.directory else Path(datadir) / SPOOL_DIRECTORY
-        return cls(settings, raw_spool_limits(spool.memoryBytes, spool.diskBytes), directory, linger_ms)
+        limits = raw_spool_limits(spool.memoryBytes, spool.diskBytes)
+        return cls(settings, limits, directory, linger_ms, coalesce_seconds)
 
     async def send(self, topic: str, key: bytes, value: bytes, partition: int = -1) -> None:
         """Hand a batch over; `partition` -1 lets the key choose it. Never waits for the broker."""
+        if not self._coalesce_seconds:
+            self._add(topic, key, value, partition)
+            return
+        waiting = self._coalescing.setdefault((topic, partition, key), [])
+        waiting.append(value)
+        if self._coalesce_timer is None:
+            loop = asyncio.get_running_loop()
+            self._coalesce_timer = loop.call_later(self._coalesce_seconds, self._send_coalesced)
+
+    def _send_coalesced(self) -> None:
+        self._coalesce_timer = None
+        waiting, self._coalescing = self._coalescing, {}
+        for (topic, partition, key), values in waiting.items():
+            for value in coalesce(values, MAX_BATCH_FRAMES, MAX_BATCH_BYTES):
+                self._add(topic, key, value, partition)
+
+    def _add(self, topic: str, key: bytes, value: bytes, partition: int) -> None:
         if self._poller is None or self._poller.done():
             self._poller = asyncio.ensure_future(self._poll())
         dropping = self.spool.dropping
@@ -763,6 +794,9 @@ class RawProducer:
     async def close(self, seconds: float = 10.0) -> None:
         """Deliver what is spooled and queued (within `seconds`), then stop; what is left is lost
         (logged): a restarted worker repairs it from REST."""
+        if self._coalesce_timer is not None:
+            self._coalesce_timer.cancel()
+            self._send_coalesced()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
         if self._poller is not None:

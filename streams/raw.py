@@ -47,3 +47,50 @@ def encode_batch(batch: RawBatch) -> bytes:
 def decode_batch(value: bytes) -> RawBatch:
     """Decode a raw record; raises msgspec.DecodeError / ValidationError on a malformed one."""
     return _decoder.decode(value)
+
+
+def coalesce(values: list[bytes], max_frames: int, max_bytes: int) -> list[bytes]:
+    """Encoded batches as fewer records: consecutive WebSocket batches of one connection become one,
+    within `max_frames` frames and `max_bytes` of payload. Frames keep their order and sequence
+    numbers; REST answers, and anything that does not decode, travel as they came."""
+    if len(values) < 2:
+        return values
+    out: list[bytes] = []
+    run: list[RawBatch] = []
+    first_value = b""  # a run of one batch goes out as it came, not encoded again
+    frames = size = 0
+
+    def close_run() -> None:
+        if len(run) == 1:
+            out.append(first_value)
+        elif run:
+            merged = [frame for batch in run for frame in batch.frames]
+            out.append(encode_batch(msgspec.structs.replace(run[0], frames=merged)))
+        run.clear()
+
+    for value in values:
+        try:
+            batch = decode_batch(value)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            batch = None
+        if batch is None or batch.request is not None or batch.source != "ws":
+            close_run()
+            out.append(value)
+            frames = size = 0
+            continue
+        batch_bytes = sum(len(frame.payload) for frame in batch.frames)
+        if run and (
+            batch.connection_id != run[0].connection_id
+            or batch.exchange != run[0].exchange
+            or frames + len(batch.frames) > max_frames
+            or size + batch_bytes > max_bytes
+        ):
+            close_run()
+            frames = size = 0
+        if not run:
+            first_value = value
+        run.append(batch)
+        frames += len(batch.frames)
+        size += batch_bytes
+    close_run()
+    return out

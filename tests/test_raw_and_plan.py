@@ -13,7 +13,7 @@ from agents.writer import TopicWriter
 from streams.exchanges.base import DataType, Instrument
 from streams.exchanges.binance import BinanceAdapter
 from streams.plan import PlanError, plan_connections
-from streams.raw import RawBatch, RawFrame, decode_batch, encode_batch
+from streams.raw import RawBatch, RawFrame, coalesce, decode_batch, encode_batch
 from streams.topics import market_topic, symbol_token
 
 
@@ -220,3 +220,51 @@ async def test_a_large_frame_travels_in_a_raw_record_of_its_own() -> None:
     await batcher.flush()
     batches = [decode_batch(value) for value in sent]
     assert [[f.sequence for f in b.frames] for b in batches] == [[0], [1], [2]]
+
+
+def _ws(connection: str, sequences: list[int], payload: bytes = b"x") -> bytes:
+    frames = [RawFrame(n, 1_700_000_000_000, payload) for n in sequences]
+    return encode_batch(RawBatch(exchange="binance", connection_id=connection, frames=frames))
+
+
+def _rest(request: str) -> bytes:
+    frames = [RawFrame(0, 1_700_000_000_000, b"[]")]
+    return encode_batch(
+        RawBatch(exchange="binance", connection_id="c0", frames=frames, source="rest:t", request=request)
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "max_frames", "max_bytes", "expected"),
+    [
+        ([], 10, 100, []),
+        ([_ws("c0", [0, 1])], 10, 100, [("c0", [0, 1])]),
+        ([_ws("c0", [0, 1]), _ws("c0", [2]), _ws("c0", [3, 4])], 10, 100, [("c0", [0, 1, 2, 3, 4])]),
+        # another connection (a rollover's new link under the same group key) starts a new record
+        ([_ws("c0", [7]), _ws("c1", [0]), _ws("c0", [8])], 10, 100, [("c0", [7]), ("c1", [0]), ("c0", [8])]),
+        # within the frame and byte limits
+        ([_ws("c0", [0, 1]), _ws("c0", [2, 3]), _ws("c0", [4])], 3, 100, [("c0", [0, 1]), ("c0", [2, 3, 4])]),
+        ([_ws("c0", [0], b"a" * 60), _ws("c0", [1], b"b" * 60)], 10, 100, [("c0", [0]), ("c0", [1])]),
+        # a REST answer travels alone and in its place
+        (
+            [_ws("c0", [0]), _rest("r1"), _ws("c0", [1])],
+            10,
+            100,
+            [("c0", [0]), ("rest r1", [0]), ("c0", [1])],
+        ),
+    ],
+)
+def test_coalesce_merges_consecutive_batches_of_a_connection_in_order(
+    values: list[bytes], max_frames: int, max_bytes: int, expected: list[tuple[str, list[int]]]
+) -> None:
+    out = [decode_batch(value) for value in coalesce(values, max_frames, max_bytes)]
+    described = [
+        (f"rest {b.request}" if b.request else b.connection_id, [f.sequence for f in b.frames]) for b in out
+    ]
+    assert described == expected
+
+
+def test_coalesce_passes_a_record_that_does_not_decode_through_in_its_place() -> None:
+    out = coalesce([_ws("c0", [0]), b"not msgpack", _ws("c0", [1]), _ws("c0", [2])], 10, 100)
+    assert out[1] == b"not msgpack" and len(out) == 3
+    assert [f.sequence for f in decode_batch(out[2]).frames] == [1, 2]

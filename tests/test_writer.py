@@ -27,6 +27,7 @@ from agents.writer import (
     confluent_settings,
     raw_spool_limits,
 )
+from streams.raw import RawBatch, RawFrame, decode_batch, encode_batch
 from streams.spool import SpoolLimits
 from tests.harness import broker_paused
 
@@ -244,6 +245,33 @@ async def test_the_raw_producer_keeps_a_key_in_order_carries_big_frames_and_deli
     assert producer.failed == 0
     found = _read_all(broker.bootstrap, ["raw.test"], 501, timeout=20)["raw.test"]
     assert found == [*values[:250], big, *values[250:]]
+
+
+async def test_a_coalescing_raw_producer_sends_a_windows_batches_of_a_connection_as_one_record(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    broker = shared_broker
+    _create_topic(broker.bootstrap, "raw.coalesce")
+    producer = RawProducer(_settings(broker.bootstrap), coalesce_seconds=0.05)
+
+    def batch(connection: str, first: int, count: int) -> bytes:
+        frames = [RawFrame(n, 1_700_000_000_000 + n, f"f{n}".encode()) for n in range(first, first + count)]
+        return encode_batch(RawBatch(exchange="binance", connection_id=connection, frames=frames))
+
+    # Two windows: the first collects three batches of one connection under one key and one of
+    # another key; the second is sent by close().
+    for first in (0, 2, 5):
+        await producer.send("raw.coalesce", b"binance:0", batch("c0", first, 2 if first < 5 else 1))
+    await producer.send("raw.coalesce", b"binance:1", batch("c1", 0, 1))
+    # The window's end sends them, without a close: two records reach the broker.
+    first = await asyncio.to_thread(_read_all, broker.bootstrap, ["raw.coalesce"], 2, timeout=20)
+    assert len(first["raw.coalesce"]) == 2
+    await producer.send("raw.coalesce", b"binance:0", batch("c0", 6, 1))
+    await asyncio.wait_for(producer.close(), timeout=30)
+    values = _read_all(broker.bootstrap, ["raw.coalesce"], 3, timeout=20)["raw.coalesce"]
+    found = [decode_batch(value) for value in values]
+    by_connection = sorted(([f.sequence for f in b.frames], b.connection_id) for b in found)
+    assert by_connection == [([0], "c1"), ([0, 1, 2, 3, 5], "c0"), ([6], "c0")]
 
 
 # -- a paused broker (SIGSTOP): it keeps every connection open and answers nothing until continued ----
