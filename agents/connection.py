@@ -62,8 +62,10 @@ async def connect_websocket(url: str) -> tuple[aiohttp.ClientSession, WebSocket]
     # No session-wide time limit (aiohttp's default is 5 minutes): a link lives for hours.
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
     try:
-        ws = await asyncio.wait_for(
-            session.ws_connect(
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for loses a cancellation that comes as
+        # the handshake completes, and a slot being stopped would go on with the new connection.
+        async with asyncio.timeout(OPEN_TIMEOUT):
+            ws = await session.ws_connect(
                 url,
                 autoping=True,  # the exchange pings us; ours would count against its limits
                 heartbeat=None,
@@ -73,9 +75,7 @@ async def connect_websocket(url: str) -> tuple[aiohttp.ClientSession, WebSocket]
                 # rather than failing the connection.
                 decode_text=False,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
-            ),
-            OPEN_TIMEOUT,
-        )
+            )
     except BaseException:
         await session.close()
         raise
@@ -489,8 +489,10 @@ class Link:
         self._end(LinkEnded("closed"))
         if self.ws is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.ws.close(), 3)
+                async with asyncio.timeout(CLOSE_TIMEOUT + 1):
+                    await self.ws.close()
         if self._session is not None:
             with contextlib.suppress(Exception):
-                await self._session.close()
+                async with asyncio.timeout(CLOSE_TIMEOUT):
+                    await self._session.close()
         await self.batcher.flush()

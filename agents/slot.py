@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 REPLACEMENT_WAIT_FOR_TRADES = 5.0  # how long a replacing link may take to see a trade on every symbol
 ROLLOVER_RETRY = 60.0
 STABLE_AFTER = 60.0
+STOP_RETRY_SECONDS = 1.0  # how long stop() waits for a cancelled slot before cancelling it again
 
 
 @dataclass
@@ -78,8 +79,11 @@ class Slot:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task])
+            # Cancelled again until it ends: a cancellation lost in a library's wait (Python 3.11's
+            # wait_for can drop one) must not leave stop() waiting on a slot that goes on running.
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait([self._task], timeout=STOP_RETRY_SECONDS)
         self._task = None
         await self._stop_fallback()
         for link in list(self._open_links):
