@@ -24,7 +24,7 @@ from agents import metrics
 from streams.exchanges.base import Ack, ErrorReply, ExchangeAdapter, ServerShutdown, SubscriptionList
 from streams.limits import SlidingWindow, message_window
 from streams.liveness import FlowWatch
-from streams.raw import RawBatch, RawFrame, encode_batch
+from streams.raw import MAX_BATCH_BYTES, MAX_BATCH_FRAMES, RawBatch, RawFrame, encode_batch
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,6 @@ FLUSH_INTERVAL = 0.005  # seconds a frame may wait in a batch while frames come 
 # worker's rates, a flush every 5 ms of two or three frames was most of its CPU (docs/benchmarks.md).
 QUIET_FLUSH_INTERVAL = 0.020
 FRAMES_PER_FLUSH = 16  # the window is as long as the last one's pace takes to bring this many frames
-MAX_BATCH_FRAMES = 1000
-MAX_BATCH_BYTES = 512 * 1024
 # A frame travels in a raw record of its own when it is large; it must fit the producer's 8 MiB
 # record limit (RAW_MAX_BYTES, agents/writer.py), else the frames batched with it would be lost with it.
 MAX_FRAME_BYTES = 6 * 1024 * 1024

@@ -27,7 +27,6 @@ from typing import Any, Protocol
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from agents import metrics
-from agents.connection import MAX_BATCH_BYTES, MAX_BATCH_FRAMES
 from agents.indoubt import InDoubt, read_back, still_missing
 from agents.metrics import now_ms
 from agents.spool import FileSegments
@@ -630,7 +629,7 @@ class RawProducer:
         self._coalesce_timer = None
         waiting, self._coalescing = self._coalescing, {}
         for (topic, partition, key), values in waiting.items():
-            for value in coalesce(values, MAX_BATCH_FRAMES, MAX_BATCH_BYTES):
+            for value in coalesce(values):
                 self._add(topic, key, value, partition)
 
     def _add(self, topic: str, key: bytes, value: bytes, partition: int) -> None:

@@ -18,6 +18,9 @@ from __future__ import annotations
 import msgspec
 
 RAW_FORMAT_VERSION = 1
+# A record carries at most this many frames and bytes of them; one larger frame travels alone.
+MAX_BATCH_FRAMES = 1000
+MAX_BATCH_BYTES = 512 * 1024
 
 
 class RawFrame(msgspec.Struct, array_like=True, frozen=True):
@@ -49,23 +52,24 @@ def decode_batch(value: bytes) -> RawBatch:
     return _decoder.decode(value)
 
 
-def coalesce(values: list[bytes], max_frames: int, max_bytes: int) -> list[bytes]:
+def coalesce(
+    values: list[bytes], max_frames: int = MAX_BATCH_FRAMES, max_bytes: int = MAX_BATCH_BYTES
+) -> list[bytes]:
     """Encoded batches as fewer records: consecutive WebSocket batches of one connection become one,
     within `max_frames` frames and `max_bytes` of payload. Frames keep their order and sequence
     numbers; REST answers, and anything that does not decode, travel as they came."""
     if len(values) < 2:
         return values
     out: list[bytes] = []
-    run: list[RawBatch] = []
-    first_value = b""  # a run of one batch goes out as it came, not encoded again
+    run: list[tuple[RawBatch, bytes]] = []  # the batches being merged, with their encoding
     frames = size = 0
 
     def close_run() -> None:
         if len(run) == 1:
-            out.append(first_value)
+            out.append(run[0][1])  # alone: as it came, not encoded again
         elif run:
-            merged = [frame for batch in run for frame in batch.frames]
-            out.append(encode_batch(msgspec.structs.replace(run[0], frames=merged)))
+            merged = [frame for batch, _ in run for frame in batch.frames]
+            out.append(encode_batch(msgspec.structs.replace(run[0][0], frames=merged)))
         run.clear()
 
     for value in values:
@@ -80,16 +84,14 @@ def coalesce(values: list[bytes], max_frames: int, max_bytes: int) -> list[bytes
             continue
         batch_bytes = sum(len(frame.payload) for frame in batch.frames)
         if run and (
-            batch.connection_id != run[0].connection_id
-            or batch.exchange != run[0].exchange
+            batch.connection_id != run[0][0].connection_id
+            or batch.exchange != run[0][0].exchange
             or frames + len(batch.frames) > max_frames
             or size + batch_bytes > max_bytes
         ):
             close_run()
             frames = size = 0
-        if not run:
-            first_value = value
-        run.append(batch)
+        run.append((batch, value))
         frames += len(batch.frames)
         size += batch_bytes
     close_run()
