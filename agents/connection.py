@@ -436,15 +436,19 @@ class Link:
 
         A busy event loop also keeps frames unread: a check that comes late (the loop was blocked) does
         not judge, and a stall is only called on two checks in a row, so that the reader has had its
-        turn at what arrived meanwhile."""
+        turn at what arrived meanwhile.
+
+        While nothing is suspected it sleeps until the silence could first reach a limit, not a
+        PACE_CHECK: frames arriving meanwhile only push that moment later. Looking four times a second
+        on every link was a fixed cost of tens of wake-ups a second whatever the traffic."""
         watch = self.watch
         assert watch is not None
-        last_check = time.monotonic()
+        due = time.monotonic()  # when this look was meant to happen
         suspected = False
         while not reader.done():
             now = time.monotonic()
-            loop_lagged = now - last_check > PACE_CHECK * LAG_CHECKS
-            last_check = now
+            loop_lagged = now - due > PACE_CHECK * (LAG_CHECKS - 1)
+            delay = PACE_CHECK
             if self.subscribed and not loop_lagged:
                 if now - self.last_frame_at >= self.silence_timeout:
                     self._end(LinkEnded("stale"))
@@ -462,9 +466,17 @@ class Link:
                     suspected = False
                     if self.stalled.is_set():
                         self.stalled.clear()  # frames again before it was replaced
+                if not suspected and not self.stalled.is_set():
+                    delay = max(PACE_CHECK, self._first_limit_at(watch, now) - now)
             else:
                 suspected = False
-            await asyncio.sleep(PACE_CHECK)
+            due = now + delay
+            await asyncio.sleep(delay)
+
+    def _first_limit_at(self, watch: FlowWatch, now: float) -> float:
+        """The first moment (monotonic) a silence could be judged stale or stalled."""
+        stale_at = self.last_frame_at + self.silence_timeout  # frames only move this later
+        return min(stale_at, watch.next_judgement(now)) if self.stall_factor > 0 else stale_at
 
     def _end(self, ended: LinkEnded) -> None:
         if not self.ended.done():

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import math
 
+# `stalled` asks for a silence longer than the limit: a look exactly at it would find none.
+JUDGEMENT_MARGIN = 0.001
+
 
 class FlowWatch:
     FACTOR = 8.0
@@ -67,3 +70,10 @@ class FlowWatch:
 
     def stalled(self, now: float) -> bool:
         return now - self.last_frame > self.silence_limit(now)
+
+    def next_judgement(self, now: float) -> float:
+        """The earliest moment from `now` on that `stalled` could be true: just past the present
+        silence's limit (now, if that has passed), or `min_silence` from now, since frames from now
+        on can shorten the pace's gap. A watcher may sleep until then instead of looking at a pace."""
+        limit_at = max(now, self.last_frame + self.silence_limit(now))
+        return min(limit_at, now + self.min_silence) + JUDGEMENT_MARGIN
