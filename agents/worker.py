@@ -84,6 +84,14 @@ class CollectorApp(faust.App):
             _tune_interpreter()
         await super().on_first_start()
 
+    async def maybe_start_producer(self) -> Any:
+        # Faust asks this before every record it publishes (each table change is a changelog record),
+        # and its stampede guard yields to the event loop three times per call: three more loop turns
+        # for every record, once the producer has long been running.
+        if not self.in_transaction and self.producer.started:
+            return self.producer
+        return await super().maybe_start_producer()
+
     async def on_shutdown(self) -> None:
         await super().on_shutdown()
         # Last: the producer and the agents have flushed into it by now.
