@@ -63,7 +63,7 @@ bench: install system-deps ## Throughput/latency ladder, then the sinks' bench; 
 bench-sinks: install system-deps ## Kafka → PostgreSQL and → Redis: 30,000 trades/s steady, and a backlog drain (~4 min)
 	$(PY) -m bench.sinks $(BENCH_SINKS_ARGS)
 
-bench-floor: install ## The quiet step's feed read by websockets and produced by librdkafka alone, no collector (~4 min)
+bench-floor: install ## The quiet step's feed read by aiohttp and produced by librdkafka alone, no collector (~4 min)
 	$(PY) -m bench.quiet_floor
 
 bench-soak: install ## One worker for 6 min at 10,000 events/s, every 30 s: how the embedded broker ages

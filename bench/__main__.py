@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quiet-rate", type=int, default=500, help="quiet step: events/s; 0 skips it")
     parser.add_argument("--quiet-symbols", type=int, default=20, help="quiet step: symbols")
+    parser.add_argument(
+        "--idle-rate", type=int, default=20,
+        help="idle step, the quiet step's symbols at this many events/s (what timers and polls cost "
+        "with next to no traffic); 0 skips it",
+    )  # fmt: skip
     parser.add_argument("--warmup", type=float, default=4.0)
     parser.add_argument("--duration", type=float, default=12.0, help="seconds measured per step")
     parser.add_argument("--profile", default="", help="directory for py-spy profiles of every step")
@@ -125,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         # What a quiet deployment pays all day: measured once the start-up work (subscribing, tables,
         # topic creation) is over, over a longer window than the ladder's.
         step(args.quiet_symbols, args.quiet_rate, warmup=15.0, duration=40.0)
+    if args.idle_rate:
+        # No busy polling: with next to no traffic, only the timers' and polls' own cost is left.
+        step(args.quiet_symbols, args.idle_rate, warmup=15.0, duration=40.0)
 
     text = _machine_now() + "\n"
     if results:
