@@ -262,19 +262,24 @@ async def test_a_postgres_restart_in_the_middle_of_a_run_loses_and_duplicates_no
     )
     seen_down: list[list[str]] = []
 
+    def cannot_write() -> list[str]:
+        # On a loaded machine the sink can also be reported behind the topics: only this reason counts.
+        reasons = sinks.health.reasons(int(time.time() * 1000))
+        return [reason for reason in reasons if reason.startswith("sink postgres cannot write")]
+
     def restart() -> None:
         private_postgres.stop()
         deadline = time.monotonic() + 30
-        while not sinks.health.reasons(int(time.time() * 1000)) and time.monotonic() < deadline:
+        while not cannot_write() and time.monotonic() < deadline:
             time.sleep(0.1)
-        seen_down.append(sinks.health.reasons(int(time.time() * 1000)))
+        seen_down.append(cannot_write())
         time.sleep(1.5)  # records keep arriving while it is down
         private_postgres.start()
 
     await _outage_run(
         broker, sinks, "postgres", "SOL/USDT", restart, lambda: set(trade_ids(dsn).get("SOL/USDT", []))
     )
-    assert seen_down and seen_down[0] and seen_down[0][0].startswith("sink postgres cannot write")
+    assert seen_down and seen_down[0], "the outage was never reported as a sink that cannot write"
     assert rows(dsn, "SELECT count(*), count(DISTINCT trade_id) FROM trades WHERE symbol = 'SOL/USDT'") == [
         (1200, 1200)
     ]
