@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Collection
 from typing import Any
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
@@ -97,9 +98,47 @@ def _settled_seeks() -> None:
     consumer_class.perform_seek = settled_seek  # type: ignore[method-assign]
 
 
+class Deliverable:
+    """The partitions a fetch may drain at the moment it drains: those Faust has active. Always true,
+    so that aiokafka never reads "no partition is active" as "every partition"."""
+
+    __slots__ = ("_active",)
+
+    def __init__(self, active: Collection[Any]) -> None:
+        self._active = active  # Faust's own set, which pauses and resumes change in place
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __contains__(self, tp: object) -> bool:
+        return tp in self._active
+
+
+def _no_fetch_drains_everything() -> None:
+    """aiokafka's `fetched_records(partitions)` drains every partition when `partitions` is empty, and a
+    fetch waits up to a second in the consumer's thread, reading Faust's active set as it changes. A
+    rebalance pauses every partition (the set goes empty) until table recovery resumes the changelogs;
+    a fetch still waiting then drained what the new assignment's first fetches brought, changelogs
+    included, and Faust dropped it with its flow stopped. Nothing reads a changelog again after its
+    recovery's seek, so the recovery waited for records it would never see, and the worker's stream
+    partitions (its raw topic's among them) stayed paused until the next rebalance: a minute without
+    normalizing, in about one rebalance in forty of tests/test_e2e_distribution.py. So an empty set
+    drains nothing (tests/test_faust_patches.py)."""
+    thread_class = faust_aiokafka.AIOKafkaConsumerThread
+    fetch = thread_class._fetch_records
+
+    async def active_only_fetch(self: Any, consumer: Any, active_partitions: Any, **kwargs: Any) -> Any:
+        if active_partitions is not None:  # None: a client-only app reads everything it is assigned
+            active_partitions = Deliverable(active_partitions)
+        return await fetch(self, consumer, active_partitions, **kwargs)
+
+    thread_class._fetch_records = active_only_fetch  # type: ignore[method-assign,assignment]
+
+
 def apply() -> None:
     """Install every patch once per process (they patch classes, which every worker shares)."""
     if not getattr(faust_aiokafka.Consumer, "_collector_patched", False):
         _prompt_fetches()
         _settled_seeks()
+        _no_fetch_drains_everything()
         faust_aiokafka.Consumer._collector_patched = True  # type: ignore[attr-defined]
