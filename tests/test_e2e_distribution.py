@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from agents.embedded_broker import EmbeddedBroker
-from tests.harness import Simulator, TopicReader, Worker, wait_for, write_config
+from tests.harness import SimulatedExchange, Simulator, TopicReader, Worker, wait_for, write_config
 from tests.test_dashboard_browser import Browser
 
 pytestmark = pytest.mark.e2e
@@ -142,10 +142,16 @@ def config_path(simulator: Simulator, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="module")
-def worker(broker: EmbeddedBroker, config_path: Path) -> Iterator[Worker]:
+def worker(broker: EmbeddedBroker, config_path: Path, simulator: Simulator) -> Iterator[Worker]:
     started = Worker(config_path, broker.bootstrap, config_path.parent, name="first")
     try:
         started.wait_ready()
+        # Ready is not subscribed: a test that pauses the market, notes what was made and resumes it
+        # expects the first trade after that; with a fresh topic the collector starts at the first
+        # trade it receives, so every stream must be live before (a test run alone missed it).
+        market = SimulatedExchange(simulator, "binance")
+        streams = len(SYMBOLS) * len(DATA_TYPES)
+        wait_for(lambda: market.subscribed_streams() == streams, 45, "every stream subscribed")
         yield started
     finally:
         code = started.stop()
