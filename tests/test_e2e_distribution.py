@@ -20,7 +20,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from agents.embedded_broker import EmbeddedBroker
-from tests.harness import SimulatedExchange, Simulator, TopicReader, Worker, wait_for, write_config
+from tests.harness import Simulator, TopicReader, Worker, wait_for, write_config
 from tests.test_dashboard_browser import Browser
 
 pytestmark = pytest.mark.e2e
@@ -149,9 +149,7 @@ def worker(broker: EmbeddedBroker, config_path: Path, simulator: Simulator) -> I
         # Ready is not subscribed: a test that pauses the market, notes what was made and resumes it
         # expects the first trade after that; with a fresh topic the collector starts at the first
         # trade it receives, so every stream must be live before (a test run alone missed it).
-        market = SimulatedExchange(simulator, "binance")
-        streams = len(SYMBOLS) * len(DATA_TYPES)
-        wait_for(lambda: market.subscribed_streams() == streams, 45, "every stream subscribed")
+        wait_streams(simulator, len(SYMBOLS) * len(DATA_TYPES))
         yield started
     finally:
         code = started.stop()
