@@ -38,6 +38,7 @@ from faust import web as faust_web
 from mode import Service
 
 from agents import metrics
+from agents.consumer_stop import stop_consumer
 from streams.config import CollectorConfig
 from streams.distribution import (
     MAX_MESSAGE_BYTES,
@@ -306,7 +307,7 @@ class MarketFeed:
             except (KafkaError, OSError) as exc:
                 self.state.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("distribution: cannot reach Kafka (%s); retrying", self.state.last_error)
-                await consumer.stop()
+                await stop_consumer(consumer, "distribution")
                 await asyncio.sleep(RETRY_SECONDS)
                 continue
             self._consumer = consumer
@@ -317,7 +318,7 @@ class MarketFeed:
             for change in self._changes:
                 if not change.done.done():
                     change.done.cancel()
-            await self._consumer.stop()
+            await stop_consumer(self._consumer, "distribution")
 
     async def _round(self, consumer: AIOKafkaConsumer) -> None:
         if not self.hub.clients and not self._changes:

@@ -17,6 +17,7 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from agents.consumer_stop import stop_consumer
 from streams.continuity import Seed
 from streams.records import MarketRecord, Trade, decode_record
 from streams.topics import market_topic
@@ -78,7 +79,7 @@ async def read_seeds(
     except KafkaError as exc:  # an I/O boundary: without seeds, each symbol starts from live data
         log.warning("reading the market topics' last trades failed: %r", exc)
     finally:
-        await consumer.stop()
+        await stop_consumer(consumer, "last trades")
     return {symbol: seed_of(tail, position) for symbol, tail in tails.items() if tail}
 
 
