@@ -74,22 +74,26 @@ class RawInput(NamedTuple):
     settle: Callable[[], None] | None = None
 
 
-class _TradeOrigin(NamedTuple):
-    """Where a live trade came from, for its dead letter."""
+class _Origin(msgspec.Struct, frozen=True, gc=False):
+    """Where a record came from: what its dead letter names. Made per frame and held while a gap is
+    repaired; scalars only, so gc=False keeps them (and the tuples carrying them) out of the garbage
+    collector's generations."""
 
     connection_id: str
     sequence: int
     received_at: int
     payload: bytes
 
+    def where(self) -> tuple[str, int, int, bytes]:
+        return self.connection_id, self.sequence, self.received_at, self.payload
 
-class _FrameOrigin(NamedTuple):
-    """Where an order book item came from: what its dead letter names."""
 
-    connection_id: str
-    sequence: int
-    received_at: int
-    payload: bytes
+class _TradeOrigin(_Origin, frozen=True, gc=False):
+    """A live trade's origin."""
+
+
+class _FrameOrigin(_Origin, frozen=True, gc=False):
+    """An order book item's origin."""
 
 
 class Normalizer:
@@ -303,8 +307,7 @@ class Normalizer:
                     payload = encode_record(output.record)
                     self._reject(output.reason, output.detail, "", -1, output.record.received_at, payload)
                 else:
-                    where = (origin.connection_id, origin.sequence, origin.received_at, origin.payload)
-                    self._reject(output.reason, output.detail, *where)
+                    self._reject(output.reason, output.detail, *origin.where())
             elif isinstance(output, FetchTrades | FetchSnapshot):
                 if self._fetch is not None:
                     self._fetch(output)
@@ -316,7 +319,7 @@ class Normalizer:
                 if output.reason == "crossed-book":
                     book_crossed(self.exchange)
                 if isinstance(output.origin, _FrameOrigin):
-                    self._reject(output.reason, output.detail, *output.origin)
+                    self._reject(output.reason, output.detail, *output.origin.where())
 
     def _send(self, record: MarketRecord) -> None:
         topic = market_topic(record.type, self.exchange, record.symbol)

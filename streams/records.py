@@ -78,7 +78,9 @@ class Depth(msgspec.Struct, rename="camel", frozen=True):
 MarketData = Trade | Kline | Ticker | Bbo | Depth
 
 
-class MarketRecord(msgspec.Struct, rename="camel", frozen=True):
+# gc=False: one is made per event and held until the broker acknowledges it; frozen, holding scalars
+# and a data struct, it cannot be part of a reference cycle, so the garbage collector need not track it.
+class MarketRecord(msgspec.Struct, rename="camel", frozen=True, gc=False):
     exchange: str
     symbol: str  # normalized BASE/QUOTE, e.g. BTC/USDT
     type: RecordType

@@ -17,8 +17,11 @@ from streams.records import MarketRecord
 GapOutcome = Literal["repaired", "unrecoverable"]
 
 
-class Publish(msgspec.Struct, tag="publish", frozen=True):
-    """Write the record to its market topic. `origins`: the live records it settles (none for history)."""
+class Publish(msgspec.Struct, tag="publish", frozen=True, gc=False):
+    """Write the record to its market topic. `origins`: the live records it settles (none for history).
+
+    One per published record: untracked by the garbage collector (gc=False), as the caller's origins
+    hold no reference back to it."""
 
     record: MarketRecord
     origins: tuple[Any, ...] = ()
