@@ -18,7 +18,9 @@ from streams.raw import RawFrame
 from streams.records import Bbo, MarketRecord, Trade
 
 TRADE = Trade(price="1.5", quantity="2", side="buy", trade_id="7", trade_time=1)
-RECORD = MarketRecord(exchange="binance", symbol="BTC/USDT", type="trade", timestamp=1, received_at=2, data=TRADE)
+RECORD = MarketRecord(
+    exchange="binance", symbol="BTC/USDT", type="trade", timestamp=1, received_at=2, data=TRADE
+)
 ORIGIN = _TradeOrigin(connection_id="binance-0", sequence=3, received_at=2, payload=b"{}")
 
 

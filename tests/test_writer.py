@@ -440,33 +440,39 @@ async def test_a_hand_over_serves_the_reports_that_came_in_since_the_last(
     assert found[topic][0] == b"first" and len(found[topic]) == handed_over
 
 
-async def test_a_quiet_writer_looks_for_reports_about_once_per_hand_over(
+async def test_a_quiet_writer_looks_for_reports_only_when_they_can_be_there(
     shared_broker: EmbeddedBroker,
 ) -> None:
     # Hand-overs every 40 ms (a quiet feed whose symbols all trade in the same tick) at the default
     # 25 ms linger, so some hand-over is always open. Polling every 10 ms while any was open looked
-    # ~4 times per hand-over (118 polls here); looking for the oldest one when its reports can be
-    # there looks about twice (the hand-over itself, and once after its linger).
+    # ~4 times per hand-over (118 polls here), mostly before any report could exist. The timer now looks
+    # for the oldest open hand-over once its linger (+3 ms) has passed, then every 10 ms while it stays
+    # open: never sooner, however slow the broker (a count of polls would depend on its speed).
     broker = shared_broker
     topics = [f"market.trade.test.quiet{n}" for n in range(5)]
     for topic in topics:
         await _declarer(broker.bootstrap)(topic)
     delivery = ConfluentDelivery(confluent_settings([broker.bootstrap], linger_ms=25, compression="lz4"))
-    polls = 0
     serve = delivery._serve_reports
+    handing_over = False
+    timer_looks: list[float] = []  # per look by the timer: how long the oldest open one had been open
 
     def counted() -> None:
-        nonlocal polls
-        polls += 1
+        if not handing_over and delivery._open:
+            timer_looks.append(time.monotonic() - next(iter(delivery._open.values())))
         serve()
 
     delivery._serve_reports = counted  # type: ignore[method-assign]
     outcomes = []
     for tick in range(30):
         records = [(topic, b"k", f"{tick}".encode()) for topic in topics]
+        handing_over = True
         outcomes.append(asyncio.ensure_future(await delivery.hand_over(records)))
+        handing_over = False
         await asyncio.sleep(0.04)
     done, _ = await asyncio.wait(outcomes, timeout=20)
     assert len(done) == len(outcomes) and all(o.result()[:2] == ([], None) for o in outcomes)
-    assert polls <= 3 * len(outcomes), f"{polls} polls for {len(outcomes)} hand-overs"
+    assert timer_looks, "the timer never looked: reports were served only by hand-overs"
+    early = [round(age * 1000, 1) for age in timer_looks if age < delivery._first_report_after]
+    assert not early, f"{len(early)} of {len(timer_looks)} looks came before a report could: {early} ms"
     delivery.close()
