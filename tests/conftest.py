@@ -50,24 +50,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.add_cleanup(plugin.stop)
 
 
-# The longest files (seconds on a 2-core machine under `make test`, from `--durations=0`, 2026-12-07),
-# started first.
+# The longest files (seconds on a 2-core machine, from `--durations`), started first.
 LONGEST_FILES = {
-    "test_e2e_depth.py": 165,
-    "test_e2e_continuity_bithumb.py": 149,
-    "test_e2e_continuity_upbit.py": 149,
-    "test_writer.py": 146,
-    "test_e2e_continuity_binance.py": 138,
-    "test_subscriptions_e2e.py": 116,
-    "test_e2e_faults.py": 114,
-    "test_e2e_broker_pause.py": 87,
-    "test_e2e_embedded_pause.py": 78,
-    "test_bench.py": 76,
-    "test_operator_input.py": 74,
-    "test_e2e_distribution.py": 70,
-    "test_web_views.py": 69,
-    "test_guards.py": 63,
-    "test_embedded_broker.py": 59,
+    "test_e2e_continuity_binance.py": 110,
+    "test_e2e_continuity_bithumb.py": 110,
+    "test_e2e_continuity_upbit.py": 110,
+    "test_e2e_faults.py": 95,
+    "test_writer.py": 90,
+    "test_e2e_depth.py": 75,
+    "test_e2e_broker_pause.py": 66,
+    "test_e2e_embedded_pause.py": 61,
+    "test_subscriptions_e2e.py": 55,
+    "test_e2e_two_workers.py": 52,
 }
 
 
