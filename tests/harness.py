@@ -85,7 +85,13 @@ class Simulator:
             cwd=REPO,
             preexec_fn=die_with_parent(signal.SIGTERM),
         )
-        wait_for(lambda: "listening" in self.log_path.read_text() or self._died(), 30, "the simulator")
+        # 0.9 s on an idle machine; a clean-clone `make test` in a slow phase of this 2-core machine, with
+        # every xdist process starting brokers, simulators and workers at once, took over 30 s twice.
+        try:
+            wait_for(lambda: "listening" in self.log_path.read_text() or self._died(), 90, "the simulator")
+        except TimeoutError as exc:
+            self.process.kill()
+            raise TimeoutError(f"{exc}; its log: {self.log_path.read_text()[-2000:]!r}") from None
         if self.process.poll() is not None:
             raise RuntimeError(f"simulator exited: {self.log_path.read_text()[-2000:]}")
 
