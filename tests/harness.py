@@ -67,6 +67,11 @@ def is_alive(pid: int) -> bool:
     return state != "Z"
 
 
+# Seconds a simulator control request may take. Two clean-clone runs in a slow phase of the 2-core
+# machine had a book ground-truth request pass 10 s.
+CONTROL_TIMEOUT = 30
+
+
 class Simulator:
     """`collector simulate` in its own process; controlled over its /_sim/ endpoints."""
 
@@ -108,14 +113,14 @@ class Simulator:
 
     def get(self, path: str, exact_numbers: bool = False) -> Any:
         """GET a simulator path; `exact_numbers` reads JSON floats as Decimal (Upbit/Bithumb prices)."""
-        with urllib.request.urlopen(self.http + path, timeout=10) as response:
+        with urllib.request.urlopen(self.http + path, timeout=CONTROL_TIMEOUT) as response:
             return json.loads(response.read(), parse_float=Decimal if exact_numbers else float)
 
     def post(self, path: str, body: dict[str, Any] | None = None, exact_numbers: bool = False) -> Any:
         data = json.dumps(body or {}).encode()
         request = urllib.request.Request(self.http + path, data=data, method="POST")
         request.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=CONTROL_TIMEOUT) as response:
             return json.loads(response.read() or b"{}", parse_float=Decimal if exact_numbers else float)
 
     def stop(self) -> None:
