@@ -26,26 +26,20 @@ async def stop_consumer(consumer: AIOKafkaConsumer, what: str, seconds: float = 
     (it is then left to finish on its own, logged)."""
     stopping = asyncio.ensure_future(consumer.stop())
     try:
-        for round_ in (1, 2):
+        done, _ = await asyncio.wait({stopping}, timeout=seconds)
+        if not done:
+            log.warning(
+                "%s: the Kafka consumer did not stop within %.1f s; cancelling its stop", what, seconds
+            )
+            stopping.cancel()
             done, _ = await asyncio.wait({stopping}, timeout=seconds)
-            if done:
-                return _stopped(stopping, what)
-            if round_ == 1:
-                log.warning(
-                    "%s: the Kafka consumer did not stop within %.1f s; cancelling its stop", what, seconds
-                )
-                stopping.cancel()
     except asyncio.CancelledError:
         stopping.cancel()
         raise
-    log.error("%s: the Kafka consumer did not stop within %.1f s of a cancel; left behind", what, seconds)
-    return False
-
-
-def _stopped(stopping: asyncio.Future[None], what: str) -> bool:
-    if stopping.cancelled():  # aiokafka's stop can end on the cancellation of a task it awaited
-        return True
-    exc = stopping.exception()
-    if exc is not None:  # at stop, a broker that went away is not worth more than a line
-        log.warning("%s: stopping the Kafka consumer: %r", what, exc)
+    if not done:
+        log.error("%s: the Kafka consumer did not stop within %.1f s of a cancel; left behind", what, seconds)
+        return False
+    # A cancelled stop is still a finished one: aiokafka's stop can end on a cancellation it awaited.
+    if not stopping.cancelled() and stopping.exception() is not None:
+        log.warning("%s: stopping the Kafka consumer: %r", what, stopping.exception())
     return True

@@ -397,10 +397,8 @@ class ConfluentDelivery:
             await asyncio.sleep(max(delay, 0.0))
             if not self._open:
                 break  # the hand-overs meanwhile served every report
-            oldest_now, handed_over_at = next(iter(self._open.items()))
-            if oldest_now is not oldest and handed_over_at + self._first_report_after > time.monotonic():
-                looked_for = None  # a hand-over served the oldest's reports: wait for the next one's
-                continue
+            if next(iter(self._open)) is not oldest:
+                continue  # a hand-over served the oldest's reports meanwhile: wait for the new oldest's
             self._serve_reports()
             now = time.monotonic()
             # Only records librdkafka holds count: hand-overs waiting for a look-up hold none.
