@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 6
 
 .DEFAULT_GOAL := help
-.PHONY: help install system-deps run demo simulate test test-unit test-soak lint format clean bench bench-soak bench-sinks bench-floor
+.PHONY: help install system-deps run demo simulate test test-unit test-soak lint format clean bench bench-soak bench-sinks bench-floor bench-clients
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -65,6 +65,9 @@ bench-sinks: install system-deps ## Kafka → PostgreSQL and → Redis: 30,000 t
 
 bench-floor: install ## The quiet step's feed read by aiohttp and produced by librdkafka alone, no collector (~4 min)
 	$(PY) -m bench.quiet_floor
+
+bench-clients: install ## The market producer alone: librdkafka against aiokafka's one request for all partitions (~5 min)
+	$(PY) -m bench.clients
 
 bench-soak: install ## One worker for 6 min at 10,000 events/s, every 30 s: how the embedded broker ages
 	$(PY) -m bench --symbols 100 --soak 360 $(BENCH_ARGS)

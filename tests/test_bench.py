@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import broker_probe, quiet_floor
+from bench import broker_probe, clients, quiet_floor
 from bench.acks import window_percentiles
 from bench.profile import summarize
 from bench.report import BEGIN, END, slice_table, table, write_results
@@ -113,3 +113,14 @@ def test_a_step_passes_only_without_loss_and_at_the_target_rate() -> None:
     assert not replace(good, delivered_rate=8_000.0).passed
     assert not replace(good, drained_in=None).passed
     assert good.worker_us_per_event == 50.0
+
+
+@pytest.mark.e2e
+def test_the_client_comparison_runs_both_market_producers_and_each_delivers_every_record() -> None:
+    rows = clients.run(((30, 2000),), rounds=1, warmup=0.5, duration=1.5)
+    assert [client for client, *_ in rows] == list(clients.CLIENTS)
+    for client, topics, rate, found in rows:
+        assert (topics, rate) == (30, 2000)
+        assert found["acknowledged per second"] > 0 and found["broker cpu percent"] > 0, client
+        assert found["failed"] == 0 and found["unacknowledged"] == 0, client
+    assert clients._line(*rows[1]).startswith("| aiokafka | 30 | 2,000 | ")
