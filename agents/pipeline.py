@@ -19,6 +19,7 @@ import faust
 from mode import Service
 
 from agents.adapters import AdapterDirectory
+from agents.aiokafka_delivery import AiokafkaDelivery
 from agents.connection import SendRaw
 from agents.declare import TopicDeclarer
 from agents.handoff import RawHandoff, normalize_handed_over
@@ -31,6 +32,7 @@ from agents.writer import (
     RAW_LINGER_MS,
     RAW_SIDE_OUTPUT_COALESCE,
     RAW_SIDE_OUTPUT_LINGER_MS,
+    BatchDelivery,
     ConfluentDelivery,
     RawProducer,
     TopicWriter,
@@ -173,11 +175,14 @@ class Pipeline:
     async def declare_topic(self, name: str) -> None:
         await self.declarer.declare(name)
 
-    def market_delivery(self) -> ConfluentDelivery:
-        # Market records go through librdkafka: a batch costs ~1 us per record to hand over instead of
-        # an awaited aiokafka send per record. One request in flight left them queueing behind the
-        # embedded broker's slow many-partition requests; unbounded, the requests swamped it
-        # (docs/benchmarks.md).
+    def market_delivery(self) -> BatchDelivery:
+        producer = self.config.kafka.producer
+        if producer.client == "aiokafka":
+            # A window's records, one batch per partition and one request for all partitions: the
+            # embedded broker pays per request (docs/benchmarks.md, "The market producer alone").
+            return AiokafkaDelivery(self.bootstrap_servers, producer.lingerMs, producer.compression)
+        # librdkafka: 5 requests in flight. One left records queueing behind the embedded broker's
+        # slow many-partition requests; unbounded, the requests swamped it (docs/benchmarks.md).
         return ConfluentDelivery({**self.confluent_settings(), "max.in.flight.requests.per.connection": 5})
 
     async def start_sources(self, service: Service) -> None:
@@ -286,6 +291,10 @@ async def _flush_on_stop(normalizer: Normalizer) -> None:
         await asyncio.wait_for(asyncio.shield(normalizer.writer.flush()), STOP_FLUSH_SECONDS)
     except Exception:  # the I/O boundary of a stopping agent: what is not acknowledged is redone
         log.exception("normalize.%s: records still unacknowledged at stop", normalizer.exchange)
+    try:
+        await normalizer.writer.close()
+    except Exception:  # the I/O boundary of a stopping agent
+        log.exception("normalize.%s: the market producer did not close", normalizer.exchange)
 
 
 class SourceService(Service):

@@ -36,7 +36,7 @@ from streams.spool import Outgoing, Spool, SpoolLimits
 from tables.records import QueueUsage
 
 log = logging.getLogger(__name__)
-_LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
+LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 
 Record = tuple[str, bytes, bytes]  # topic, key, value
 Produce = Callable[[str, bytes, bytes], Awaitable[Awaitable[Any]]]
@@ -53,6 +53,10 @@ class BatchDelivery(Protocol):
         """Produce every record, in order; the result resolves once all of them are settled."""
         ...
 
+    async def aclose(self) -> None:
+        """Release the client once the writer has flushed."""
+        ...
+
 
 class PerRecordDelivery:
     """Adapts a per-record `produce` coroutine (it returns a delivery future) to `BatchDelivery`."""
@@ -63,6 +67,9 @@ class PerRecordDelivery:
     async def hand_over(self, records: list[Record]) -> Awaitable[Outcome]:
         deliveries = [await self._produce(topic, key, value) for topic, key, value in records]
         return self._outcome(records, deliveries)
+
+    async def aclose(self) -> None:
+        return None  # the produce function's owner closes its client
 
     @staticmethod
     async def _outcome(records: list[Record], deliveries: list[Awaitable[Any]]) -> Outcome:
@@ -129,6 +136,10 @@ class TopicWriter:
         while self._unacknowledged:
             await asyncio.wait(list(self._unacknowledged))
             self._raise_failure()
+
+    async def close(self) -> None:
+        """Release the delivery's client; call after `flush`."""
+        await self._delivery.aclose()
 
     async def _settle(
         self, queue: list[Record], outcome: Awaitable[Outcome], on_acknowledged: OnAcknowledged | None
@@ -198,231 +209,51 @@ def confluent_settings(
         "partitioner": "murmur2_random",
         # librdkafka's own log lines (a broker that cannot be reached is reported every second) go
         # through Python logging, in the worker's log format, instead of raw to stderr.
-        "logger": _LIBRDKAFKA_LOG,
+        "logger": LIBRDKAFKA_LOG,
         "log.connection.close": False,
         **overrides,
     }
 
 
-class _Handover:
-    """The records of one `hand_over`, counted down by librdkafka's delivery reports."""
+class InDoubtDelivery:
+    """What a market delivery keeps to settle hand-overs, whichever client carries the records: the
+    open hand-overs, the offsets acknowledged per partition, and the look-up of records in doubt (taken
+    back from a broker that stopped answering), read back on their partitions once it answers."""
 
-    __slots__ = (
-        "_delivery", "acknowledged_at", "done", "error", "failed", "in_doubt", "look_from", "remaining",
-    )  # fmt: skip
-
-    def __init__(self, delivery: ConfluentDelivery, count: int, done: asyncio.Future[Outcome]) -> None:
-        self._delivery = delivery
-        self.remaining = count
-        self.failed: list[Record] = []
-        self.in_doubt: list[InDoubt] = []  # purged in flight: the broker may have written them
-        self.look_from: dict[tuple[str, int], int | None] = {}  # where to look for them (None: the tail)
-        self.error: BaseException | None = None
-        self.acknowledged_at: dict[str, int] = {}
-        self.done = done
-
-    def on_delivery(self, error: KafkaError | None, message: Message) -> None:
-        # Runs in the event loop thread: only ConfluentDelivery's poll serves delivery reports.
-        if error is None:
-            # Reports arrive in a partition's order, so the topic's last report covers all its records.
-            topic = message.topic() or ""
-            self.acknowledged_at[topic] = self._delivery.polled_at
-            self._delivery.acknowledged_offsets[topic, message.partition() or 0] = message.offset() or 0
-        elif error.code() == KafkaError._PURGE_INFLIGHT:
-            where = (message.topic() or "", message.partition() or 0)
-            self.in_doubt.append((*where, message.key() or b"", message.value() or b""))
-            # Where it would be: after what was acknowledged before the purge (acknowledgements that
-            # came after it are of later requests).
-            acknowledged = self._delivery.acknowledged_at_purge.get(where)
-            start = None if acknowledged is None else acknowledged + 1
-            earlier = self.look_from.get(where, start)
-            self.look_from[where] = None if start is None or earlier is None else min(start, earlier)
-        elif not self._delivery.undeliverable(error, message.topic(), message.value()):
-            self.failed.append((message.topic() or "", message.key() or b"", message.value() or b""))
-            self.error = KafkaException(error)
-        self.settle(1)
-
-    def give_up(self, records: list[Record], error: BaseException) -> None:
-        """Records librdkafka never accepted count as failed at once."""
-        self.failed += records
-        self.error = error
-        self.settle(len(records))
-
-    def settle(self, count: int) -> None:
-        self.remaining -= count
-        if self.remaining == 0 and not self.done.done():
-            if self.in_doubt:
-                self._delivery.look_up(self)
-            else:
-                self.finish()
-
-    def finish(self) -> None:
-        self._delivery.closed(self)
-        self.done.set_result((self.failed, self.error, self.acknowledged_at))
-
-
-class ConfluentDelivery:
-    """The librdkafka producers owned by one writer: one, and one more per TOPICS_PER_PRODUCER topics.
-
-    Producing is a cheap C call from the event loop thread; librdkafka compresses, sends and
-    collects acknowledgements in its own threads. Delivery reports are served by `poll` on the event
-    loop, so the report callbacks never race it: at every hand-over (the loop is awake then anyway),
-    and by a task that looks for the oldest open hand-over's reports `linger.ms` plus a round trip
-    (FIRST_LOOK_AFTER) after it was handed over, and then every REPORT_INTERVAL while it stays open.
-    No report can come sooner than `linger.ms` (25 by default) after its record was handed over, so
-    a faster timer only wakes the loop for nothing: every 2 ms it was 500 wake-ups a second at any
-    rate, a tenth of a quiet worker's CPU; and at a 10 ms pace while any hand-over was open, a
-    quiet worker handing over every 40 ms was looked at 100 times a second for 25 reports
-    (docs/benchmarks.md). Under load the hand-overs serve the reports.
-
-    A broker that answers nothing for STALL_PURGE_SECONDS (paused, not gone: its connection stays
-    open) gets its requests in flight taken back before librdkafka's 5-minute request timeout would
-    send them again: they are in doubt (agents/indoubt.py), looked up on their partitions once the
-    broker answers, and only those missing there are retried, so a long pause writes no record twice.
-    """
-
-    REPORT_INTERVAL = 0.010  # an acknowledgement is seen at most this late (the latency histogram's step)
-    FIRST_LOOK_AFTER = 0.003  # past linger.ms: a produce request's round trip to a broker nearby
-    # librdkafka's broker thread visits, under a lock each, every partition it leads at each wake-up,
-    # and it wakes about twice per produce request, a request per partition: at 1,000 symbols (2,000
-    # topics) that walk was most of the worker's CPU. Split over producers of this many topics each, a
-    # wake-up walks only its producer's share (docs/benchmarks.md).
-    TOPICS_PER_PRODUCER = 1000
-    POLL_INTERVAL = 0.002  # while waiting for room in librdkafka's full queue
-    # Under socket.timeout.ms (300 s, when librdkafka sends a request again), with room to spare.
+    # Under the client's request timeout (300 s, when it would send a request again), with room to spare.
     STALL_PURGE_SECONDS = 240.0
     READ_BACK_ATTEMPTS = 5  # a purged request may be written just after the broker first answers
     READ_BACK_TIMEOUT = 60.0
 
-    def __init__(self, settings: dict[str, Any]) -> None:
-        self._settings = settings
-        self._first_report_after = settings.get("linger.ms", 0) / 1000 + self.FIRST_LOOK_AFTER
-        self._producers = [self._new_producer()]
-        # Each topic's records always go through the same producer: its partitions keep their order.
-        self._producer_of: dict[str, Producer] = {}
-        self._open: dict[_Handover, float] = {}  # open hand-overs, oldest first → when (monotonic)
-        self.polled_at = 0  # ms since the epoch of the latest poll: when its delivery reports arrived
-        self._poller: asyncio.Task[None] | None = None
+    def __init__(self, bootstrap: str) -> None:
+        self._bootstrap = bootstrap
+        self._open: dict[Handover, float] = {}  # open hand-overs, oldest first → when (monotonic)
+        self.polled_at = 0  # ms since the epoch when the latest acknowledgements were taken in
         self.undeliverable_records = 0
         # Per partition, the offset of the newest record acknowledged: where an in-doubt record would be.
         self.acknowledged_offsets: dict[tuple[str, int], int] = {}
         self.acknowledged_at_purge: dict[tuple[str, int], int] = {}  # the same, when the last purge began
-        self._answered_at = time.monotonic()  # when a report last came (or a hand-over began after none)
-        self._to_look_up: list[_Handover] = []  # hand-overs whose in-doubt records wait for the broker
+        self._to_look_up: list[Handover] = []  # hand-overs whose in-doubt records wait for the broker
         self._looker: asyncio.Task[None] | None = None
         self.purges = 0
         self.found_in_doubt = 0  # purged records found on their partitions (not sent again)
         self.resent_in_doubt = 0  # purged records not found there (sent again)
 
     def undeliverable(self, error: KafkaError, topic: str | None, value: bytes | None) -> bool:
-        """True (counted and logged) when no retry can deliver the record: it is dropped."""
-        if error.code() not in UNDELIVERABLE:
-            return False
-        # Retrying cannot help and would stall every later commit of the agent for good.
-        self.undeliverable_records += 1
-        log.error(
-            "record for %s can never be delivered (%s, %d bytes); dropped", topic, error, len(value or b"")
-        )
-        return True
+        raise NotImplementedError
 
-    def _on_client_error(self, error: KafkaError) -> None:
-        log.warning("kafka producer: %s", error)
-
-    def _new_producer(self) -> Producer:
-        return Producer({**self._settings, "error_cb": self._on_client_error})
-
-    def _assign_producer(self, topic: str) -> Producer:
-        index = len(self._producer_of) // self.TOPICS_PER_PRODUCER
-        if index == len(self._producers):
-            self._producers.append(self._new_producer())
-        producer = self._producer_of[topic] = self._producers[index]
-        return producer
-
-    @property
-    def producer_count(self) -> int:
-        return len(self._producers)
-
-    def _held(self) -> int:
-        """Records librdkafka holds: queued, in flight, or with a report not yet served."""
-        return sum(len(producer) for producer in self._producers)
-
-    async def hand_over(self, records: list[Record]) -> Awaitable[Outcome]:
+    def _new_handover(self, records: list[Record]) -> tuple[asyncio.Future[Outcome], Handover | None]:
+        """The outcome to return, and the hand-over that settles it (None: no records, settled)."""
         done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         if not records:
             done.set_result(([], None, {}))
-            return done
-        handover = _Handover(self, len(records), done)
-        now = time.monotonic()
-        if not self._open:
-            self._answered_at = now  # nothing was outstanding: the stall clock starts now
-        self._open[handover] = now
-        self._serve_reports()
-        self._keep_polling()
-        producer_of, on_delivery = self._producer_of, handover.on_delivery
-        for index, (topic, key, value) in enumerate(records):
-            producer = producer_of.get(topic)
-            if producer is None:  # not `or`: a Producer holding no records is falsy (len 0)
-                producer = self._assign_producer(topic)
-            try:
-                try:
-                    producer.produce(topic, value, key, on_delivery=on_delivery)
-                except BufferError:  # librdkafka's queue is full: let it drain, then go on
-                    await self._wait_for_room()
-                    producer.produce(topic, value, key, on_delivery=on_delivery)
-            except BufferError as exc:  # still full: the writer retries the rest later
-                handover.give_up(records[index:], exc)
-                break
-            except KafkaException as exc:  # refused before sending: too large, unknown topic, ...
-                if self.undeliverable(exc.args[0], topic, value):
-                    handover.settle(1)
-                else:
-                    handover.give_up([(topic, key, value)], exc)
-        return done
+            return done, None
+        return done, Handover(self, len(records), done)
 
-    def closed(self, handover: _Handover) -> None:
+    def closed(self, handover: Handover) -> None:
         self._open.pop(handover, None)
 
-    def _keep_polling(self) -> None:
-        if self._poller is None or self._poller.done():
-            self._poller = asyncio.ensure_future(self._poll())
-
-    async def _poll(self) -> None:
-        looked_for: _Handover | None = None  # the oldest open hand-over when it was last looked for
-        while self._open:
-            oldest, handed_over_at = next(iter(self._open.items()))
-            if oldest is looked_for:
-                delay = self.REPORT_INTERVAL
-            else:
-                delay = handed_over_at + self._first_report_after - time.monotonic()
-            await asyncio.sleep(max(delay, 0.0))
-            if not self._open:
-                break  # the hand-overs meanwhile served every report
-            if next(iter(self._open)) is not oldest:
-                continue  # a hand-over served the oldest's reports meanwhile: wait for the new oldest's
-            self._serve_reports()
-            now = time.monotonic()
-            # Only records librdkafka holds count: hand-overs waiting for a look-up hold none.
-            if self._held() and now - self._answered_at > self.STALL_PURGE_SECONDS:
-                self._purge_in_flight()
-            # A hand-over that was due by now has been looked for by this poll as well.
-            looked_for = next(iter(self._open), None)
-            if looked_for is not None and self._open[looked_for] + self._first_report_after > now:
-                looked_for = None
-
-    def _purge_in_flight(self) -> None:
-        """Take back the requests the silent broker holds: their records come back in doubt."""
-        self._answered_at = time.monotonic()
-        self.purges += 1
-        self.acknowledged_at_purge = dict(self.acknowledged_offsets)
-        log.warning(
-            "kafka producer: no answer for %.0f s; taking back the requests in flight before they time"
-            " out and are sent again (a paused broker would write them twice): their records are looked"
-            " up once the broker answers", self.STALL_PURGE_SECONDS,
-        )  # fmt: skip
-        for producer in self._producers:
-            producer.purge(in_queue=False, in_flight=True)
-
-    def look_up(self, handover: _Handover) -> None:
+    def look_up(self, handover: Handover) -> None:
         """Settle a hand-over with in-doubt records once they have been looked up. Every hand-over
         waiting when the broker answers is looked up in one read."""
         self._to_look_up.append(handover)
@@ -459,26 +290,22 @@ class ConfluentDelivery:
                 handover.finish()
 
     async def _until_the_broker_answers(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                await loop.run_in_executor(None, functools.partial(self._producers[0].list_topics, timeout=5))
-                return
-            except KafkaException:  # still no answer
-                await asyncio.sleep(1.0)
+        raise NotImplementedError
 
     async def _still_missing(
         self, in_doubt: list[InDoubt], starts: dict[tuple[str, int], int | None]
     ) -> list[InDoubt]:
         loop = asyncio.get_running_loop()
-        read_settings = {"logger": _LIBRDKAFKA_LOG, "log.connection.close": False}
+        read_settings = {"logger": LIBRDKAFKA_LOG, "log.connection.close": False}
         missing = in_doubt
         for attempt in range(self.READ_BACK_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(1.0)
-            bootstrap = self._settings["bootstrap.servers"]
             read = await loop.run_in_executor(
-                None, functools.partial(read_back, bootstrap, starts, self.READ_BACK_TIMEOUT, **read_settings)
+                None,
+                functools.partial(
+                    read_back, self._bootstrap, starts, self.READ_BACK_TIMEOUT, **read_settings
+                ),
             )
             missing = still_missing(in_doubt, read)
             if not missing:
@@ -486,6 +313,222 @@ class ConfluentDelivery:
         log.warning("kafka producer: %d records in doubt: %d on their partitions, %d sent again",
                     len(in_doubt), len(in_doubt) - len(missing), len(missing))  # fmt: skip
         return missing
+
+
+class Handover:
+    """The records of one `hand_over`, counted down by librdkafka's delivery reports."""
+
+    __slots__ = (
+        "_delivery", "acknowledged_at", "done", "error", "failed", "in_doubt", "look_from", "remaining",
+    )  # fmt: skip
+
+    def __init__(self, delivery: InDoubtDelivery, count: int, done: asyncio.Future[Outcome]) -> None:
+        self._delivery = delivery
+        self.remaining = count
+        self.failed: list[Record] = []
+        self.in_doubt: list[InDoubt] = []  # purged in flight: the broker may have written them
+        self.look_from: dict[tuple[str, int], int | None] = {}  # where to look for them (None: the tail)
+        self.error: BaseException | None = None
+        self.acknowledged_at: dict[str, int] = {}
+        self.done = done
+
+    def on_delivery(self, error: KafkaError | None, message: Message) -> None:
+        # Runs in the event loop thread: only ConfluentDelivery's poll serves delivery reports.
+        topic, partition = message.topic() or "", message.partition() or 0
+        if error is None:
+            self.acknowledged(topic, partition, message.offset() or 0)
+        elif error.code() == KafkaError._PURGE_INFLIGHT:
+            self.taken_back(topic, partition, message.key() or b"", message.value() or b"")
+        elif not self._delivery.undeliverable(error, topic, message.value()):
+            self.failed.append((topic, message.key() or b"", message.value() or b""))
+            self.error = KafkaException(error)
+        self.settle(1)
+
+    def acknowledged(self, topic: str, partition: int, offset: int) -> None:
+        # Acknowledgements come in a partition's order, so the topic's last covers all its records.
+        self.acknowledged_at[topic] = self._delivery.polled_at
+        self._delivery.acknowledged_offsets[topic, partition] = offset
+
+    def taken_back(self, topic: str, partition: int, key: bytes, value: bytes) -> None:
+        """A record of a request taken back from a silent broker: it may have been written."""
+        where = (topic, partition)
+        self.in_doubt.append((*where, key, value))
+        # Where it would be: after what was acknowledged before the purge (acknowledgements that
+        # came after it are of later requests).
+        acknowledged = self._delivery.acknowledged_at_purge.get(where)
+        start = None if acknowledged is None else acknowledged + 1
+        earlier = self.look_from.get(where, start)
+        self.look_from[where] = None if start is None or earlier is None else min(start, earlier)
+
+    def give_up(self, records: list[Record], error: BaseException) -> None:
+        """Records librdkafka never accepted count as failed at once."""
+        self.failed += records
+        self.error = error
+        self.settle(len(records))
+
+    def settle(self, count: int) -> None:
+        self.remaining -= count
+        if self.remaining == 0 and not self.done.done():
+            if self.in_doubt:
+                self._delivery.look_up(self)
+            else:
+                self.finish()
+
+    def finish(self) -> None:
+        self._delivery.closed(self)
+        self.done.set_result((self.failed, self.error, self.acknowledged_at))
+
+
+class ConfluentDelivery(InDoubtDelivery):
+    """The librdkafka producers owned by one writer: one, and one more per TOPICS_PER_PRODUCER topics.
+
+    Producing is a cheap C call from the event loop thread; librdkafka compresses, sends and
+    collects acknowledgements in its own threads. Delivery reports are served by `poll` on the event
+    loop, so the report callbacks never race it: at every hand-over (the loop is awake then anyway),
+    and by a task that looks for the oldest open hand-over's reports `linger.ms` plus a round trip
+    (FIRST_LOOK_AFTER) after it was handed over, and then every REPORT_INTERVAL while it stays open.
+    No report can come sooner than `linger.ms` (25 by default) after its record was handed over, so
+    a faster timer only wakes the loop for nothing: every 2 ms it was 500 wake-ups a second at any
+    rate, a tenth of a quiet worker's CPU; and at a 10 ms pace while any hand-over was open, a
+    quiet worker handing over every 40 ms was looked at 100 times a second for 25 reports
+    (docs/benchmarks.md). Under load the hand-overs serve the reports.
+
+    A broker that answers nothing for STALL_PURGE_SECONDS (paused, not gone: its connection stays
+    open) gets its requests in flight taken back before librdkafka's 5-minute request timeout would
+    send them again: they are in doubt (agents/indoubt.py), looked up on their partitions once the
+    broker answers, and only those missing there are retried, so a long pause writes no record twice.
+    """
+
+    REPORT_INTERVAL = 0.010  # an acknowledgement is seen at most this late (the latency histogram's step)
+    FIRST_LOOK_AFTER = 0.003  # past linger.ms: a produce request's round trip to a broker nearby
+    # librdkafka's broker thread visits, under a lock each, every partition it leads at each wake-up,
+    # and it wakes about twice per produce request, a request per partition: at 1,000 symbols (2,000
+    # topics) that walk was most of the worker's CPU. Split over producers of this many topics each, a
+    # wake-up walks only its producer's share (docs/benchmarks.md).
+    TOPICS_PER_PRODUCER = 1000
+    POLL_INTERVAL = 0.002  # while waiting for room in librdkafka's full queue
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        super().__init__(settings["bootstrap.servers"])
+        self._settings = settings
+        self._first_report_after = settings.get("linger.ms", 0) / 1000 + self.FIRST_LOOK_AFTER
+        self._producers = [self._new_producer()]
+        # Each topic's records always go through the same producer: its partitions keep their order.
+        self._producer_of: dict[str, Producer] = {}
+        self._poller: asyncio.Task[None] | None = None
+        self._answered_at = time.monotonic()  # when a report last came (or a hand-over began after none)
+
+    def undeliverable(self, error: KafkaError, topic: str | None, value: bytes | None) -> bool:
+        """True (counted and logged) when no retry can deliver the record: it is dropped."""
+        if error.code() not in UNDELIVERABLE:
+            return False
+        # Retrying cannot help and would stall every later commit of the agent for good.
+        self.undeliverable_records += 1
+        log.error(
+            "record for %s can never be delivered (%s, %d bytes); dropped", topic, error, len(value or b"")
+        )
+        return True
+
+    def _on_client_error(self, error: KafkaError) -> None:
+        log.warning("kafka producer: %s", error)
+
+    def _new_producer(self) -> Producer:
+        return Producer({**self._settings, "error_cb": self._on_client_error})
+
+    def _assign_producer(self, topic: str) -> Producer:
+        index = len(self._producer_of) // self.TOPICS_PER_PRODUCER
+        if index == len(self._producers):
+            self._producers.append(self._new_producer())
+        producer = self._producer_of[topic] = self._producers[index]
+        return producer
+
+    @property
+    def producer_count(self) -> int:
+        return len(self._producers)
+
+    def _held(self) -> int:
+        """Records librdkafka holds: queued, in flight, or with a report not yet served."""
+        return sum(len(producer) for producer in self._producers)
+
+    async def hand_over(self, records: list[Record]) -> Awaitable[Outcome]:
+        done, handover = self._new_handover(records)
+        if handover is None:
+            return done
+        now = time.monotonic()
+        if not self._open:
+            self._answered_at = now  # nothing was outstanding: the stall clock starts now
+        self._open[handover] = now
+        self._serve_reports()
+        self._keep_polling()
+        producer_of, on_delivery = self._producer_of, handover.on_delivery
+        for index, (topic, key, value) in enumerate(records):
+            producer = producer_of.get(topic)
+            if producer is None:  # not `or`: a Producer holding no records is falsy (len 0)
+                producer = self._assign_producer(topic)
+            try:
+                try:
+                    producer.produce(topic, value, key, on_delivery=on_delivery)
+                except BufferError:  # librdkafka's queue is full: let it drain, then go on
+                    await self._wait_for_room()
+                    producer.produce(topic, value, key, on_delivery=on_delivery)
+            except BufferError as exc:  # still full: the writer retries the rest later
+                handover.give_up(records[index:], exc)
+                break
+            except KafkaException as exc:  # refused before sending: too large, unknown topic, ...
+                if self.undeliverable(exc.args[0], topic, value):
+                    handover.settle(1)
+                else:
+                    handover.give_up([(topic, key, value)], exc)
+        return done
+
+    def _keep_polling(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.ensure_future(self._poll())
+
+    async def _poll(self) -> None:
+        looked_for: Handover | None = None  # the oldest open hand-over when it was last looked for
+        while self._open:
+            oldest, handed_over_at = next(iter(self._open.items()))
+            if oldest is looked_for:
+                delay = self.REPORT_INTERVAL
+            else:
+                delay = handed_over_at + self._first_report_after - time.monotonic()
+            await asyncio.sleep(max(delay, 0.0))
+            if not self._open:
+                break  # the hand-overs meanwhile served every report
+            if next(iter(self._open)) is not oldest:
+                continue  # a hand-over served the oldest's reports meanwhile: wait for the new oldest's
+            self._serve_reports()
+            now = time.monotonic()
+            # Only records librdkafka holds count: hand-overs waiting for a look-up hold none.
+            if self._held() and now - self._answered_at > self.STALL_PURGE_SECONDS:
+                self._purge_in_flight()
+            # A hand-over that was due by now has been looked for by this poll as well.
+            looked_for = next(iter(self._open), None)
+            if looked_for is not None and self._open[looked_for] + self._first_report_after > now:
+                looked_for = None
+
+    def _purge_in_flight(self) -> None:
+        """Take back the requests the silent broker holds: their records come back in doubt."""
+        self._answered_at = time.monotonic()
+        self.purges += 1
+        self.acknowledged_at_purge = dict(self.acknowledged_offsets)
+        log.warning(
+            "kafka producer: no answer for %.0f s; taking back the requests in flight before they time"
+            " out and are sent again (a paused broker would write them twice): their records are looked"
+            " up once the broker answers", self.STALL_PURGE_SECONDS,
+        )  # fmt: skip
+        for producer in self._producers:
+            producer.purge(in_queue=False, in_flight=True)
+
+    async def _until_the_broker_answers(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(None, functools.partial(self._producers[0].list_topics, timeout=5))
+                return
+            except KafkaException:  # still no answer
+                await asyncio.sleep(1.0)
 
     async def _wait_for_room(self) -> None:
         limit = self._held() // 2
@@ -500,6 +543,9 @@ class ConfluentDelivery:
             served += producer.poll(0)
         if served:
             self._answered_at = time.monotonic()
+
+    async def aclose(self) -> None:
+        self.close(0.0)  # serves the last reports; librdkafka's threads end with the producer
 
     def close(self, timeout: float = 5.0) -> None:
         self.polled_at = now_ms()

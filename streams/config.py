@@ -114,6 +114,10 @@ class ProducerConfig(_Strict):
     # ~0.1 ms per partition it touches, so fewer, fuller requests keep it (and so latency) unloaded.
     lingerMs: Annotated[int, Field(ge=0, le=10_000)] = 25
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
+    # Which client carries the market records. aiokafka puts every partition into one produce
+    # request; librdkafka sends a request per partition, which the embedded broker pays for at
+    # 1,000 symbols (docs/benchmarks.md). The raw side output always goes through librdkafka.
+    client: Literal["aiokafka", "librdkafka"] = "aiokafka"
 
 
 MIB = 1024 * 1024

@@ -299,7 +299,17 @@ async def test_market_records_in_flight_through_a_pause_past_the_request_timeout
     await declare(topic)
     delivery = ConfluentDelivery(_settings(broker.bootstrap, **{"socket.timeout.ms": 6000}))
     delivery.STALL_PURGE_SECONDS = 3.0  # before the 6 s request timeout, as 240 s is before 300 s
-    writer = TopicWriter(None, declare, delivery=delivery)
+    sent, found = await _produce_through_a_pause(broker, TopicWriter(None, declare, delivery=delivery), topic)
+    assert delivery.purges >= 1 and delivery.found_in_doubt > 0  # records were in flight: in doubt
+    assert len(found) == len(sent) and found == sent  # each once, in order
+    delivery.close()
+
+
+async def _produce_through_a_pause(
+    broker: EmbeddedBroker, writer: TopicWriter, topic: str
+) -> tuple[list[bytes], list[bytes]]:
+    """Records sent steadily from 1 s before a 9 s pause of the broker to 1 s after: what was sent,
+    and what the topic holds once the writer has flushed."""
     sent: list[bytes] = []
     stop = asyncio.Event()
     producing = asyncio.ensure_future(_produce_steadily(writer, topic, stop, sent))
@@ -310,10 +320,7 @@ async def test_market_records_in_flight_through_a_pause_past_the_request_timeout
     stop.set()
     await asyncio.wait_for(producing, timeout=60)
     await asyncio.wait_for(writer.flush(), timeout=60)
-    found = _read_all(broker.bootstrap, [topic], len(sent) + 1, timeout=5)[topic]  # one more: none
-    assert delivery.purges >= 1 and delivery.found_in_doubt > 0  # records were in flight: in doubt
-    assert len(found) == len(sent) and found == sent  # each once, in order
-    delivery.close()
+    return sent, _read_all(broker.bootstrap, [topic], len(sent) + 1, timeout=5)[topic]  # one more: none
 
 
 async def test_raw_batches_through_a_pause_wait_in_the_spool_on_disk_and_go_out_once_in_order(

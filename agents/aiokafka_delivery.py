@@ -1,0 +1,350 @@
+"""Market records through aiokafka: every partition bound for the broker in one produce request.
+
+librdkafka sends one produce request per partition (its issue #1700). With a topic per symbol, at
+1,000 symbols nearly every record was a request of its own, and the embedded broker spent a core of
+CPU on them (docs/benchmarks.md, "The market producer alone"). aiokafka's sender keeps one request in
+flight per broker and puts every partition with a batch ready into it; a partition in flight waits
+for its answer, so each partition's records keep their order.
+
+The records handed over within one linger window (`kafka.producer.lingerMs`) become one batch per
+partition, each record stamped with the time it was handed over (librdkafka stamps CreateTime when a
+record is produced, not when its batch leaves).
+
+A broker that answers nothing for STALL_PURGE_SECONDS (paused, not gone) has its requests taken back
+before aiokafka's 5-minute request timeout would fail them and the writer would send them again:
+the producer is abandoned without sending anything more, every record not acknowledged is in doubt,
+looked up on its partition once the broker answers, and only those missing there are sent again,
+through a new producer (the same guarantee as `ConfluentDelivery`'s purge).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError as AiokafkaError
+from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.partitioner import DefaultPartitioner
+from confluent_kafka import KafkaException, Producer
+
+from agents.metrics import now_ms
+from agents.writer import LIBRDKAFKA_LOG, Handover, InDoubtDelivery, Outcome, Record
+
+log = logging.getLogger(__name__)
+
+_Item = tuple[bytes, bytes, int, Handover]  # key, value, when handed over (ms), its hand-over
+_Batch = tuple[str, int, list[_Item]]  # topic, partition, records
+
+
+class AiokafkaDelivery(InDoubtDelivery):
+    # As librdkafka's socket.timeout.ms: a request is never sent twice within a pause shorter than this.
+    REQUEST_TIMEOUT_MS = 300_000
+    MAX_RECORD_BYTES = 1_000_000  # librdkafka's message.max.bytes: larger records are refused at once
+    BATCH_BYTES = 512 * 1024  # a window's records for one partition are split into batches of this
+    WATCH_INTERVAL = 1.0  # how often a stall is looked for while records are outstanding
+    RESTART_DELAY = 0.5  # between attempts to start a producer while no broker answers
+
+    def __init__(self, bootstrap_servers: list[str], linger_ms: int, compression: str) -> None:
+        super().__init__(",".join(bootstrap_servers))
+        self._window_seconds = linger_ms / 1000
+        self._compression = None if compression == "none" else compression
+        self._producer: AIOKafkaProducer | None = None
+        self._starting = asyncio.Lock()
+        self._partitioner = DefaultPartitioner()
+        self._window: dict[str, list[_Item]] = {}  # records handed over since the last window, by topic
+        self._unsettled: dict[int, _Batch] = {}  # batches given to aiokafka (or about to be), by number
+        self._numbers = itertools.count()
+        self._sender: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._answered_at = time.monotonic()
+        self._abandoned: set[asyncio.Task[None]] = set()
+        self._probe: Producer | None = None
+        self._recovering: asyncio.Task[None] | None = None  # in-doubt records being looked up
+
+    async def hand_over(self, records: list[Record]) -> Awaitable[Outcome]:
+        done, handover = self._new_handover(records)
+        if handover is None:
+            return done
+        if self._recovering is None:
+            try:
+                await self._started()
+            except AiokafkaError as exc:  # no broker answers: the writer hands these over again later
+                handover.give_up(records, exc)
+                return done
+        now = time.monotonic()
+        if not self._open and not self._unsettled:
+            self._answered_at = now  # nothing was outstanding: the stall clock starts now
+        self._open[handover] = now
+        stamp, window = now_ms(), self._window
+        for topic, key, value in records:
+            if len(key) + len(value) > self.MAX_RECORD_BYTES:
+                self._refused(topic, len(value))
+                handover.settle(1)
+                continue
+            items = window.get(topic)
+            if items is None:
+                items = window[topic] = []
+            items.append((key, value, stamp, handover))
+        # While in-doubt records are looked up, what comes meanwhile waits behind them.
+        if window and self._recovering is None and (self._sender is None or self._sender.done()):
+            self._sender = asyncio.ensure_future(self._send_windows())
+        self._keep_watching()
+        return done
+
+    def _keep_watching(self) -> None:
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.ensure_future(self._watch_for_stall())
+
+    def undeliverable(self, error: Any, topic: str | None, value: bytes | None) -> bool:
+        if not isinstance(error, MessageSizeTooLargeError):
+            return False
+        self._refused(topic, len(value or b""))
+        return True
+
+    def _refused(self, topic: str | None, size: int) -> None:
+        # Retrying cannot help and would stall every later commit of the agent for good.
+        self.undeliverable_records += 1
+        log.error("record for %s can never be delivered (too large, %d bytes); dropped", topic, size)
+
+    async def _started(self) -> AIOKafkaProducer:
+        async with self._starting:
+            if self._producer is None:
+                producer = AIOKafkaProducer(
+                    bootstrap_servers=self._bootstrap,
+                    acks="all",
+                    # Idempotence costs the embedded broker ~5x per partition (docs/benchmarks.md); every
+                    # record carries its natural id, so consumers dedupe what a retry repeats.
+                    enable_idempotence=False,
+                    compression_type=self._compression,
+                    max_batch_size=2 * self.BATCH_BYTES,
+                    request_timeout_ms=self.REQUEST_TIMEOUT_MS,
+                )
+                try:
+                    await producer.start()
+                except BaseException:
+                    await producer.stop()
+                    raise
+                self._producer = producer
+            return self._producer
+
+    async def _send_windows(self) -> None:
+        while self._window:
+            await asyncio.sleep(self._window_seconds)
+            if self._recovering is not None:
+                return  # a purge took everything back meanwhile; the look-up starts sending again
+            try:
+                producer = await self._started()
+            except AiokafkaError:  # no broker answers yet: the window waits
+                await asyncio.sleep(self.RESTART_DELAY)
+                continue
+            window, self._window = self._window, {}
+            await self._know_topics(producer, list(window))
+            numbers = [self._register(producer, topic, items) for topic, items in window.items()]
+            for number in itertools.chain.from_iterable(numbers):
+                batch = self._unsettled.get(number)
+                if batch is not None:  # else taken back by a purge meanwhile
+                    await self._send(producer, number, batch)
+
+    async def _know_topics(self, producer: AIOKafkaProducer, topics: list[str]) -> None:
+        """One metadata request for a window's new topics: aiokafka asks for each topic alone, and every
+        request names all topics it knows (at 1,000 symbols, 2,000 requests of up to 2,000 topics)."""
+        client = producer.client
+        new = [topic for topic in topics if client.cluster.partitions_for_topic(topic) is None]
+        if new:
+            for topic in new:
+                client.add_topic(topic)
+            # A refresh that fails is tried again by aiokafka's own send path.
+            with contextlib.suppress(AiokafkaError):
+                await client.force_metadata_update()
+
+    def _register(self, producer: AIOKafkaProducer, topic: str, items: list[_Item]) -> list[int]:
+        partitions = producer.client.cluster.partitions_for_topic(topic)
+        if not partitions or len(partitions) == 1:
+            by_partition = {min(partitions) if partitions else 0: items}
+        else:
+            ordered = sorted(partitions)
+            by_partition = {}
+            for item in items:
+                partition = self._partitioner(item[0], ordered, ordered)
+                by_partition.setdefault(partition, []).append(item)
+        numbers = []
+        for partition, records in by_partition.items():
+            start = size = 0
+            for index, (key, value, _, _) in enumerate(records):
+                size += len(key) + len(value) + 64
+                if size > self.BATCH_BYTES and index > start:
+                    numbers.append(self._number((topic, partition, records[start:index])))
+                    start, size = index, len(key) + len(value) + 64
+            numbers.append(self._number((topic, partition, records[start:])))
+        return numbers
+
+    def _number(self, batch: _Batch) -> int:
+        number = next(self._numbers)
+        self._unsettled[number] = batch
+        return number
+
+    async def _send(self, producer: AIOKafkaProducer, number: int, batch: _Batch) -> None:
+        topic, partition, items = batch
+        builder = producer.create_batch()
+        for key, value, stamp, _ in items:
+            builder.append(key=key, value=value, timestamp=stamp)
+        builder.close()
+        try:
+            sent = await producer.send_batch(builder, topic, partition=partition)
+        except AiokafkaError as exc:  # the topic's metadata never came, or no room within the timeout
+            self._settled(number, exc)
+            return
+        sent.add_done_callback(functools.partial(self._on_sent, number))
+
+    def _on_sent(self, number: int, sent: asyncio.Future[Any]) -> None:
+        if sent.cancelled():
+            self._settled(number, asyncio.CancelledError())
+        else:
+            error = sent.exception()
+            self._settled(number, error, None if error is not None else sent.result().offset)
+
+    def _settled(self, number: int, error: BaseException | None, base_offset: int | None = None) -> None:
+        batch = self._unsettled.pop(number, None)
+        if batch is None:
+            return  # taken back by a purge: settled as in doubt
+        topic, partition, items = batch
+        if error is None and base_offset is not None:
+            self._answered_at = time.monotonic()
+            self.polled_at = now_ms()
+            last = base_offset + len(items) - 1
+            for handover, group in itertools.groupby(items, key=lambda item: item[3]):
+                count = sum(1 for _ in group)
+                handover.acknowledged(topic, partition, last)
+                handover.settle(count)
+            return
+        for key, value, _, handover in items:
+            if not self.undeliverable(error, topic, value):
+                handover.failed.append((topic, key, value))
+                handover.error = error
+            handover.settle(1)
+
+    async def _watch_for_stall(self) -> None:
+        while self._unsettled or self._window:
+            await asyncio.sleep(self.WATCH_INTERVAL)
+            if self._unsettled and time.monotonic() - self._answered_at > self.STALL_PURGE_SECONDS:
+                self._purge()
+
+    def _purge(self) -> None:
+        """Take everything outstanding back from the silent broker: its records are in doubt."""
+        self._answered_at = time.monotonic()
+        self.purges += 1
+        log.warning(
+            "kafka producer: no answer for %.0f s; taking back the requests in flight before they time"
+            " out and are sent again (a paused broker would write them twice): their records are looked"
+            " up once the broker answers", self.STALL_PURGE_SECONDS,
+        )  # fmt: skip
+        producer, self._producer = self._producer, None
+        if self._sender is not None:
+            self._sender.cancel()
+        taken, self._unsettled = self._unsettled, {}
+        waiting, self._window = self._window, {}
+        # In the order they were handed over: batches by number, then the window not yet sent.
+        in_doubt: list[tuple[str, int, _Item]] = [
+            (topic, partition, item) for topic, partition, items in taken.values() for item in items
+        ]
+        for topic, items in waiting.items():
+            partition = self._partition_of(producer, topic, items[0][0])
+            in_doubt += [(topic, partition, item) for item in items]
+        if producer is not None:
+            abandoning = asyncio.ensure_future(_abandon(producer))
+            self._abandoned.add(abandoning)
+            abandoning.add_done_callback(self._abandoned.discard)
+        starts = {
+            (topic, partition): None if offset is None else offset + 1
+            for topic, partition, _ in in_doubt
+            for offset in [self.acknowledged_offsets.get((topic, partition))]
+        }
+        self._recovering = asyncio.ensure_future(self._recover(in_doubt, starts))
+
+    async def _recover(
+        self, in_doubt: list[tuple[str, int, _Item]], starts: dict[tuple[str, int], int | None]
+    ) -> None:
+        """Once the broker answers, settle the in-doubt records found on their partitions and send the
+        missing ones again ahead of everything handed over meanwhile, so each partition keeps its order."""
+        await self._until_the_broker_answers()
+        records = [(topic, partition, key, value) for topic, partition, (key, value, _, _) in in_doubt]
+        try:
+            missing = await self._still_missing(records, starts)
+        except Exception:  # the broker boundary: sent again, a possible duplicate rather than a loss
+            log.exception("kafka producer: %d records in doubt could not be looked up; sending them again",
+                          len(records))  # fmt: skip
+            missing = records
+        left = Counter(missing)
+        resend: dict[str, list[_Item]] = {}
+        for (topic, _, item), record in zip(in_doubt, records, strict=True):
+            if left[record]:
+                left[record] -= 1
+                resend.setdefault(topic, []).append(item)
+            else:
+                self.found_in_doubt += 1
+                item[3].settle(1)
+        self.resent_in_doubt += len(missing)
+        for topic, items in self._window.items():
+            resend.setdefault(topic, []).extend(items)
+        self._window = resend
+        self._recovering = None
+        self._answered_at = time.monotonic()
+        if self._window:
+            self._sender = asyncio.ensure_future(self._send_windows())
+            self._keep_watching()
+
+    def _partition_of(self, producer: AIOKafkaProducer | None, topic: str, key: bytes) -> int:
+        partitions = producer.client.cluster.partitions_for_topic(topic) if producer is not None else None
+        if not partitions:
+            return 0
+        ordered = sorted(partitions)
+        return int(self._partitioner(key, ordered, ordered))
+
+    async def _until_the_broker_answers(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._probe is None:
+            self._probe = Producer(
+                {
+                    "bootstrap.servers": self._bootstrap,
+                    "logger": LIBRDKAFKA_LOG,
+                    "log.connection.close": False,
+                }
+            )
+        while True:
+            try:
+                await loop.run_in_executor(None, functools.partial(self._probe.list_topics, timeout=5))
+                return
+            except KafkaException:  # still no answer
+                await asyncio.sleep(1.0)
+
+    async def aclose(self) -> None:
+        """Stop the producer once the writer has flushed (what is still outstanding is not waited for)."""
+        producer, self._producer = self._producer, None
+        for task in (self._sender, self._watch):
+            if task is not None:
+                task.cancel()
+        if producer is not None:
+            try:
+                await asyncio.wait_for(producer.stop(), 5.0)
+            except (TimeoutError, AiokafkaError):
+                await _abandon(producer)
+
+
+async def _abandon(producer: AIOKafkaProducer) -> None:
+    """Close a producer without sending anything more: its sender stops first, so the request that
+    closing its connection fails is put back in its queue rather than sent again on a new one."""
+    sender = producer._sender
+    if sender is not None and sender.sender_task is not None:
+        sender.sender_task.cancel()
+    producer._closed = True  # nothing left to flush on purpose: no "unclosed producer" warning
+    await producer.client.close()
+    if sender is not None and sender.sender_task is not None:
+        await asyncio.gather(sender.sender_task, return_exceptions=True)

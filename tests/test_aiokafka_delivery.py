@@ -1,0 +1,169 @@
+"""The TopicWriter over aiokafka (AiokafkaDelivery, the market producer's default client) against the
+real embedded broker: records of many topics in order, a window's records stamped with the time they
+were handed over, a broker gone and back, a record too large, and a pause past the request timeout
+that writes every record once, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import warnings
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from agents.aiokafka_delivery import AiokafkaDelivery
+from agents.embedded_broker import EmbeddedBroker
+from agents.metrics import now_ms
+from agents.writer import Record, TopicWriter
+from tests.test_writer import _create_topic, _declarer, _produce_through_a_pause, _read_all
+
+pytestmark = pytest.mark.e2e
+
+
+def _delivery(bootstrap: str, linger_ms: int = 5) -> AiokafkaDelivery:
+    return AiokafkaDelivery([bootstrap], linger_ms, "lz4")
+
+
+async def test_flush_returns_with_every_record_of_many_topics_in_order_on_the_broker(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    delivery = _delivery(shared_broker.bootstrap)
+    writer = TopicWriter(None, _declarer(shared_broker.bootstrap), delivery=delivery)
+    topics = [f"market.trade.aiotest.s{i}" for i in range(20)]
+    for step in range(10):  # several windows, several hand-overs in each
+        for n in range(step * 200, (step + 1) * 200):
+            writer.send(topics[n % 20], b"key", str(n).encode())
+        await writer.commit()
+    await asyncio.wait_for(writer.flush(), timeout=30)
+    assert writer.sent == 2000 and writer.retries == 0
+    found = _read_all(shared_broker.bootstrap, topics, 2000, timeout=10)
+    for i, topic in enumerate(topics):
+        assert [int(v) for v in found[topic]] == list(range(i, 2000, 20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "unclosed producer"
+        await writer.close()
+
+
+async def test_a_topic_of_several_partitions_gets_each_key_on_its_own_partition_in_order(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    topic = "market.events.aiotest.keyed"
+    admin = AdminClient({"bootstrap.servers": shared_broker.bootstrap})
+    for future in admin.create_topics([NewTopic(topic, 4, 1)]).values():
+        future.result(timeout=10)
+    delivery = _delivery(shared_broker.bootstrap)
+    writer = TopicWriter(None, _declarer(shared_broker.bootstrap), delivery=delivery)
+    keys = [f"k{i}".encode() for i in range(8)]
+    for n in range(800):
+        writer.send(topic, keys[n % 8], str(n).encode())
+    await asyncio.wait_for(writer.flush(), timeout=30)
+    await writer.close()
+    consumer = Consumer(
+        {"bootstrap.servers": shared_broker.bootstrap, "group.id": f"t-{time.monotonic_ns()}"}
+    )
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(4)])
+    by_key: dict[bytes, list[tuple[int, int]]] = {}
+    deadline = time.monotonic() + 10
+    count = 0
+    while count < 800 and time.monotonic() < deadline:
+        for message in consumer.consume(num_messages=1000, timeout=0.2):
+            if message.error() is None:
+                by_key.setdefault(message.key() or b"", []).append(
+                    (message.partition() or 0, int(message.value()))
+                )
+                count += 1
+    consumer.close()
+    assert count == 800
+    partitions_used = set()
+    for index, key in enumerate(keys):
+        partitions = {partition for partition, _ in by_key[key]}
+        assert len(partitions) == 1  # a key stays on one partition (murmur2, as Java clients and librdkafka)
+        partitions_used |= partitions
+        assert [value for _, value in by_key[key]] == list(range(index, 800, 8))
+    assert len(partitions_used) > 1
+
+
+async def test_a_record_is_stamped_with_the_time_it_was_handed_over_not_when_its_window_left(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    topic = "market.trade.aiotest.stamped"
+    delivery = _delivery(shared_broker.bootstrap, linger_ms=300)  # a window far longer than a round trip
+    writer = TopicWriter(None, _declarer(shared_broker.bootstrap), delivery=delivery)
+    await writer.commit()
+    writer.send(topic, b"k", b"first")
+    before = now_ms()
+    await writer.commit()
+    acknowledged = asyncio.get_running_loop().create_future()
+    await writer.commit(lambda at: acknowledged.set_result(now_ms()))
+    await asyncio.wait_for(writer.flush(), timeout=30)
+    await writer.close()
+    consumer = Consumer(
+        {"bootstrap.servers": shared_broker.bootstrap, "group.id": f"t-{time.monotonic_ns()}"}
+    )
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    messages = [m for m in consumer.consume(num_messages=10, timeout=5) if m.error() is None]
+    consumer.close()
+    assert [m.value() for m in messages] == [b"first"]
+    _, stamp = messages[0].timestamp()
+    assert before - 50 <= stamp <= before + 100  # handed over then; the window left ~300 ms later
+
+
+async def test_flush_keeps_waiting_while_the_broker_is_down_and_finishes_when_it_is_back() -> None:
+    topic = "market.trade.aiotest.retry"
+    broker = EmbeddedBroker().start()
+    declare = _declarer(broker.bootstrap)
+    await declare(topic)
+    writer = TopicWriter(None, declare, retry_delay=0.1, delivery=_delivery(broker.bootstrap))
+    writer.send(topic, b"k", b"warm-up")
+    await asyncio.wait_for(writer.flush(), timeout=20)
+    port = broker.port
+    broker.stop()
+    records: list[Record] = [(topic, b"k", f"r{n}".encode()) for n in range(50)]
+    for record in records:
+        writer.send(*record)
+    flush = asyncio.ensure_future(writer.flush())
+    # Proving that flush does NOT return needs a window.
+    done, _ = await asyncio.wait({flush}, timeout=3)
+    assert not done
+
+    revived = EmbeddedBroker(port=port).start()
+    try:
+        _create_topic(revived.bootstrap, topic)
+        await asyncio.wait_for(flush, timeout=60)
+        found = _read_all(revived.bootstrap, [topic], 50)
+        assert found[topic] == [value for _, _, value in records]  # each once, in order
+        await writer.close()
+    finally:
+        revived.stop()
+
+
+async def test_a_record_the_broker_can_never_accept_is_dropped_instead_of_stalling_the_writer(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    topic = "market.trade.aiotest.large"
+    delivery = _delivery(shared_broker.bootstrap)
+    writer = TopicWriter(None, _declarer(shared_broker.bootstrap), retry_delay=0.01, delivery=delivery)
+    writer.send(topic, b"k", b"x" * (AiokafkaDelivery.MAX_RECORD_BYTES + 1))
+    writer.send(topic, b"k", b"fits")
+    await asyncio.wait_for(writer.flush(), timeout=10)
+    await writer.close()
+    assert delivery.undeliverable_records == 1 and writer.retries == 0
+    assert _read_all(shared_broker.bootstrap, [topic], 1)[topic] == [b"fits"]
+
+
+async def test_market_records_in_flight_through_a_pause_past_the_request_timeout_are_written_once(
+    broker: EmbeddedBroker,
+) -> None:
+    topic = "market.trade.aiotest.paused"
+    declare = _declarer(broker.bootstrap)
+    await declare(topic)
+    delivery = _delivery(broker.bootstrap)
+    delivery.REQUEST_TIMEOUT_MS = 6000
+    delivery.STALL_PURGE_SECONDS = 3.0  # before the 6 s request timeout, as 240 s is before 300 s
+    writer = TopicWriter(None, declare, delivery=delivery)
+    sent, found = await _produce_through_a_pause(broker, writer, topic)
+    assert delivery.purges >= 1 and delivery.found_in_doubt + delivery.resent_in_doubt > 0
+    assert len(found) == len(sent) and found == sent  # each once, in order
+    await writer.close()
