@@ -340,7 +340,9 @@ class AiokafkaDelivery(InDoubtDelivery):
 
 async def _abandon(producer: AIOKafkaProducer) -> None:
     """Close a producer without sending anything more: its sender stops first, so the request that
-    closing its connection fails is put back in its queue rather than sent again on a new one."""
+    closing its connection fails is put back in its queue rather than sent again on a new one.
+    aiokafka has no public way to do this; it is pinned in pyproject.toml, and the pause test in
+    tests/test_aiokafka_delivery.py fails if these names change."""
     sender = producer._sender
     if sender is not None and sender.sender_task is not None:
         sender.sender_task.cancel()
