@@ -145,8 +145,11 @@ class AiokafkaDelivery(InDoubtDelivery):
             except AiokafkaError:  # no broker answers yet: the window waits
                 await asyncio.sleep(self.RESTART_DELAY)
                 continue
+            await self._know_topics(producer, list(self._window))
+            if self._recovering is not None:
+                return
+            # Taken and registered in one go: a purge at any later await finds every record.
             window, self._window = self._window, {}
-            await self._know_topics(producer, list(window))
             numbers = [self._register(producer, topic, items) for topic, items in window.items()]
             for number in itertools.chain.from_iterable(numbers):
                 batch = self._unsettled.get(number)
@@ -167,6 +170,7 @@ class AiokafkaDelivery(InDoubtDelivery):
 
     def _register(self, producer: AIOKafkaProducer, topic: str, items: list[_Item]) -> list[int]:
         partitions = producer.client.cluster.partitions_for_topic(topic)
+        # Metadata still unknown (the refresh failed): partition 0, whose metadata send_batch awaits.
         if not partitions or len(partitions) == 1:
             by_partition = {min(partitions) if partitions else 0: items}
         else:
@@ -328,7 +332,7 @@ class AiokafkaDelivery(InDoubtDelivery):
     async def aclose(self) -> None:
         """Stop the producer once the writer has flushed (what is still outstanding is not waited for)."""
         producer, self._producer = self._producer, None
-        for task in (self._sender, self._watch):
+        for task in (self._sender, self._watch, self._recovering):
             if task is not None:
                 task.cancel()
         if producer is not None:
