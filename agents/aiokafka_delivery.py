@@ -145,11 +145,16 @@ class AiokafkaDelivery(InDoubtDelivery):
             except AiokafkaError:  # no broker answers yet: the window waits
                 await asyncio.sleep(self.RESTART_DELAY)
                 continue
-            await self._know_topics(producer, list(self._window))
+            refreshed = list(self._window)
+            await self._know_topics(producer, refreshed)
             if self._recovering is not None:
                 return
             # Taken and registered in one go: a purge at any later await finds every record.
             window, self._window = self._window, {}
+            cluster = producer.client.cluster
+            for topic in set(window) - set(refreshed):
+                if cluster.partitions_for_topic(topic) is None:  # new meanwhile: in the next refresh
+                    self._window[topic] = window.pop(topic)
             numbers = [self._register(producer, topic, items) for topic, items in window.items()]
             for number in itertools.chain.from_iterable(numbers):
                 batch = self._unsettled.get(number)
