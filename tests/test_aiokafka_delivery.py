@@ -167,3 +167,37 @@ async def test_market_records_in_flight_through_a_pause_past_the_request_timeout
     assert delivery.purges >= 1 and delivery.found_in_doubt + delivery.resent_in_doubt > 0
     assert len(found) == len(sent) and found == sent  # each once, in order
     await writer.close()
+
+
+async def test_a_purge_while_the_sender_awaits_metadata_loses_nothing_and_writes_nothing_twice(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    topic = "market.trade.aiotest.purged"
+    declare = _declarer(shared_broker.bootstrap)
+    delivery = _delivery(shared_broker.bootstrap)
+    writer = TopicWriter(None, declare, delivery=delivery)
+    writer.send(topic, b"k", b"r0")
+    await asyncio.wait_for(writer.flush(), timeout=20)
+    refreshing, release = asyncio.Event(), asyncio.Event()
+    know_topics = delivery._know_topics
+
+    async def held_refresh(*args: object) -> None:
+        refreshing.set()
+        await release.wait()
+        await know_topics(*args)  # type: ignore[arg-type]
+
+    delivery._know_topics = held_refresh  # type: ignore[method-assign]
+    for n in range(1, 51):
+        writer.send(topic, b"k", f"r{n}".encode())
+    await writer.commit()
+    await asyncio.wait_for(refreshing.wait(), timeout=10)
+    delivery._purge()  # as the stall watch does, while the sender awaits the refresh
+    release.set()
+    delivery._know_topics = know_topics  # type: ignore[method-assign]
+    for n in range(51, 61):
+        writer.send(topic, b"k", f"r{n}".encode())
+    await asyncio.wait_for(writer.flush(), timeout=60)
+    await writer.close()
+    assert delivery.purges == 1 and delivery.resent_in_doubt == 50
+    found = _read_all(shared_broker.bootstrap, [topic], 62, timeout=5)[topic]  # one more: none
+    assert found == [f"r{n}".encode() for n in range(61)]  # each once, in order
