@@ -167,13 +167,25 @@ class Worker:
 
     READY = re.compile(r"Worker ready|\[\^Worker\]: Ready")
 
+    PORT_ATTEMPTS = 3
+
     def __init__(self, config_path: Path, brokers: str | None, log_dir: Path, name: str = "worker") -> None:
         self.config_path, self.brokers, self.log_dir, self.name = config_path, brokers, log_dir, name
+        self._start()
+        self.ready_after: float | None = None
+
+    def _start(self) -> None:
+        # A free port is picked from the ephemeral range, where another process's outgoing connection
+        # may take it before the worker binds it: wait_ready then starts the worker on another.
         self.port = free_port()
-        self.log_path = log_dir / f"{name}-{self.port}.log"
-        env = {**os.environ, "COLLECTOR_CONFIG": str(config_path), "COLLECTOR_SERVER_PORT": str(self.port)}
-        if brokers:
-            env["COLLECTOR_KAFKA_BROKERS"] = brokers
+        self.log_path = self.log_dir / f"{self.name}-{self.port}.log"
+        env = {
+            **os.environ,
+            "COLLECTOR_CONFIG": str(self.config_path),
+            "COLLECTOR_SERVER_PORT": str(self.port),
+        }
+        if self.brokers:
+            env["COLLECTOR_KAFKA_BROKERS"] = self.brokers
         else:
             env.pop("COLLECTOR_KAFKA_BROKERS", None)
         self._log = self.log_path.open("w")
@@ -187,15 +199,23 @@ class Worker:
             start_new_session=True,
             preexec_fn=die_with_parent(signal.SIGTERM),
         )
-        self.ready_after: float | None = None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 60) -> float:
+        attempts = self.PORT_ATTEMPTS
+
         def ready() -> bool:
+            nonlocal attempts
             if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+                log = self.log()
+                attempts -= 1
+                if f"attempting to bind on address ('0.0.0.0', {self.port})" in log and attempts > 0:
+                    self._log.close()
+                    self._start()
+                    return False
+                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{log[-4000:]}")
             return bool(self.READY.search(self.log()))
 
         wait_for(ready, timeout, "the worker to be ready")
