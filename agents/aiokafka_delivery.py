@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError as AiokafkaError
 from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import Producer
 
 from agents.metrics import now_ms
 from agents.writer import LIBRDKAFKA_LOG, Handover, InDoubtDelivery, Outcome, Record
@@ -73,7 +73,7 @@ class AiokafkaDelivery(InDoubtDelivery):
         done, handover = self._new_handover(records)
         if handover is None:
             return done
-        if self._recovering is None:
+        if self._producer is None and self._recovering is None:  # else no await on this path
             try:
                 await self._started()
             except AiokafkaError as exc:  # no broker answers: the writer hands these over again later
@@ -317,9 +317,8 @@ class AiokafkaDelivery(InDoubtDelivery):
         ordered = sorted(partitions)
         return int(self._partitioner(key, ordered, ordered))
 
-    async def _until_the_broker_answers(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._probe is None:
+    def _metadata_client(self) -> Producer:
+        if self._probe is None:  # librdkafka's metadata call has a timeout of its own, unlike aiokafka's
             self._probe = Producer(
                 {
                     "bootstrap.servers": self._bootstrap,
@@ -327,12 +326,7 @@ class AiokafkaDelivery(InDoubtDelivery):
                     "log.connection.close": False,
                 }
             )
-        while True:
-            try:
-                await loop.run_in_executor(None, functools.partial(self._probe.list_topics, timeout=5))
-                return
-            except KafkaException:  # still no answer
-                await asyncio.sleep(1.0)
+        return self._probe
 
     async def aclose(self) -> None:
         """Stop the producer once the writer has flushed (what is still outstanding is not waited for)."""

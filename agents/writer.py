@@ -289,8 +289,19 @@ class InDoubtDelivery:
                 handover.in_doubt = []
                 handover.finish()
 
-    async def _until_the_broker_answers(self) -> None:
+    def _metadata_client(self) -> Producer:
+        """A librdkafka client whose metadata request tells whether the broker answers."""
         raise NotImplementedError
+
+    async def _until_the_broker_answers(self) -> None:
+        loop = asyncio.get_running_loop()
+        client = self._metadata_client()
+        while True:
+            try:
+                await loop.run_in_executor(None, functools.partial(client.list_topics, timeout=5))
+                return
+            except KafkaException:  # still no answer
+                await asyncio.sleep(1.0)
 
     async def _still_missing(
         self, in_doubt: list[InDoubt], starts: dict[tuple[str, int], int | None]
@@ -521,14 +532,8 @@ class ConfluentDelivery(InDoubtDelivery):
         for producer in self._producers:
             producer.purge(in_queue=False, in_flight=True)
 
-    async def _until_the_broker_answers(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                await loop.run_in_executor(None, functools.partial(self._producers[0].list_topics, timeout=5))
-                return
-            except KafkaException:  # still no answer
-                await asyncio.sleep(1.0)
+    def _metadata_client(self) -> Producer:
+        return self._producers[0]
 
     async def _wait_for_room(self) -> None:
         limit = self._held() // 2
