@@ -305,6 +305,8 @@ MALFORMED = [
     pytest.param(b'{"ty":"trade","x":' + b"[" * 3000 + b"]" * 3000 + b"}", "invalid-json",
                  id="simple-nested"),
     pytest.param(b'{"ty":"trade","cd":"KRW-BTC"}', "schema-mismatch", id="simple-partial"),
+    pytest.param(b'{"ty":"trade","cd":"KRW-BTC","tp":4.0e1001618678279000002}', "invalid-number",
+                 id="simple-exponent-out-of-range"),
 ]  # fmt: skip
 
 

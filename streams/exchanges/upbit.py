@@ -671,3 +671,5 @@ def _decode(decoder: msgspec.json.Decoder[_T], payload: bytes | Raw) -> _T:
         raise FrameError("schema-mismatch", str(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise FrameError("invalid-json", str(exc) or type(exc).__name__) from None
+    except ArithmeticError:  # float_hook=Decimal: an exponent past Decimal's range (InvalidOperation)
+        raise FrameError("invalid-number", "a number's exponent is out of range") from None
