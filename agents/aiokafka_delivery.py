@@ -38,6 +38,7 @@ from aiokafka.record._crecords import default_records
 from confluent_kafka import Producer
 
 from agents.metrics import now_ms
+from agents.produce_codec import use_fast_produce_codec
 from agents.writer import LIBRDKAFKA_LOG, Handover, InDoubtDelivery, Outcome, Record
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class AiokafkaDelivery(InDoubtDelivery):
         self._compression = None if compression == "none" else compression
         if compression == "lz4":
             use_fast_lz4()
+        use_fast_produce_codec()
         self._producer: AIOKafkaProducer | None = None
         self._starting = asyncio.Lock()
         self._partitioner = DefaultPartitioner()
