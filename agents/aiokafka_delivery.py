@@ -30,7 +30,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 import cramjam
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError as AiokafkaError
 from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
@@ -212,11 +212,19 @@ class AiokafkaDelivery(InDoubtDelivery):
         for key, value, stamp, _ in items:
             builder.append(key=key, value=value, timestamp=stamp)
         builder.close()
-        try:
-            sent = await producer.send_batch(builder, topic, partition=partition)
-        except AiokafkaError as exc:  # the topic's metadata never came, or no room within the timeout
-            self._settled(number, exc)
-            return
+        accumulator = producer._message_accumulator
+        tp = TopicPartition(topic, partition)
+        if _can_append_at_once(producer, accumulator, tp):
+            # What send_batch would do without its awaits, checks and shield (~5 µs a batch, and at
+            # 1,000 symbols nearly every record is a batch): the topic's metadata is known, the
+            # partition has no batch waiting to be drained, and the producer is open.
+            sent = accumulator._append_batch(builder, tp).future
+        else:
+            try:
+                sent = await producer.send_batch(builder, topic, partition=partition)
+            except AiokafkaError as exc:  # the topic's metadata never came, or no room within the timeout
+                self._settled(number, exc)
+                return
         sent.add_done_callback(functools.partial(self._on_sent, number))
 
     def _on_sent(self, number: int, sent: asyncio.Future[Any]) -> None:
@@ -360,6 +368,20 @@ def use_fast_lz4() -> None:
     level"). aiokafka offers no setting for it; its record builder looks the codec up in its module at
     each batch, and the test of this module fails if that name moves."""
     default_records.lz4_encode = fast_lz4
+
+
+def _can_append_at_once(producer: AIOKafkaProducer, accumulator: Any, tp: TopicPartition) -> bool:
+    """Whether send_batch would append `tp`'s batch without waiting or failing. aiokafka has no public
+    way to append a built batch without a coroutine; the names are pinned with it (pyproject.toml)."""
+    partitions = producer.client.cluster.partitions_for_topic(tp.topic)
+    return (
+        partitions is not None
+        and tp.partition in partitions
+        and not accumulator._batches.get(tp)
+        and not accumulator._closed
+        and accumulator._exception is None
+        and accumulator._txn_manager is None
+    )
 
 
 async def _abandon(producer: AIOKafkaProducer) -> None:
