@@ -7,6 +7,7 @@ from then on must arrive; the test checks that each one arrived exactly once wit
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -115,6 +116,10 @@ def test_every_generated_trade_arrives_exactly_once_and_other_types_arrive_in_sc
         }
         record_property("summary", json.dumps(summary))
         print("E2E", json.dumps(summary))
+        # A silent market, so that the stop below races no frame still on its way to the raw topic:
+        # what is checked after it is that every raw record the worker took was committed.
+        simulator.post("/_sim/pause")
+        _wait_until_raw_is_quiet(broker.bootstrap)
     finally:
         reader.close()
         code = worker.stop()
@@ -123,6 +128,30 @@ def test_every_generated_trade_arrives_exactly_once_and_other_types_arrive_in_sc
     # Raw offsets are released by the broker's delivery reports, after the normalize steps returned;
     # a clean stop must still have committed every raw record the worker normalized.
     assert _uncommitted_raw_records(broker.bootstrap) == {}
+
+
+def _raw_ends(bootstrap: str) -> list[int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "raw-ends"})
+    try:
+        partitions = consumer.list_topics("raw.binance", timeout=10).topics["raw.binance"].partitions
+        return [
+            consumer.get_watermark_offsets(TopicPartition("raw.binance", p), 10)[1]
+            for p in sorted(partitions)
+        ]
+    finally:
+        consumer.close()
+
+
+def _wait_until_raw_is_quiet(bootstrap: str, quiet: float = 2.0, timeout: float = 30.0) -> None:
+    """Until raw.binance has had no new record for `quiet` seconds (the worker's fetches take ~0.5 s)."""
+    deadline = time.monotonic() + timeout
+    ends, since = _raw_ends(bootstrap), time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, f"raw.binance still growing {timeout} s after the pause"
+        time.sleep(0.25)
+        now = _raw_ends(bootstrap)
+        if now != ends:
+            ends, since = now, time.monotonic()
 
 
 def _uncommitted_raw_records(bootstrap: str) -> dict[int, int]:
