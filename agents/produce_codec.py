@@ -62,10 +62,12 @@ def _decoder(answer: struct.Struct) -> Any:
         topics: list[Any] | None = None if count == -1 else []
         for _ in range(max(count, 0)):
             (length,), at = _INT16.unpack_from(buffer, at), at + 2
-            topic = None if length < 0 else buffer[at : at + length].decode()
-            if length > 0 and at + length > len(buffer):
-                raise ValueError("Buffer underrun decoding a produce answer's topic")
-            (partitions,), at = _INT32.unpack_from(buffer, at + max(length, 0)), at + max(length, 0) + 4
+            topic = None
+            if length >= 0:
+                if at + length > len(buffer):
+                    raise ValueError("Buffer underrun decoding a produce answer's topic")
+                topic, at = buffer[at : at + length].decode(), at + length
+            (partitions,), at = _INT32.unpack_from(buffer, at), at + 4
             rows: list[tuple[int, ...]] | None = None if partitions == -1 else []
             for _ in range(max(partitions, 0)):
                 rows.append(answer.unpack_from(buffer, at))  # type: ignore[union-attr]

@@ -133,13 +133,14 @@ def test_every_generated_trade_arrives_exactly_once_and_other_types_arrive_in_sc
 def _raw_ends(bootstrap: str) -> list[int]:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "raw-ends"})
     try:
-        partitions = consumer.list_topics("raw.binance", timeout=10).topics["raw.binance"].partitions
-        return [
-            consumer.get_watermark_offsets(TopicPartition("raw.binance", p), 10)[1]
-            for p in sorted(partitions)
-        ]
+        return [consumer.get_watermark_offsets(tp, 10)[1] for tp in _raw_partitions(consumer)]
     finally:
         consumer.close()
+
+
+def _raw_partitions(consumer: Consumer) -> list[TopicPartition]:
+    partitions = consumer.list_topics("raw.binance", timeout=10).topics["raw.binance"].partitions
+    return [TopicPartition("raw.binance", p) for p in sorted(partitions)]
 
 
 def _wait_until_raw_is_quiet(bootstrap: str, quiet: float = 2.0, timeout: float = 30.0) -> None:
@@ -158,9 +159,8 @@ def _uncommitted_raw_records(bootstrap: str) -> dict[int, int]:
     """Raw partition → records past the worker group's committed offset."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "exchange-collector"})  # the app id
     try:
-        partitions = consumer.list_topics("raw.binance", timeout=10).topics["raw.binance"].partitions
         behind = {}
-        for committed in consumer.committed([TopicPartition("raw.binance", p) for p in partitions], 10):
+        for committed in consumer.committed(_raw_partitions(consumer), 10):
             _, high = consumer.get_watermark_offsets(committed, 10)
             if high > max(committed.offset, 0):
                 behind[committed.partition] = high - max(committed.offset, 0)
