@@ -33,10 +33,11 @@ Emit = Callable[..., Awaitable[None]]  # (kind, detail, connection_id=None)
 
 FLUSH_INTERVAL = 0.005  # seconds a frame may wait in a batch while frames come fast
 # ... and while they trickle in (the default of `connections.quietFlushMs`). Each flush is a normalize
-# step and a hand-over to librdkafka, which cost about the same whatever they carry: at a quiet
-# worker's rates, a flush every 5 ms of two or three frames was most of its CPU (docs/benchmarks.md).
-QUIET_FLUSH_INTERVAL = 0.020
-FRAMES_PER_FLUSH = 16  # the window is as long as the last one's pace takes to bring this many frames
+# step, a hand-over and a produce request, which cost about the same whatever they carry, and each
+# market topic a step touches is a record batch of its own: at a quiet worker's rates the flushes and
+# the batches were most of its CPU (docs/benchmarks.md, "A longer flush window while frames trickle").
+QUIET_FLUSH_INTERVAL = 0.050
+FRAMES_PER_FLUSH = 25  # the window is as long as the last one's pace takes to bring this many frames
 # A frame travels in a raw record of its own when it is large; it must fit the producer's 8 MiB
 # record limit (RAW_MAX_BYTES, agents/writer.py), else the frames batched with it would be lost with it.
 MAX_FRAME_BYTES = 6 * 1024 * 1024
@@ -175,7 +176,7 @@ class FlushClock:
     With a timer per link, frames trickling in on several connections woke the event loop for a
     flush per connection, and each flush made a normalize step and a hand-over to librdkafka of its
     own: at a quiet worker's rates those wake-ups were most of its CPU (docs/benchmarks.md). The
-    window is `interval` while frames come fast (3,200 a second and more) and grows towards
+    window is `interval` while frames come fast (5,000 a second and more) and grows towards
     `quiet_interval` as they slow down (`flush_window`), so that no step carries a frame or two."""
 
     def __init__(

@@ -52,7 +52,7 @@ class ConnectionsConfig(_Strict):
     lifetimeSeconds: Annotated[float | None, Field(gt=0)] = None
     # Frames are batched for 5 ms while they come fast, and for up to this long while they trickle in
     # (agents/connection.py, `flush_window`); 5 keeps every batch at 5 ms.
-    quietFlushMs: Annotated[float, Field(ge=5, le=1000)] = 20.0
+    quietFlushMs: Annotated[float, Field(ge=5, le=1000)] = 50.0
 
 
 class DepthConfig(_Strict):

@@ -141,7 +141,7 @@ async def test_the_flush_clock_writes_the_batches_of_every_link_in_one_flush() -
     [
         (FRAMES_PER_FLUSH * 4, 0.010, 0.005),  # fast: never shorter than the shortest window
         (FRAMES_PER_FLUSH, 0.008, 0.008),  # the pace brings FRAMES_PER_FLUSH in 8 ms
-        (FRAMES_PER_FLUSH // 2, 0.006, 0.012),  # half as fast: twice as long
+        (FRAMES_PER_FLUSH, 0.016, 0.016),  # half as fast: twice as long
         (10, 0.022, 0.020),  # 500 frames a second: the longest window
         (1, 60.0, 0.020),  # the first frame after a quiet minute
         (0, 0.005, 0.020),  # a flush that found nothing (every batch had filled up and gone)
