@@ -37,7 +37,12 @@ FLUSH_INTERVAL = 0.005  # seconds a frame may wait in a batch while frames come 
 # market topic a step touches is a record batch of its own: at a quiet worker's rates the flushes and
 # the batches were most of its CPU (docs/benchmarks.md, "A longer flush window while frames trickle").
 QUIET_FLUSH_INTERVAL = 0.050
-FRAMES_PER_FLUSH = 25  # the window is as long as the last one's pace takes to bring this many frames
+# The window is the shortest at this pace and faster (every target step with 100 or more symbols), the
+# quiet one at QUIET_PACE and slower, and in between in proportion to the gap between frames: a window
+# of 25 frames at every pace put the 100-symbol 5,000 frames/s step on the edge of the shortest window,
+# at up to twice its p99 (docs/benchmarks.md, "A longer flush window while frames trickle").
+FAST_PACE = 3_200  # frames a second
+QUIET_PACE = 500
 # A frame travels in a raw record of its own when it is large; it must fit the producer's 8 MiB
 # record limit (RAW_MAX_BYTES, agents/writer.py), else the frames batched with it would be lost with it.
 MAX_FRAME_BYTES = 6 * 1024 * 1024
@@ -162,11 +167,13 @@ def _chunks(frames: list[RawFrame]) -> list[list[RawFrame]]:
 
 def flush_window(frames: int, elapsed: float, shortest: float, longest: float) -> float:
     """How long the next batch may collect frames, after a flush of `frames` frames that came in the
-    `elapsed` seconds since the flush before: long enough for FRAMES_PER_FLUSH at that pace, within
-    [`shortest`, `longest`]."""
+    `elapsed` seconds since the flush before: `shortest` at FAST_PACE and faster, `longest` at
+    QUIET_PACE and slower, in proportion to the gap between frames in between."""
     if frames <= 0:
         return longest
-    return min(max(FRAMES_PER_FLUSH * elapsed / frames, shortest), longest)
+    fast_gap, quiet_gap = 1 / FAST_PACE, 1 / QUIET_PACE
+    share = (elapsed / frames - fast_gap) / (quiet_gap - fast_gap)
+    return min(max(shortest + share * (longest - shortest), shortest), longest)
 
 
 class FlushClock:
@@ -176,7 +183,7 @@ class FlushClock:
     With a timer per link, frames trickling in on several connections woke the event loop for a
     flush per connection, and each flush made a normalize step and a hand-over to librdkafka of its
     own: at a quiet worker's rates those wake-ups were most of its CPU (docs/benchmarks.md). The
-    window is `interval` while frames come fast (5,000 a second and more) and grows towards
+    window is `interval` while frames come fast (3,200 a second and more) and grows towards
     `quiet_interval` as they slow down (`flush_window`), so that no step carries a frame or two."""
 
     def __init__(

@@ -7,7 +7,7 @@ import asyncio
 import msgspec
 import pytest
 
-from agents.connection import FRAMES_PER_FLUSH, FlushClock, flush_window
+from agents.connection import FAST_PACE, QUIET_PACE, FlushClock, flush_window
 from agents.source import Backoff, FrameBatcher
 from agents.writer import TopicWriter
 from streams.exchanges.base import DataType, Instrument
@@ -139,16 +139,19 @@ async def test_the_flush_clock_writes_the_batches_of_every_link_in_one_flush() -
 @pytest.mark.parametrize(
     ("frames", "elapsed", "window"),
     [
-        (FRAMES_PER_FLUSH * 4, 0.010, 0.005),  # fast: never shorter than the shortest window
-        (FRAMES_PER_FLUSH, 0.008, 0.008),  # the pace brings FRAMES_PER_FLUSH in 8 ms
-        (FRAMES_PER_FLUSH, 0.016, 0.016),  # half as fast: twice as long
-        (10, 0.022, 0.020),  # 500 frames a second: the longest window
-        (1, 60.0, 0.020),  # the first frame after a quiet minute
-        (0, 0.005, 0.020),  # a flush that found nothing (every batch had filled up and gone)
+        (400, 0.100, 0.005),  # 4,000 frames a second: never shorter than the shortest window
+        (32, 0.010, 0.005),  # 3,200 a second (FAST_PACE): still the shortest
+        (8, 0.00925, 0.0275),  # a gap halfway between FAST_PACE's and QUIET_PACE's: halfway
+        (10, 0.010, 0.005 + 0.045 * (0.001 - 1 / 3200) / (0.002 - 1 / 3200)),  # 1,000 a second
+        (10, 0.020, 0.050),  # 500 a second (QUIET_PACE): the longest window
+        (10, 0.100, 0.050),  # slower still: never longer than the longest
+        (1, 60.0, 0.050),  # the first frame after a quiet minute
+        (0, 0.005, 0.050),  # a flush that found nothing (every batch had filled up and gone)
     ],
 )
-def test_the_flush_window_grows_as_frames_slow_down_within_its_bounds(frames, elapsed, window) -> None:
-    assert flush_window(frames, elapsed, shortest=0.005, longest=0.020) == pytest.approx(window)
+def test_the_flush_window_grows_with_the_gap_between_frames_within_bounds(frames, elapsed, window) -> None:
+    assert (FAST_PACE, QUIET_PACE) == (3_200, 500)  # the paces the table is written for
+    assert flush_window(frames, elapsed, shortest=0.005, longest=0.050) == pytest.approx(window)
 
 
 async def test_the_flush_clock_waits_longer_while_frames_trickle_in_and_less_when_they_come_fast() -> None:
@@ -167,7 +170,7 @@ async def test_the_flush_clock_waits_longer_while_frames_trickle_in_and_less_whe
         windows.append(clock.window)
     # The first frames are not kept waiting; then the window grows to the longest one.
     assert windows[0] == 0.005 and 0.005 < windows[1] <= 0.2 and windows[2] == pytest.approx(0.2)
-    for _ in range(FRAMES_PER_FLUSH * 100):  # far more than a window's worth at the window's length
+    for _ in range(FAST_PACE):  # a second's worth at FAST_PACE, in one window
         batcher.add(b"{}", 2)
     clock.due(batcher)
     await asyncio.wait_for(flushed.get(), timeout=5)
