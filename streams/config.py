@@ -50,8 +50,8 @@ class ConnectionsConfig(_Strict):
     stallAfterGaps: Annotated[float, Field(ge=0, le=1000)] = 8.0
     # Roll connections over (make-before-break) after this long; default: the exchange's limit less 15 min.
     lifetimeSeconds: Annotated[float | None, Field(gt=0)] = None
-    # Frames are batched for 5 ms while they come fast, and for up to this long while they trickle in
-    # (agents/connection.py, `flush_window`); 5 keeps every batch at 5 ms.
+    # Frames are batched for 5 ms while they come fast (3,200 a second and more), and for this long at
+    # 500 a second and below (agents/connection.py, `flush_window`); 5 keeps every batch at 5 ms.
     quietFlushMs: Annotated[float, Field(ge=5, le=1000)] = 50.0
 
 
