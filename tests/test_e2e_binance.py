@@ -130,14 +130,6 @@ def test_every_generated_trade_arrives_exactly_once_and_other_types_arrive_in_sc
     assert _uncommitted_raw_records(broker.bootstrap) == {}
 
 
-def _raw_ends(bootstrap: str) -> list[int]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "raw-ends"})
-    try:
-        return [consumer.get_watermark_offsets(tp, 10)[1] for tp in _raw_partitions(consumer)]
-    finally:
-        consumer.close()
-
-
 def _raw_partitions(consumer: Consumer) -> list[TopicPartition]:
     partitions = consumer.list_topics("raw.binance", timeout=10).topics["raw.binance"].partitions
     return [TopicPartition("raw.binance", p) for p in sorted(partitions)]
@@ -145,14 +137,23 @@ def _raw_partitions(consumer: Consumer) -> list[TopicPartition]:
 
 def _wait_until_raw_is_quiet(bootstrap: str, quiet: float = 2.0, timeout: float = 30.0) -> None:
     """Until raw.binance has had no new record for `quiet` seconds (the worker's fetches take ~0.5 s)."""
-    deadline = time.monotonic() + timeout
-    ends, since = _raw_ends(bootstrap), time.monotonic()
-    while time.monotonic() - since < quiet:
-        assert time.monotonic() < deadline, f"raw.binance still growing {timeout} s after the pause"
-        time.sleep(0.25)
-        now = _raw_ends(bootstrap)
-        if now != ends:
-            ends, since = now, time.monotonic()
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "raw-ends"})
+    try:
+        partitions = _raw_partitions(consumer)
+
+        def ends() -> list[int]:
+            return [consumer.get_watermark_offsets(tp, 10)[1] for tp in partitions]
+
+        deadline = time.monotonic() + timeout
+        last, since = ends(), time.monotonic()
+        while time.monotonic() - since < quiet:
+            assert time.monotonic() < deadline, f"raw.binance still growing {timeout} s after the pause"
+            time.sleep(0.25)
+            now = ends()
+            if now != last:
+                last, since = now, time.monotonic()
+    finally:
+        consumer.close()
 
 
 def _uncommitted_raw_records(bootstrap: str) -> dict[int, int]:
