@@ -2,16 +2,17 @@
 
 librdkafka sends one produce request per partition (its issue #1700). With a topic per symbol, at
 1,000 symbols nearly every record was a request of its own, and the embedded broker spent a core of
-CPU on them (docs/benchmarks.md, "The market producer alone"). aiokafka's sender keeps one request in
+CPU on them (docs/benchmarks.md, "The market producer alone"). `ProduceSender` keeps one request in
 flight per broker and puts every partition with a batch ready into it; a partition in flight waits
-for its answer, so each partition's records keep their order.
+for its answer, so each partition's records keep their order. It uses aiokafka's client for
+connections and metadata, not its accumulator and sender (agents/produce_sender.py says why).
 
 The records handed over within one linger window (`kafka.producer.lingerMs`) become one batch per
 partition, each record stamped with the time it was handed over (librdkafka stamps CreateTime when a
 record is produced, not when its batch leaves).
 
 A broker that answers nothing for STALL_PURGE_SECONDS (paused, not gone) has its requests taken back
-before aiokafka's 5-minute request timeout would fail them and the writer would send them again:
+before the 5-minute request timeout would fail them and the writer would send them again:
 the producer is abandoned without sending anything more, every record not acknowledged is in doubt,
 looked up on its partition once the broker answers, and only those missing there are sent again,
 through a new producer (the same guarantee as `ConfluentDelivery`'s purge).
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import logging
 import time
@@ -30,7 +30,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 import cramjam
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError as AiokafkaError
 from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.partitioner import DefaultPartitioner
@@ -39,12 +39,10 @@ from confluent_kafka import Producer
 
 from agents.metrics import now_ms
 from agents.produce_codec import use_fast_produce_codec
-from agents.writer import LIBRDKAFKA_LOG, Handover, InDoubtDelivery, Outcome, Record
+from agents.produce_sender import Batch, Item, ProduceSender
+from agents.writer import LIBRDKAFKA_LOG, InDoubtDelivery, Outcome, Record
 
 log = logging.getLogger(__name__)
-
-_Item = tuple[bytes, bytes, int, Handover]  # key, value, when handed over (ms), its hand-over
-_Batch = tuple[str, int, list[_Item]]  # topic, partition, records
 
 
 class AiokafkaDelivery(InDoubtDelivery):
@@ -65,10 +63,9 @@ class AiokafkaDelivery(InDoubtDelivery):
         self._producer: AIOKafkaProducer | None = None
         self._starting = asyncio.Lock()
         self._partitioner = DefaultPartitioner()
-        self._window: dict[str, list[_Item]] = {}  # records handed over since the last window, by topic
-        self._unsettled: dict[int, _Batch] = {}  # batches given to aiokafka (or about to be), by number
-        self._numbers = itertools.count()
-        self._sender: asyncio.Task[None] | None = None
+        self._window: dict[str, list[Item]] = {}  # records handed over since the last window, by topic
+        self._batches: ProduceSender | None = None  # the producer's: batches on their way
+        self._sender: asyncio.Task[None] | None = None  # sends each window
         self._watch: asyncio.Task[None] | None = None
         self._answered_at = time.monotonic()
         self._abandoned: set[asyncio.Task[None]] = set()
@@ -86,7 +83,7 @@ class AiokafkaDelivery(InDoubtDelivery):
                 handover.give_up(records, exc)
                 return done
         now = time.monotonic()
-        if not self._open and not self._unsettled:
+        if not self._open and not self._outstanding():
             self._answered_at = now  # nothing was outstanding: the stall clock starts now
         self._open[handover] = now
         stamp, window = now_ms(), self._window
@@ -139,6 +136,9 @@ class AiokafkaDelivery(InDoubtDelivery):
                     await producer.stop()
                     raise
                 self._producer = producer
+                self._batches = ProduceSender(
+                    producer, self.BATCH_BYTES, self.REQUEST_TIMEOUT_MS, self._settled
+                )
             return self._producer
 
     async def _send_windows(self) -> None:
@@ -161,11 +161,10 @@ class AiokafkaDelivery(InDoubtDelivery):
             for topic in set(window) - set(refreshed):
                 if cluster.partitions_for_topic(topic) is None:  # new meanwhile: in the next refresh
                     self._window[topic] = window.pop(topic)
-            numbers = [self._register(producer, topic, items) for topic, items in window.items()]
-            for number in itertools.chain.from_iterable(numbers):
-                batch = self._unsettled.get(number)
-                if batch is not None:  # else taken back by a purge meanwhile
-                    await self._send(producer, number, batch)
+            assert self._batches is not None  # made with the producer
+            for topic, items in window.items():
+                self._register(producer, self._batches, topic, items)
+            self._batches.pump()
 
     async def _know_topics(self, producer: AIOKafkaProducer, topics: list[str]) -> None:
         """One metadata request for a window's new topics: aiokafka asks for each topic alone, and every
@@ -179,65 +178,22 @@ class AiokafkaDelivery(InDoubtDelivery):
             with contextlib.suppress(AiokafkaError):
                 await client.force_metadata_update()
 
-    def _register(self, producer: AIOKafkaProducer, topic: str, items: list[_Item]) -> list[int]:
+    def _register(
+        self, producer: AIOKafkaProducer, batches: ProduceSender, topic: str, items: list[Item]
+    ) -> None:
         partitions = producer.client.cluster.partitions_for_topic(topic)
-        # Metadata still unknown (the refresh failed): partition 0, whose metadata send_batch awaits.
+        # Metadata still unknown (the refresh failed): partition 0, whose leader the sender asks for.
         if not partitions or len(partitions) == 1:
-            by_partition = {min(partitions) if partitions else 0: items}
-        else:
-            ordered = sorted(partitions)
-            by_partition = {}
-            for item in items:
-                partition = self._partitioner(item[0], ordered, ordered)
-                by_partition.setdefault(partition, []).append(item)
-        numbers = []
+            batches.enqueue(topic, min(partitions) if partitions else 0, items)
+            return
+        ordered = sorted(partitions)
+        by_partition: dict[int, list[Item]] = {}
+        for item in items:
+            by_partition.setdefault(self._partitioner(item[0], ordered, ordered), []).append(item)
         for partition, records in by_partition.items():
-            start = size = 0
-            for index, (key, value, _, _) in enumerate(records):
-                size += len(key) + len(value) + 64
-                if size > self.BATCH_BYTES and index > start:
-                    numbers.append(self._number((topic, partition, records[start:index])))
-                    start, size = index, len(key) + len(value) + 64
-            numbers.append(self._number((topic, partition, records[start:])))
-        return numbers
+            batches.enqueue(topic, partition, records)
 
-    def _number(self, batch: _Batch) -> int:
-        number = next(self._numbers)
-        self._unsettled[number] = batch
-        return number
-
-    async def _send(self, producer: AIOKafkaProducer, number: int, batch: _Batch) -> None:
-        topic, partition, items = batch
-        builder = producer.create_batch()
-        for key, value, stamp, _ in items:
-            builder.append(key=key, value=value, timestamp=stamp)
-        builder.close()
-        accumulator = producer._message_accumulator
-        tp = TopicPartition(topic, partition)
-        if _can_append_at_once(producer, accumulator, tp):
-            # What send_batch would do without its awaits, checks and shield (~5 µs a batch, and at
-            # 1,000 symbols nearly every record is a batch): the topic's metadata is known, the
-            # partition has no batch waiting to be drained, and the producer is open.
-            sent = accumulator._append_batch(builder, tp).future
-        else:
-            try:
-                sent = await producer.send_batch(builder, topic, partition=partition)
-            except AiokafkaError as exc:  # the topic's metadata never came, or no room within the timeout
-                self._settled(number, exc)
-                return
-        sent.add_done_callback(functools.partial(self._on_sent, number))
-
-    def _on_sent(self, number: int, sent: asyncio.Future[Any]) -> None:
-        if sent.cancelled():
-            self._settled(number, asyncio.CancelledError())
-        else:
-            error = sent.exception()
-            self._settled(number, error, None if error is not None else sent.result().offset)
-
-    def _settled(self, number: int, error: BaseException | None, base_offset: int | None = None) -> None:
-        batch = self._unsettled.pop(number, None)
-        if batch is None:
-            return  # taken back by a purge: settled as in doubt
+    def _settled(self, batch: Batch, error: BaseException | None, base_offset: int | None) -> None:
         topic, partition, items = batch
         if error is None and base_offset is not None:
             self._answered_at = time.monotonic()
@@ -254,10 +210,13 @@ class AiokafkaDelivery(InDoubtDelivery):
                 handover.error = error
             handover.settle(1)
 
+    def _outstanding(self) -> bool:
+        return self._batches is not None and self._batches.outstanding > 0
+
     async def _watch_for_stall(self) -> None:
-        while self._unsettled or self._window:
+        while self._outstanding() or self._window:
             await asyncio.sleep(self.WATCH_INTERVAL)
-            if self._unsettled and time.monotonic() - self._answered_at > self.STALL_PURGE_SECONDS:
+            if self._outstanding() and time.monotonic() - self._answered_at > self.STALL_PURGE_SECONDS:
                 self._purge()
 
     def _purge(self) -> None:
@@ -272,11 +231,12 @@ class AiokafkaDelivery(InDoubtDelivery):
         producer, self._producer = self._producer, None
         if self._sender is not None:
             self._sender.cancel()
-        taken, self._unsettled = self._unsettled, {}
+        batches, self._batches = self._batches, None
+        taken = batches.take_back() if batches is not None else []
         waiting, self._window = self._window, {}
-        # In the order they were handed over: batches by number, then the window not yet sent.
-        in_doubt: list[tuple[str, int, _Item]] = [
-            (topic, partition, item) for topic, partition, items in taken.values() for item in items
+        # In the order they were handed over: the batches on their way, then the window not yet sent.
+        in_doubt: list[tuple[str, int, Item]] = [
+            (topic, partition, item) for topic, partition, items in taken for item in items
         ]
         for topic, items in waiting.items():
             partition = self._partition_of(producer, topic, items[0][0])
@@ -293,7 +253,7 @@ class AiokafkaDelivery(InDoubtDelivery):
         self._recovering = asyncio.ensure_future(self._recover(in_doubt, starts))
 
     async def _recover(
-        self, in_doubt: list[tuple[str, int, _Item]], starts: dict[tuple[str, int], int | None]
+        self, in_doubt: list[tuple[str, int, Item]], starts: dict[tuple[str, int], int | None]
     ) -> None:
         """Once the broker answers, settle the in-doubt records found on their partitions and send the
         missing ones again ahead of everything handed over meanwhile, so each partition keeps its order."""
@@ -306,7 +266,7 @@ class AiokafkaDelivery(InDoubtDelivery):
                           len(records))  # fmt: skip
             missing = records
         left = Counter(missing)
-        resend: dict[str, list[_Item]] = {}
+        resend: dict[str, list[Item]] = {}
         for (topic, _, item), record in zip(in_doubt, records, strict=True):
             if left[record]:
                 left[record] -= 1
@@ -345,6 +305,9 @@ class AiokafkaDelivery(InDoubtDelivery):
     async def aclose(self) -> None:
         """Stop the producer once the writer has flushed (what is still outstanding is not waited for)."""
         producer, self._producer = self._producer, None
+        if self._batches is not None:
+            self._batches.take_back()  # the writer flushed first: nothing is left to settle
+            self._batches = None
         for task in (self._sender, self._watch, self._recovering):
             if task is not None:
                 task.cancel()
@@ -368,20 +331,6 @@ def use_fast_lz4() -> None:
     offers no setting for it; its record builder looks the codec up in its module at each batch, and
     tests/test_fast_lz4.py fails if that name moves."""
     default_records.lz4_encode = fast_lz4
-
-
-def _can_append_at_once(producer: AIOKafkaProducer, accumulator: Any, tp: TopicPartition) -> bool:
-    """Whether send_batch would append `tp`'s batch without waiting or failing. aiokafka has no public
-    way to append a built batch without a coroutine; the names are pinned with it (pyproject.toml)."""
-    partitions = producer.client.cluster.partitions_for_topic(tp.topic)
-    return (
-        partitions is not None
-        and tp.partition in partitions
-        and not accumulator._batches.get(tp)
-        and not accumulator._closed
-        and accumulator._exception is None
-        and accumulator._txn_manager is None
-    )
 
 
 async def _abandon(producer: AIOKafkaProducer) -> None:

@@ -10,6 +10,9 @@ import time
 import warnings
 
 import pytest
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+from aiokafka.protocol.produce import ProduceRequest, ProduceResponse_v7
+from aiokafka.structs import TopicPartition as AiokafkaPartition
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -201,3 +204,122 @@ async def test_a_purge_while_the_sender_awaits_metadata_loses_nothing_and_writes
     assert delivery.purges == 1 and delivery.resent_in_doubt == 50
     found = _read_all(shared_broker.bootstrap, [topic], 62, timeout=5)[topic]  # one more: none
     assert found == [f"r{n}".encode() for n in range(61)]  # each once, in order
+
+
+def _refusing(delivery: AiokafkaDelivery, refusals: int, fault: str) -> list[int]:
+    """Make the producer's first `refusals` produce requests fail as `fault` says, without reaching the
+    broker (so nothing is written): the answer a leader that moved gives, or a connection lost before
+    the request left. Returns the list the faults are counted in."""
+    producer = delivery._producer
+    assert producer is not None
+    client, send, refused = producer.client, producer.client.send, list[int]()
+
+    async def send_or_refuse(node_id: int, request: object, **kwargs: object) -> object:
+        if not isinstance(request, ProduceRequest) or len(refused) >= refusals:
+            return await send(node_id, request, **kwargs)
+        refused.append(node_id)
+        if fault == "connection lost":
+            raise KafkaConnectionError("dropped before the request left")
+        answer = [
+            (topic, [(partition, fault_code(fault), -1, -1, -1) for partition, _ in partitions])
+            for topic, partitions in request._topics  # type: ignore[attr-defined]
+        ]
+        return ProduceResponse_v7(answer, 0)
+
+    client.send = send_or_refuse  # type: ignore[method-assign]
+    return refused
+
+
+async def _warmed_up(
+    bootstrap: str, topics: list[str], retry_delay: float = 0.5
+) -> tuple[AiokafkaDelivery, TopicWriter]:
+    """A writer whose producer has started and written a record to each topic."""
+    delivery = _delivery(bootstrap)
+    writer = TopicWriter(None, _declarer(bootstrap), retry_delay=retry_delay, delivery=delivery)
+    for topic in topics:
+        writer.send(topic, b"k", b"warm-up")
+    await asyncio.wait_for(writer.flush(), timeout=20)
+    return delivery, writer
+
+
+def fault_code(fault: str) -> int:
+    return {"not the leader": 6, "invalid record": 87}[fault]
+
+
+@pytest.mark.parametrize("fault", ["not the leader", "connection lost"])
+async def test_batches_refused_with_an_error_worth_retrying_go_again_each_once_in_order(
+    shared_broker: EmbeddedBroker, fault: str
+) -> None:
+    topics = [f"market.trade.aiotest.again-{fault.replace(' ', '-')}-{i}" for i in range(5)]
+    delivery, writer = await _warmed_up(shared_broker.bootstrap, topics)
+    refused = _refusing(delivery, 3, fault)
+    for step in range(6):  # windows keep coming while the first batches are refused
+        for n in range(step * 50, (step + 1) * 50):
+            writer.send(topics[n % 5], b"k", str(n).encode())
+        await writer.commit()
+    await asyncio.wait_for(writer.flush(), timeout=30)
+    await writer.close()
+    assert len(refused) == 3 and writer.retries == 0  # tried again by the delivery, not the writer
+    found = _read_all(shared_broker.bootstrap, topics, 305, timeout=10)
+    for i, topic in enumerate(topics):
+        assert found[topic] == [b"warm-up"] + [str(n).encode() for n in range(i, 300, 5)]
+
+
+async def test_batches_refused_for_good_are_handed_back_to_the_writer_which_sends_them_once(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    topic = "market.trade.aiotest.invalid"
+    delivery, writer = await _warmed_up(shared_broker.bootstrap, [topic], retry_delay=0.05)
+    refused = _refusing(delivery, 1, "invalid record")
+    for n in range(20):
+        writer.send(topic, b"k", str(n).encode())
+    await asyncio.wait_for(writer.flush(), timeout=30)
+    await writer.close()
+    assert len(refused) == 1 and writer.retries == 20
+    found = _read_all(shared_broker.bootstrap, [topic], 22, timeout=5)[topic]  # one more: none
+    assert found == [b"warm-up"] + [str(n).encode() for n in range(20)]
+
+
+async def test_a_partition_without_a_known_leader_waits_for_one_and_fails_after_the_request_timeout(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    led, leaderless = "market.trade.aiotest.led", "market.trade.aiotest.leaderless"
+    declare = _declarer(shared_broker.bootstrap)
+    for topic in (led, leaderless):
+        await declare(topic)
+    delivery = _delivery(shared_broker.bootstrap)
+    delivery.REQUEST_TIMEOUT_MS = 1500
+    warm_up = await delivery.hand_over([(led, b"k", b"warm-up"), (leaderless, b"k", b"warm-up")])
+    assert (await asyncio.wait_for(warm_up, timeout=20))[0] == []
+    producer = delivery._producer
+    assert producer is not None
+    cluster = producer.client.cluster
+    leader_for_partition = cluster.leader_for_partition
+    asked = asyncio.Event()
+    force_metadata_update = producer.client.force_metadata_update
+
+    def leader(tp: AiokafkaPartition) -> int | None:
+        return None if tp.topic == leaderless else leader_for_partition(tp)
+
+    def update() -> asyncio.Future[bool]:
+        asked.set()
+        return force_metadata_update()
+
+    cluster.leader_for_partition = leader  # type: ignore[method-assign]
+    producer.client.force_metadata_update = update  # type: ignore[method-assign]
+    # While no leader is known, the partition waits (and asks for one); the other partition does not.
+    waiting = await delivery.hand_over([(led, b"k", b"r1"), (leaderless, b"k", b"r1")])
+    await asyncio.wait_for(asked.wait(), timeout=5)
+    cluster.leader_for_partition = leader_for_partition  # type: ignore[method-assign]
+    failed, error, _ = await asyncio.wait_for(waiting, timeout=10)
+    assert failed == [] and error is None
+    # A leader that never comes within the request timeout fails the records, not the others.
+    cluster.leader_for_partition = leader  # type: ignore[method-assign]
+    started = time.monotonic()
+    given_up = await delivery.hand_over([(led, b"k", b"r2"), (leaderless, b"k", b"r2")])
+    failed, error, _ = await asyncio.wait_for(given_up, timeout=10)
+    assert failed == [(leaderless, b"k", b"r2")] and isinstance(error, KafkaTimeoutError)
+    assert time.monotonic() - started >= 1.4
+    await delivery.aclose()
+    found = _read_all(shared_broker.bootstrap, [led, leaderless], 6, timeout=5)
+    assert found == {led: [b"warm-up", b"r1", b"r2"], leaderless: [b"warm-up", b"r1"]}
