@@ -52,6 +52,9 @@ class AiokafkaDelivery(InDoubtDelivery):
     BATCH_BYTES = 512 * 1024  # a window's records for one partition are split into batches of this
     WATCH_INTERVAL = 1.0  # how often a stall is looked for while records are outstanding
     RESTART_DELAY = 0.5  # between attempts to start a producer while no broker answers
+    # A hand-over this many linger windows after the previous one goes out at once, without lingering:
+    # hand-overs that far apart never share a window, and a quiet worker's flush window is long already.
+    ALONE_AFTER = 1.5
 
     def __init__(self, bootstrap_servers: list[str], linger_ms: int, compression: str) -> None:
         super().__init__(",".join(bootstrap_servers))
@@ -71,6 +74,7 @@ class AiokafkaDelivery(InDoubtDelivery):
         self._abandoned: set[asyncio.Task[None]] = set()
         self._probe: Producer | None = None
         self._recovering: asyncio.Task[None] | None = None  # in-doubt records being looked up
+        self._handed_over_at = -float("inf")  # the last hand-over with records (monotonic)
 
     async def hand_over(self, records: list[Record]) -> Awaitable[Outcome]:
         done, handover = self._new_handover(records)
@@ -86,6 +90,9 @@ class AiokafkaDelivery(InDoubtDelivery):
         if not self._open and not self._outstanding():
             self._answered_at = now  # nothing was outstanding: the stall clock starts now
         self._open[handover] = now
+        # At this pace a linger window would carry this hand-over alone: it is sent at once.
+        alone = now - self._handed_over_at > self.ALONE_AFTER * self._window_seconds
+        self._handed_over_at = now
         stamp, window = now_ms(), self._window
         for topic, key, value in records:
             if len(key) + len(value) > self.MAX_RECORD_BYTES:
@@ -97,7 +104,8 @@ class AiokafkaDelivery(InDoubtDelivery):
                 items = window[topic] = []
             items.append((key, value, stamp, handover))
         # While in-doubt records are looked up, what comes meanwhile waits behind them.
-        if window and self._recovering is None and (self._sender is None or self._sender.done()):
+        idle = self._sender is None or self._sender.done()
+        if window and self._recovering is None and idle and not (alone and self._send_at_once()):
             self._sender = asyncio.ensure_future(self._send_windows())
         self._keep_watching()
         return done
@@ -162,9 +170,27 @@ class AiokafkaDelivery(InDoubtDelivery):
                 if cluster.partitions_for_topic(topic) is None:  # new meanwhile: in the next refresh
                     self._window[topic] = window.pop(topic)
             assert self._batches is not None  # made with the producer
-            for topic, items in window.items():
-                self._register(producer, self._batches, topic, items)
-            self._batches.pump()
+            self._send(producer, self._batches, window)
+
+    def _send_at_once(self) -> bool:
+        """Send the window now if that needs no await: False while the producer starts or a topic is
+        new (its metadata is asked for first)."""
+        producer, batches = self._producer, self._batches
+        if producer is None or batches is None:
+            return False
+        cluster = producer.client.cluster
+        if any(cluster.partitions_for_topic(topic) is None for topic in self._window):
+            return False
+        window, self._window = self._window, {}
+        self._send(producer, batches, window)
+        return True
+
+    def _send(
+        self, producer: AIOKafkaProducer, batches: ProduceSender, window: dict[str, list[Item]]
+    ) -> None:
+        for topic, items in window.items():
+            self._register(producer, batches, topic, items)
+        batches.pump()
 
     async def _know_topics(self, producer: AIOKafkaProducer, topics: list[str]) -> None:
         """One metadata request for a window's new topics: aiokafka asks for each topic alone, and every

@@ -323,3 +323,36 @@ async def test_a_partition_without_a_known_leader_waits_for_one_and_fails_after_
     await delivery.aclose()
     found = _read_all(shared_broker.bootstrap, [led, leaderless], 6, timeout=5)
     assert found == {led: [b"warm-up", b"r1", b"r2"], leaderless: [b"warm-up", b"r1"]}
+
+
+async def test_a_hand_over_after_a_quiet_spell_goes_at_once_and_close_ones_share_a_linger_window(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    topics = [f"market.trade.aiotest.alone-{i}" for i in range(3)]
+    declare = _declarer(shared_broker.bootstrap)
+    for topic in topics:
+        await declare(topic)
+    delivery = _delivery(shared_broker.bootstrap, linger_ms=200)
+    warm_up = await delivery.hand_over([(topic, b"k", b"warm-up") for topic in topics])
+    await asyncio.wait_for(warm_up, timeout=20)
+    producer = delivery._producer
+    assert producer is not None
+    send, requests = producer.client.send, list[list[str]]()
+
+    async def counted(node_id: int, request: object, **kwargs: object) -> object:
+        if isinstance(request, ProduceRequest):
+            requests.append(sorted(topic for topic, _ in request._topics))  # type: ignore[attr-defined]
+        return await send(node_id, request, **kwargs)
+
+    producer.client.send = counted  # type: ignore[method-assign]
+    await asyncio.sleep(0.35)  # the quiet spell: longer than 1.5 linger windows
+    alone = await delivery.hand_over([(topics[0], b"k", b"a")])
+    await asyncio.sleep(0)  # the request's task takes its first step
+    assert requests == [[topics[0]]]  # no linger window
+    close = [await delivery.hand_over([(topic, b"k", b"b")]) for topic in topics[1:]]
+    await asyncio.sleep(0)
+    assert requests == [[topics[0]]]  # these two linger together
+    for outcome in (alone, *close):
+        assert (await asyncio.wait_for(outcome, timeout=20))[0] == []
+    assert requests == [[topics[0]], topics[1:]]
+    await delivery.aclose()
