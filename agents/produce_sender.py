@@ -219,5 +219,12 @@ class ProduceSender:
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
         return task
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # A bug, not a broker's answer: its batches stay unsettled until the stall purge takes
+            # them back and looks them up, so nothing is lost, but it must not pass unseen.
+            log.error("kafka producer: a request failed unexpectedly", exc_info=task.exception())

@@ -6,6 +6,7 @@ that writes every record once, in order."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import warnings
 
@@ -220,6 +221,8 @@ def _refusing(delivery: AiokafkaDelivery, refusals: int, fault: str) -> list[int
         refused.append(node_id)
         if fault == "connection lost":
             raise KafkaConnectionError("dropped before the request left")
+        if fault == "a bug":
+            raise RuntimeError("not a broker's answer")
         answer = [
             (topic, [(partition, fault_code(fault), -1, -1, -1) for partition, _ in partitions])
             for topic, partitions in request._topics  # type: ignore[attr-defined]
@@ -355,4 +358,28 @@ async def test_a_hand_over_after_a_quiet_spell_goes_at_once_and_close_ones_share
     for outcome in (alone, *close):
         assert (await asyncio.wait_for(outcome, timeout=20))[0] == []
     assert requests == [[topics[0]], topics[1:]]
+    await delivery.aclose()
+
+
+async def test_a_request_that_fails_by_a_bug_is_logged_and_its_records_wait_for_the_stall_purge(
+    shared_broker: EmbeddedBroker,
+) -> None:
+    topic = "market.trade.aiotest.bug"
+    delivery, _ = await _warmed_up(shared_broker.bootstrap, [topic])
+    logged = asyncio.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "failed unexpectedly" in record.getMessage() and record.exc_info:
+                logged.set()
+
+    seen = Seen()
+    logging.getLogger("agents.produce_sender").addHandler(seen)
+    try:
+        _refusing(delivery, 1, "a bug")
+        outcome = await delivery.hand_over([(topic, b"k", b"r1")])
+        await asyncio.wait_for(logged.wait(), timeout=10)
+    finally:
+        logging.getLogger("agents.produce_sender").removeHandler(seen)
+    assert not outcome.done() and delivery._outstanding()  # not settled, so not lost: in doubt later
     await delivery.aclose()
