@@ -179,6 +179,7 @@ async def test_a_purge_while_the_sender_awaits_metadata_loses_nothing_and_writes
     topic = "market.trade.aiotest.purged"
     declare = _declarer(shared_broker.bootstrap)
     delivery = _delivery(shared_broker.bootstrap)
+    delivery.ALONE_AFTER = float("inf")  # every window lingers: the path whose refresh is held here
     writer = TopicWriter(None, declare, delivery=delivery)
     writer.send(topic, b"k", b"r0")
     await asyncio.wait_for(writer.flush(), timeout=20)
