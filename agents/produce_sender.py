@@ -57,7 +57,7 @@ class ProduceSender:
         self._numbers = itertools.count()
         self._queues: dict[Partition, collections.deque[int]] = {}  # batches to send, oldest first
         self._built: dict[int, bytes] = {}  # batches sent at least once, as sent
-        self._open_sizes: dict[int, int] = {}  # batches not yet sent: their size, as batch_bytes counts
+        self._open_sizes: dict[int, int] = {}  # batches never sent, which may still grow: their size
         self._nodes_in_flight: set[int] = set()
         self._busy: set[Partition] = set()  # partitions with a batch in flight
         self._tasks: set[asyncio.Task[None]] = set()
@@ -74,7 +74,7 @@ class ProduceSender:
         queue = self._queues.get((topic, partition))
         if queue is None:
             queue = self._queues[(topic, partition)] = collections.deque()
-        number = queue[-1] if queue and queue[-1] not in self._built else None
+        number = queue[-1] if queue and queue[-1] in self._open_sizes else None
         records, size = ([], 0) if number is None else (self._batches[number][2], self._open_sizes[number])
         for item in items:
             item_size = len(item[0]) + len(item[1]) + 64
