@@ -43,6 +43,7 @@ from streams.continuity import (
     Seed,
     Settings,
 )
+from streams.continuity.books import NEW_CONNECTION, REBALANCE, START
 from streams.deadletter import dead_letter
 from streams.depth import DepthBook, DepthDiff
 from streams.events import CollectorEvent, encode_event
@@ -63,6 +64,9 @@ ReadSeeds = Callable[[Collection[str]], Awaitable[dict[str, Seed]]]
 Fetch = Callable[[FetchRequest], None]
 BookWanted = Callable[[str], bool]  # whether a symbol is subscribed to depth here (the source knows)
 BOOK_CHORES_MS = 5_000  # between dropping books no longer subscribed and logging sync progress
+# Resyncs of every book a worker starts, takes over or reads on a new connection: the worker logs the
+# cause once already. The others are one book's trouble, logged with their detail.
+BULK_RESYNCS = frozenset({START, REBALANCE, NEW_CONNECTION})
 
 
 class RawInput(NamedTuple):
@@ -315,6 +319,9 @@ class Normalizer:
                 self._gap(output)
             elif isinstance(output, BookResync):
                 book_resynced(self.exchange, output.reason)
+                if output.reason not in BULK_RESYNCS:
+                    log.info("%s %s order book resyncs: %s (%s)", self.exchange, output.symbol, output.reason,
+                             output.detail)  # fmt: skip
             elif isinstance(output, RejectFrame):
                 if output.reason == "crossed-book":
                     book_crossed(self.exchange)

@@ -34,6 +34,7 @@ import pytest
 
 from agents.embedded_broker import EmbeddedBroker
 from tests.brokers import SharedBroker
+from tests.harness import Worker
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "guard"))  # the guard is imported by name, as its children do
@@ -48,6 +49,21 @@ def pytest_configure(config: pytest.Config) -> None:
     plugin.start()
     config.pluginmanager.register(plugin, "collector-guard")
     config.add_cleanup(plugin.stop)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test shows the notable lines of the logs of the workers it ran with (still running, or
+    started during the test): a timeout in CI says what the worker was doing, not only what the test
+    waited for."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    for worker in Worker.started_here:
+        if (worker.process.poll() is None or worker.started_at >= call.start) and worker.log_path.exists():
+            lines = worker.notable_log_lines()
+            report.sections.append((f"{worker.name} log ({worker.log_path.name})", "\n".join(lines)))
 
 
 # The longest files (seconds on a 2-core machine, from `--durations`), started first.

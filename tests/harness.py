@@ -162,8 +162,17 @@ def write_config(
     return path
 
 
+# Warnings, errors and tracebacks, and the order books' resyncs (an info line each).
+NOTABLE_LOG_LINE = re.compile(
+    r'"level": "(warning|error|critical)"|WARNING|ERROR|CRITICAL|Traceback|^\s+File |order book resyncs'
+)
+
+
 class Worker:
     """`collector worker` in its own process, with its own web port and log file."""
+
+    # Every worker started in this process, for the failure report (`notable_log_lines`).
+    started_here: list[Worker] = []
 
     READY = re.compile(r"Worker ready|\[\^Worker\]: Ready")
 
@@ -190,6 +199,8 @@ class Worker:
             env.pop("COLLECTOR_KAFKA_BROKERS", None)
         self._log = self.log_path.open("w")
         self.started = time.monotonic()
+        self.started_at = time.time()
+        Worker.started_here.append(self)
         self.process = subprocess.Popen(
             [COLLECTOR, "worker", "-l", "info"],
             stdout=self._log,
@@ -202,6 +213,10 @@ class Worker:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def notable_log_lines(self, count: int = 40) -> list[str]:
+        """The log's last notable lines: what a failed end-to-end test shows of it."""
+        return [line for line in self.log().splitlines() if NOTABLE_LOG_LINE.search(line)][-count:]
 
     def wait_ready(self, timeout: float = 60) -> float:
         attempts = self.PORT_ATTEMPTS

@@ -256,10 +256,16 @@ def test_books_match_the_ground_truth_after_every_fault(
             after = setup.metric("collector_book_resyncs_total", exchange)
             return {r: int(n - before.get(r, 0)) for r, n in after.items() if n > before.get(r, 0)}
 
-        if diff_books and resyncs_for:
-            wait_for(lambda: resynced().keys() & set(resyncs_for), RECOVER, f"{exchange} resync after {name}")
-        ids = {symbol: books.now_id(symbol) for symbol in books.symbols}
-        wait_for(lambda: books.past(ids), RECOVER, f"{exchange} books published past {name}")
+        try:
+            if diff_books and resyncs_for:
+                wanted = set(resyncs_for)
+                wait_for(lambda: resynced().keys() & wanted, RECOVER, f"{exchange} resync after {name}")
+            ids = {symbol: books.now_id(symbol) for symbol in books.symbols}
+            wait_for(lambda: books.past(ids), RECOVER, f"{exchange} books published past {name}")
+        except TimeoutError as exc:  # what the worker did meanwhile (its log follows in the report)
+            seen = {"fault": answer, "resyncs": resynced(), "connections": (old, connections()),
+                    "coins": coin_books(), "records read": sum(books.read.values()) - records}  # fmt: skip
+            raise TimeoutError(f"{exc}; {seen}") from None
         seconds = round(time.monotonic() - started, 1)
         books.catch_up()
         return {
@@ -346,7 +352,11 @@ def test_a_second_worker_takes_over_books_which_resync_and_each_is_served_by_its
         ]
         assert sum(resyncs) > 0, resyncs
         ids = {symbol: binance.now_id(symbol) for symbol in binance.symbols}
-        wait_for(lambda: binance.past(ids), RECOVER, "binance books published past the rebalance")
+        try:
+            wait_for(lambda: binance.past(ids), RECOVER, "binance books published past the rebalance")
+        except TimeoutError as exc:  # how far each book got, and who owns it (the logs follow)
+            last = {symbol: binance.last_id(symbol) for symbol in binance.symbols}
+            raise TimeoutError(f"{exc}; wanted {ids}, read up to {last}, owners {owners}") from None
         assert binance.mismatches == 0 and binance.crossed() == 0, binance.examples
     finally:
         second.stop()

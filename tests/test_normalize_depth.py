@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
+
+import pytest
 
 from agents.book_metrics import BOOK_RESYNCS, BOOKS_CROSSED
 from agents.metrics import exposition, flow_meter
@@ -120,6 +123,18 @@ def test_an_invalid_diff_is_dead_lettered_and_resyncs_the_book() -> None:
     assert letter.reason == "invalid-price" and letter.sequence == 1
     assert counter._value.get() == before + 1
     assert len(memory.fetches) == 2
+
+
+def test_a_broken_chain_is_logged_with_its_ids_a_first_sync_is_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    normalizer, _ = normalizer_for(BinanceAdapter(SPOT))
+    with caplog.at_level(logging.INFO, logger="agents.normalize"):
+        run(normalizer, ws(diff_frame(11, 12)), rest(snapshot_body(12), "x"))
+        assert not [r for r in caplog.records if "resyncs" in r.getMessage()]  # "start": every book's
+        run(normalizer, ws(diff_frame(13, 13), diff_frame(16, 17), first_sequence=1))  # 14..15 never came
+    [line] = [r.getMessage() for r in caplog.records if "resyncs" in r.getMessage()]
+    assert line == "binance BTC/USDT order book resyncs: sequence-break (U 16 after u 13)"
 
 
 def test_a_diff_that_crosses_the_book_is_dead_lettered_as_crossed_and_counted() -> None:
