@@ -145,7 +145,7 @@ class AiokafkaDelivery(InDoubtDelivery):
                     raise
                 self._producer = producer
                 self._batches = ProduceSender(
-                    producer, self.BATCH_BYTES, self.REQUEST_TIMEOUT_MS, self._settled
+                    producer, self.BATCH_BYTES, self.REQUEST_TIMEOUT_MS, self._settled, self._sender_broken
                 )
             return self._producer
 
@@ -243,17 +243,21 @@ class AiokafkaDelivery(InDoubtDelivery):
         while self._outstanding() or self._window:
             await asyncio.sleep(self.WATCH_INTERVAL)
             if self._outstanding() and time.monotonic() - self._answered_at > self.STALL_PURGE_SECONDS:
-                self._purge()
+                self._purge(
+                    f"no answer for {self.STALL_PURGE_SECONDS:.0f} s; taking back the requests in flight"
+                    " before they time out and are sent again (a paused broker would write them twice)"
+                )
 
-    def _purge(self) -> None:
-        """Take everything outstanding back from the silent broker: its records are in doubt."""
+    def _sender_broken(self) -> None:
+        # Its partitions would wait for the stall purge, minutes away; taken back now, nothing is lost
+        # and nothing written twice: what the failed request carried is looked up like a stall's.
+        self._purge("a request failed unexpectedly; taking back everything not acknowledged")
+
+    def _purge(self, why: str) -> None:
+        """Take everything outstanding back from the producer: its records are in doubt."""
         self._answered_at = time.monotonic()
         self.purges += 1
-        log.warning(
-            "kafka producer: no answer for %.0f s; taking back the requests in flight before they time"
-            " out and are sent again (a paused broker would write them twice): their records are looked"
-            " up once the broker answers", self.STALL_PURGE_SECONDS,
-        )  # fmt: skip
+        log.warning("kafka producer: %s: their records are looked up once the broker answers", why)
         producer, self._producer = self._producer, None
         if self._sender is not None:
             self._sender.cancel()

@@ -45,7 +45,12 @@ class ProduceSender:
     RETRY_BACKOFF = 0.1  # aiokafka's retry_backoff_ms: before a batch is tried again
 
     def __init__(
-        self, producer: AIOKafkaProducer, batch_bytes: int, request_timeout_ms: int, settled: Settled
+        self,
+        producer: AIOKafkaProducer,
+        batch_bytes: int,
+        request_timeout_ms: int,
+        settled: Settled,
+        broken: Callable[[], None],
     ) -> None:
         self._client = producer.client
         # The record batch attribute of the producer's compression; aiokafka has no public name for it.
@@ -53,6 +58,7 @@ class ProduceSender:
         self._batch_bytes = batch_bytes
         self._request_timeout_ms = request_timeout_ms
         self._settled = settled
+        self._broken = broken  # a request failed by a bug: the caller takes every batch back
         self._batches: dict[int, Batch] = {}  # not settled, by number: in hand-over order per partition
         self._numbers = itertools.count()
         self._queues: dict[Partition, collections.deque[int]] = {}  # batches to send, oldest first
@@ -225,6 +231,8 @@ class ProduceSender:
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            # A bug, not a broker's answer: its batches stay unsettled until the stall purge takes
-            # them back and looks them up, so nothing is lost, but it must not pass unseen.
+            # A bug, not a broker's answer: its request may or may not have been written, and its
+            # broker and partitions stay marked in flight, so nothing more would go there.
             log.error("kafka producer: a request failed unexpectedly", exc_info=task.exception())
+            if not self._abandoned:
+                self._broken()

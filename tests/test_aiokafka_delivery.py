@@ -196,7 +196,7 @@ async def test_a_purge_while_the_sender_awaits_metadata_loses_nothing_and_writes
         writer.send(topic, b"k", f"r{n}".encode())
     await writer.commit()
     await asyncio.wait_for(refreshing.wait(), timeout=10)
-    delivery._purge()  # as the stall watch does, while the sender awaits the refresh
+    delivery._purge("as the stall watch does")  # while the sender awaits the refresh
     release.set()
     delivery._know_topics = know_topics  # type: ignore[method-assign]
     for n in range(51, 61):
@@ -362,11 +362,13 @@ async def test_a_hand_over_after_a_quiet_spell_goes_at_once_and_close_ones_share
     await delivery.aclose()
 
 
-async def test_a_request_that_fails_by_a_bug_is_logged_and_its_records_wait_for_the_stall_purge(
+async def test_a_request_that_fails_by_a_bug_is_logged_and_its_records_are_looked_up_and_written_once(
     shared_broker: EmbeddedBroker,
 ) -> None:
+    """Its broker and partitions stay marked in flight, so the sender would send nothing more there:
+    everything not acknowledged is taken back at once and looked up, as after a stall."""
     topic = "market.trade.aiotest.bug"
-    delivery, _ = await _warmed_up(shared_broker.bootstrap, [topic])
+    delivery, writer = await _warmed_up(shared_broker.bootstrap, [topic])
     logged = asyncio.Event()
 
     class Seen(logging.Handler):
@@ -377,10 +379,16 @@ async def test_a_request_that_fails_by_a_bug_is_logged_and_its_records_wait_for_
     seen = Seen()
     logging.getLogger("agents.produce_sender").addHandler(seen)
     try:
-        _refusing(delivery, 1, "a bug")
-        outcome = await delivery.hand_over([(topic, b"k", b"r1")])
+        refused = _refusing(delivery, 1, "a bug")
+        for n in range(20):  # the first window fails; the rest waits behind it, then goes on
+            writer.send(topic, b"k", str(n).encode())
+            await writer.commit()
         await asyncio.wait_for(logged.wait(), timeout=10)
+        await asyncio.wait_for(writer.flush(), timeout=30)
     finally:
         logging.getLogger("agents.produce_sender").removeHandler(seen)
-    assert not outcome.done() and delivery._outstanding()  # not settled, so not lost: in doubt later
-    await delivery.aclose()
+    await writer.close()
+    assert refused and delivery.purges == 1 and writer.retries == 0
+    assert delivery.resent_in_doubt == 20 and delivery.found_in_doubt == 0  # all handed over before
+    found = _read_all(shared_broker.bootstrap, [topic], 22, timeout=5)[topic]  # one more: none
+    assert found == [b"warm-up"] + [str(n).encode() for n in range(20)]
