@@ -188,9 +188,20 @@ class AiokafkaDelivery(InDoubtDelivery):
     def _send(
         self, producer: AIOKafkaProducer, batches: ProduceSender, window: dict[str, list[Item]]
     ) -> None:
-        for topic, items in window.items():
-            self._register(producer, batches, topic, items)
-        batches.pump()
+        queued: set[str] = set()
+        try:
+            for topic, items in window.items():
+                self._register(producer, batches, topic, items)
+                queued.add(topic)
+            batches.pump()
+        except Exception:  # a bug: these records are held nowhere else, so no stall purge would see them
+            log.exception("kafka producer: a window could not be queued for sending")
+            # Ahead of what waits in the window: they were handed over first.
+            rest = {topic: list(items) for topic, items in window.items() if topic not in queued}
+            for topic, items in self._window.items():
+                rest.setdefault(topic, []).extend(items)
+            self._window = rest
+            self._purge("a window could not be queued; taking back everything not acknowledged")
 
     async def _know_topics(self, producer: AIOKafkaProducer, topics: list[str]) -> None:
         """One metadata request for a window's new topics: aiokafka asks for each topic alone, and every

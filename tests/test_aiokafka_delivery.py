@@ -392,3 +392,33 @@ async def test_a_request_that_fails_by_a_bug_is_logged_and_its_records_are_looke
     assert delivery.resent_in_doubt == 20 and delivery.found_in_doubt == 0  # all handed over before
     found = _read_all(shared_broker.bootstrap, [topic], 22, timeout=5)[topic]  # one more: none
     assert found == [b"warm-up"] + [str(n).encode() for n in range(20)]
+
+
+@pytest.mark.parametrize("path", ["linger window", "at once"])
+async def test_a_window_that_fails_to_queue_by_a_bug_is_logged_and_each_record_written_once(
+    shared_broker: EmbeddedBroker, path: str
+) -> None:
+    """Records taken out of the window are held nowhere else until the sender has them: a bug while
+    they are queued must not leave their hand-overs open for good."""
+    topics = [f"market.trade.aiotest.unqueued-{path.replace(' ', '-')}-{i}" for i in range(3)]
+    delivery, writer = await _warmed_up(shared_broker.bootstrap, topics)
+    if path == "linger window":
+        delivery.ALONE_AFTER = float("inf")
+    register, failures = delivery._register, list[str]()
+
+    def register_or_fail(producer: object, batches: object, topic: str, items: list[object]) -> None:
+        if topic == topics[1] and not failures:
+            failures.append(topic)
+            raise RuntimeError("not a broker's answer")
+        register(producer, batches, topic, items)  # type: ignore[arg-type]
+
+    delivery._register = register_or_fail  # type: ignore[method-assign,assignment]
+    for n in range(30):
+        writer.send(topics[n % 3], b"k", str(n).encode())
+    await writer.commit()
+    await asyncio.wait_for(writer.flush(), timeout=30)
+    await writer.close()
+    assert failures and delivery.purges == 1 and writer.retries == 0
+    found = _read_all(shared_broker.bootstrap, topics, 34, timeout=5)  # one more: none
+    for i, topic in enumerate(topics):
+        assert found[topic] == [b"warm-up"] + [str(n).encode() for n in range(i, 30, 3)]
