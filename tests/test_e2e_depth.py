@@ -36,6 +36,7 @@ KRW = ["BTC/KRW", "ETH/KRW"]
 ROUTES = {"binance": "", "binance-futures": "", "upbit": "/upbit", "bithumb": "/bithumb"}
 LEVELS = {"binance": 20, "binance-futures": 20, "upbit": 15, "bithumb": 15}
 RECOVER = 45.0  # seconds a book has to be synced and published past a fault
+AGAIN_AFTER = 10.0  # seconds before a fault a resync of another cause took in is inflicted again
 TRUTHS_PER_REQUEST = 500  # ids asked of /_sim/books at once
 
 
@@ -258,8 +259,21 @@ def test_books_match_the_ground_truth_after_every_fault(
 
         try:
             if diff_books and resyncs_for:
-                wanted = set(resyncs_for)
-                wait_for(lambda: resynced().keys() & wanted, RECOVER, f"{exchange} resync after {name}")
+                wanted, inflicted = set(resyncs_for), [time.monotonic()]
+
+                def took_effect() -> bool:
+                    seen = resynced()
+                    if seen.keys() & wanted:
+                        return True
+                    # A book resyncing already when the fault lands (it ran short of known levels,
+                    # say) takes the fault in with the snapshot it waits for, and counts no resync
+                    # for it: only then is the fault inflicted again.
+                    if seen and time.monotonic() - inflicted[0] > AGAIN_AFTER:
+                        trigger()
+                        inflicted[0] = time.monotonic()
+                    return False
+
+                wait_for(took_effect, RECOVER, f"{exchange} resync after {name}")
             ids = {symbol: books.now_id(symbol) for symbol in books.symbols}
             wait_for(lambda: books.past(ids), RECOVER, f"{exchange} books published past {name}")
         except TimeoutError as exc:  # what the worker did meanwhile (its log follows in the report)
