@@ -259,18 +259,19 @@ def test_books_match_the_ground_truth_after_every_fault(
 
         try:
             if diff_books and resyncs_for:
-                wanted, inflicted = set(resyncs_for), [time.monotonic()]
+                wanted, inflicted = set(resyncs_for), time.monotonic()
 
                 def took_effect() -> bool:
-                    seen = resynced()
-                    if seen.keys() & wanted:
+                    nonlocal inflicted
+                    counted = resynced()
+                    if counted.keys() & wanted:
                         return True
                     # A book resyncing already when the fault lands (it ran short of known levels,
                     # say) takes the fault in with the snapshot it waits for, and counts no resync
                     # for it: only then is the fault inflicted again.
-                    if seen and time.monotonic() - inflicted[0] > AGAIN_AFTER:
+                    if counted and time.monotonic() - inflicted > AGAIN_AFTER:
                         trigger()
-                        inflicted[0] = time.monotonic()
+                        inflicted = time.monotonic()
                     return False
 
                 wait_for(took_effect, RECOVER, f"{exchange} resync after {name}")
