@@ -34,7 +34,7 @@ BASE/QUOTE):
 
 from __future__ import annotations
 
-import heapq
+import asyncio
 import zlib
 from bisect import bisect_left, insort
 from collections import deque
@@ -50,6 +50,7 @@ from simulator.market import Instrument, Market, Quote, Tick
 DEPTH = 1000  # levels a side in every ground-truth book
 HISTORY_SECONDS = 60.0  # how far back a book can show itself
 MAX_HISTORY = 20_000  # ticks remembered per book at most
+TRUTHS_PER_STEP = 100  # ids of a /_sim/books request looked up between two turns of the event loop
 CHURN_PER_TICK = 8  # at most this many churn changes per tick, however many update ids it covers
 CHURN_DISTANCE = 12  # churn touches the levels this close to the top
 # Levels are this fraction of the price apart: the market's typical price step per trade (market.py).
@@ -209,34 +210,32 @@ class TruthBook:
             return self.top(self.depth)
         if all(state_id != update_id for state_id, _ in self.states()):
             return None
-        bids, asks = dict(self.bids), dict(self.asks)
+        walk = _Walk(self.bids, self.asks, self._bid_prices, self._ask_prices)
         for entry in reversed(self.history):
             if entry.update_id <= update_id:
                 break
-            _undo(entry, bids, asks)
-        return sorted(bids.items(), reverse=True), sorted(asks.items())
+            walk.undo(entry)
+        return walk.top(len(walk.bid_prices) + len(walk.ask_prices))
 
     def as_of_many(self, update_ids: Iterable[int], levels: int) -> dict[int, tuple[Levels, Levels]]:
         """The top `levels` of each side as they were at each remembered id among `update_ids`, in one
-        walk back through the history (a test checking every record of a stream asks for hundreds)."""
+        walk back through the history (a test checking every record of a stream asks for hundreds).
+        The walk keeps each side's prices sorted, so a top is a slice: a scan of the whole book per
+        id held the simulator's event loop, and so every stream it serves, for seconds."""
         remembered = {self.update_id, *(state_id for state_id, _ in self.states())}
         wanted = set(update_ids) & remembered
         found: dict[int, tuple[Levels, Levels]] = {}
-        bids, asks = dict(self.bids), dict(self.asks)
-
-        def top() -> tuple[Levels, Levels]:
-            return heapq.nlargest(levels, bids.items()), heapq.nsmallest(levels, asks.items())
-
+        walk = _Walk(self.bids, self.asks, self._bid_prices, self._ask_prices)
         if self.update_id in wanted:
-            found[self.update_id] = top()
+            found[self.update_id] = walk.top(levels)
         for entry in reversed(self.history):
             if len(found) == len(wanted):
                 break
             if entry.update_id in wanted:  # the state before undoing an entry is the state at its id
-                found[entry.update_id] = top()
-            _undo(entry, bids, asks)
+                found[entry.update_id] = walk.top(levels)
+            walk.undo(entry)
         if self.floor[0] in wanted and self.floor[0] not in found:
-            found[self.floor[0]] = top()
+            found[self.floor[0]] = walk.top(levels)
         return found
 
     def update_id_at(self, time_ms: float) -> int:
@@ -252,14 +251,32 @@ class TruthBook:
         return next((at for state_id, at in self.states() if state_id == update_id), self.time)
 
 
-def _undo(entry: _Entry, bids: dict[int, int], asks: dict[int, int]) -> None:
-    """Take one tick's changes back out of a copy of the levels."""
-    for is_bid, price, before in reversed(entry.undo):
-        side = bids if is_bid else asks
-        if before:
-            side[price] = before
-        else:
-            del side[price]
+class _Walk:
+    """A copy of a book's levels that ticks are undone on, each side's prices kept sorted."""
+
+    __slots__ = ("ask_prices", "asks", "bid_prices", "bids")
+
+    def __init__(self, bids: dict[int, int], asks: dict[int, int], bid_prices: list[int],
+                 ask_prices: list[int]) -> None:  # fmt: skip
+        self.bids, self.asks = dict(bids), dict(asks)
+        self.bid_prices, self.ask_prices = list(bid_prices), list(ask_prices)
+
+    def undo(self, entry: _Entry) -> None:
+        for is_bid, price, before in reversed(entry.undo):
+            side, prices = (self.bids, self.bid_prices) if is_bid else (self.asks, self.ask_prices)
+            if before:
+                if price not in side:
+                    _insort(prices, price)
+                side[price] = before
+            else:
+                del side[price]
+                del prices[bisect_left(prices, price)]
+
+    def top(self, levels: int) -> tuple[Levels, Levels]:
+        bids, asks = self.bids, self.asks
+        best_bids = self.bid_prices[max(0, len(self.bid_prices) - levels) :]
+        return ([(price, bids[price]) for price in reversed(best_bids)],
+                [(price, asks[price]) for price in self.ask_prices[:levels]])  # fmt: skip
 
 
 def _insort(prices: list[int], price: int) -> None:
@@ -428,6 +445,9 @@ class DepthFeed:
             by_dialect_id.setdefault(self.book_id(uid, at), (uid, at))
         known = [by_dialect_id[i] for i in dialect_ids if i in by_dialect_id]
         tops = book.as_of_many((uid for uid, _ in known), levels)
+        # The same levels recur in answer after answer: each price and size is formatted once.
+        prices: dict[int, str] = {}
+        sizes: dict[int, str] = {}
         answers: list[dict[str, Any] | None] = []
         for dialect_id in dialect_ids:
             state = by_dialect_id.get(dialect_id)
@@ -436,13 +456,30 @@ class DepthFeed:
                 continue
             bids, asks = tops[state[0]]
             answers.append({"symbol": wanted, "updateId": dialect_id, "time": state[1],
-                            "bids": self.format(book.instrument, bids),
-                            "asks": self.format(book.instrument, asks)})  # fmt: skip
+                            "bids": self.format(book.instrument, bids, prices, sizes),
+                            "asks": self.format(book.instrument, asks, prices, sizes)})  # fmt: skip
         return answers
 
-    def format(self, instrument: Instrument, levels: Iterable[tuple[int, int]]) -> list[list[str]]:
-        price, quantity = self.price, self.quantity
-        return [[price(instrument, ticks), quantity(instrument, lots)] for ticks, lots in levels]
+    def format(
+        self,
+        instrument: Instrument,
+        levels: Iterable[tuple[int, int]],
+        prices: dict[int, str] | None = None,
+        sizes: dict[int, str] | None = None,
+    ) -> list[list[str]]:
+        """Levels as the dialect writes them; `prices` and `sizes` remember texts across calls."""
+        prices = {} if prices is None else prices
+        sizes = {} if sizes is None else sizes
+        formatted = []
+        for ticks, lots in levels:
+            price = prices.get(ticks)
+            if price is None:
+                price = prices[ticks] = self.price(instrument, ticks)
+            size = sizes.get(lots)
+            if size is None:
+                size = sizes[lots] = self.quantity(instrument, lots)
+            formatted.append([price, size])
+        return formatted
 
     # -- faults -----------------------------------------------------------------------------------
 
@@ -507,9 +544,14 @@ def add_routes(app: web.Application, venues: dict[str, Any], default: str) -> No
             raise web.HTTPBadRequest(text="updateIds must be a list of strings")
         if not isinstance(levels, int) or isinstance(levels, bool) or levels < 0:
             raise web.HTTPBadRequest(text="levels must be a non-negative number")
-        answers = depth.truths(str(data.get("symbol", "")), ids, levels)
-        if answers is None:
-            return _json({"error": "unknown symbol"}, 400)
+        answers: list[dict[str, Any] | None] = []
+        for start in range(0, max(len(ids), 1), TRUTHS_PER_STEP):
+            if start:  # the streams this simulator serves go on between steps
+                await asyncio.sleep(0)
+            step = depth.truths(str(data.get("symbol", "")), ids[start : start + TRUTHS_PER_STEP], levels)
+            if step is None:
+                return _json({"error": "unknown symbol"}, 400)
+            answers += step
         return _json({"books": answers})
 
     async def skip(request: web.Request) -> web.Response:

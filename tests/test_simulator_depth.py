@@ -259,6 +259,35 @@ async def test_whole_books_are_the_ground_truth_at_their_timestamp(
     assert snapshot.bids == [tuple(level) for level in truth["bids"]] and snapshot.bids
 
 
+async def test_many_ids_are_looked_up_in_steps_each_as_it_is_alone(
+    sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`/_sim/books` answers in steps, letting the streams go on between them: the answers keep the
+    ids' order across steps, each as `/_sim/book` gives it alone."""
+    monkeypatch.setattr("simulator.book.TRUTHS_PER_STEP", 10)
+    ids: list[str] = []
+    deadline = asyncio.get_running_loop().time() + 10
+    while len(ids) < 35:
+        assert asyncio.get_running_loop().time() < deadline, f"only {len(ids)} update ids in 10 s"
+        now = await get_json(sim, "/_sim/book?symbol=BTCUSDT&levels=5")
+        if now["updateId"] not in ids:
+            ids.append(now["updateId"])
+        await asyncio.sleep(0.01)
+    wanted = [*ids[:20], "1", *ids[20:]]  # "1" was never a state of the book
+    query = {"symbol": "BTCUSDT", "updateIds": wanted, "levels": 5}
+    status, body = await http(sim, "POST", "/_sim/books", query)
+    assert status == 200
+    books = json.loads(body)["books"]
+    assert len(books) == len(wanted) and books[20] is None
+    for update_id, book in zip(wanted, books, strict=True):
+        if update_id != "1":
+            assert book == await get_json(sim, f"/_sim/book?symbol=BTCUSDT&updateId={update_id}&levels=5")
+    for symbol, update_ids, expected in [("NOPE", ids, 400), ("NOPE", [], 400), ("BTCUSDT", [], 200)]:
+        status, body = await http(sim, "POST", "/_sim/books", {"symbol": symbol, "updateIds": update_ids})
+        assert status == expected
+    assert json.loads(body) == {"books": []}
+
+
 async def test_the_ground_truth_endpoint_refuses_what_it_does_not_know(sim: Simulator) -> None:
     assert (await http(sim, "GET", "/_sim/book?symbol=NOPE"))[0] == 400
     assert (await http(sim, "GET", "/_sim/book?symbol=BTCUSDT&updateId=1"))[0] == 404
