@@ -198,6 +198,27 @@ class Books:
         return sum(book.crossed for book in self.rebuilt.values())
 
 
+def pipeline(worker: Worker, exchange: str) -> dict[str, Any]:
+    """Where a worker's pipeline for an exchange stands: frames received, records normalized and
+    acknowledged, and each book's state and ids as its owner serves it (a failure tells which stage
+    stopped)."""
+    try:
+        counts = {
+            stage: sum(metric(worker, f"collector_messages_{stage}_total", exchange).values())
+            for stage in ("received", "processed", "sent")
+        }
+        books = {}
+        for symbol in symbols_of(exchange):
+            status, view = worker.request(f"/books/{exchange}/{symbol.replace('/', '-')}?levels=1")
+            books[symbol] = (
+                [view[k] for k in ("state", "updateId", "lastRecordId", "syncReason", "servedBy")]
+                if status == 200 else status
+            )  # fmt: skip
+    except OSError as exc:  # a worker that does not answer is itself the finding
+        return {"error": repr(exc), "at": time.strftime("%H:%M:%S")}
+    return {**counts, "books": books, "at": time.strftime("%H:%M:%S")}
+
+
 def fault_table(rows: list[dict[str, Any]]) -> str:
     columns = ["fault", "records", "checked", "mismatches", "unknownIds", "crossed", "resyncs", "seconds"]
     lines = [" | ".join(columns)]
@@ -366,12 +387,18 @@ def test_a_second_worker_takes_over_books_which_resync_and_each_is_served_by_its
             metric(second, "collector_book_resyncs_total", "binance").get("start", 0),
         ]
         assert sum(resyncs) > 0, resyncs
+        binance.catch_up()  # the records of the join, checked before the wait for newer ones starts
         ids = {symbol: binance.now_id(symbol) for symbol in binance.symbols}
+        before = {worker.name: pipeline(worker, "binance") for worker in (first, second)}
         try:
             wait_for(lambda: binance.past(ids), RECOVER, "binance books published past the rebalance")
-        except TimeoutError as exc:  # how far each book got, and who owns it (the logs follow)
+        except TimeoutError as exc:  # how far each book got, who owns it, and which stage stopped
             last = {symbol: binance.last_id(symbol) for symbol in binance.symbols}
-            raise TimeoutError(f"{exc}; wanted {ids}, read up to {last}, owners {owners}") from None
+            after = {worker.name: pipeline(worker, "binance") for worker in (first, second)}
+            raise TimeoutError(
+                f"{exc}; wanted {ids}, read up to {last}, owners {owners}; when the wait began {before},"
+                f" at its end {after}"
+            ) from None
         assert binance.mismatches == 0 and binance.crossed() == 0, binance.examples
     finally:
         second.stop()
