@@ -8,10 +8,14 @@ it starts, and stops it last.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
+import os
 import socket
 import sys
+import threading
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
@@ -35,6 +39,15 @@ from tables.subscriptions import Subscriptions, install_subscription_views
 from tables.views import StateViews, install_views
 
 log = logging.getLogger(__name__)
+
+# How long a stopping worker waits for the broker to acknowledge what its streams are still working
+# on, and for it to take the buffered table changes and events. A rebalance waits for all of it
+# (Faust's own wait); a stop whose broker is gone waited forever.
+STOP_WAIT_SECONDS = 8.0
+# A stop still not done this long after it began is stuck (Faust's and aiokafka's own stops wait for
+# a broker that is gone): the worker exits with STUCK_STOP_EXIT_CODE. Within Kubernetes' default grace.
+STOP_DEADLINE_SECONDS = 30.0
+STUCK_STOP_EXIT_CODE = 3
 
 EMBEDDED_BROKER_LIMITS = (
     "the embedded broker is for a single machine: it keeps every market record in memory (about"
@@ -84,6 +97,35 @@ class CollectorApp(faust.App):
             _tune_interpreter()
         await super().on_first_start()
 
+    async def on_stop(self) -> None:
+        self.stopping_worker = True  # before Faust's own stop, which waits for the streams
+        if self.in_worker and getattr(self, "stop_deadline", None) is None:
+            self.stop_deadline = _exit_unless_stopped_within(STOP_DEADLINE_SECONDS)
+        await super().on_stop()
+
+    async def _consumer_wait_empty(self, consumer: Any, logger: Any) -> None:
+        if not getattr(self, "stopping_worker", False):  # a rebalance: wait for every open record
+            await super()._consumer_wait_empty(consumer, logger)
+            return
+        # Their offsets stay uncommitted: whoever runs their partitions next normalizes them again.
+        await _within_stop_bound(
+            super()._consumer_wait_empty(consumer, logger),
+            lambda: (
+                f"{len(consumer._unacked_messages)} raw records still wait for the broker to"
+                " acknowledge their market records; left uncommitted, they are normalized again where"
+                " their partitions go next"
+            ),
+        )
+
+    async def _producer_flush(self, logger: Any) -> None:
+        if not getattr(self, "stopping_worker", False):
+            await super()._producer_flush(logger)
+            return
+        await _within_stop_bound(
+            super()._producer_flush(logger),
+            lambda: "the broker did not take the table changes and events still buffered; dropped",
+        )
+
     async def maybe_start_producer(self) -> Any:
         # Faust asks this before every record it publishes (each table change is a changelog record),
         # and its stampede guard yields to the event loop three times per call: three more loop turns
@@ -94,9 +136,43 @@ class CollectorApp(faust.App):
 
     async def on_shutdown(self) -> None:
         await super().on_shutdown()
+        deadline = getattr(self, "stop_deadline", None)
+        if deadline is not None:
+            deadline.cancel()
         # Last: the producer and the agents have flushed into it by now.
         if self.embedded_broker is not None:
             self.embedded_broker.stop()
+
+
+async def _within_stop_bound(work: Awaitable[None], left: Callable[[], str]) -> None:
+    """Await a stopping worker's flush for STOP_WAIT_SECONDS at most; past that, say what is left."""
+    task = asyncio.ensure_future(work)
+    done, _ = await asyncio.wait({task}, timeout=STOP_WAIT_SECONDS)
+    if done:
+        task.result()
+        return
+    what = left()  # before the cancel: what was still waiting
+    task.cancel()
+    await asyncio.wait({task}, timeout=1.0)  # a flush that ignores its cancel is left behind
+    log.warning("stopping: no answer from the broker for %.0f s: %s", STOP_WAIT_SECONDS, what)
+
+
+def _exit_unless_stopped_within(seconds: float) -> threading.Timer:
+    """A thread, so that it fires however stuck the event loop's stop is."""
+
+    def stuck() -> None:
+        log.error(
+            "stopping: not stopped %.0f s after the stop began (a Kafka client still waits for a broker"
+            " that does not answer); exiting with code %d", seconds, STUCK_STOP_EXIT_CODE,
+        )  # fmt: skip
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(STUCK_STOP_EXIT_CODE)
+
+    timer = threading.Timer(seconds, stuck)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def embedded_broker_for(config: CollectorConfig) -> EmbeddedBroker | None:

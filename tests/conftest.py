@@ -78,6 +78,7 @@ LONGEST_FILES = {
     "test_e2e_embedded_pause.py": 61,
     "test_subscriptions_e2e.py": 55,
     "test_e2e_two_workers.py": 52,
+    "test_e2e_stop.py": 45,
 }
 
 
