@@ -22,6 +22,7 @@ import collections
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -43,6 +44,8 @@ Partition = tuple[str, int]
 
 class ProduceSender:
     RETRY_BACKOFF = 0.1  # aiokafka's retry_backoff_ms: before a batch is tried again
+    # Retries are logged at most this often: with the broker gone they come every RETRY_BACKOFF.
+    RETRY_LOG_INTERVAL = 30.0
 
     def __init__(
         self,
@@ -69,6 +72,8 @@ class ProduceSender:
         self._tasks: set[asyncio.Task[None]] = set()
         self._finding_leaders: asyncio.Task[None] | None = None
         self._abandoned = False
+        self._retries_unlogged = 0  # batches tried again since the last line saying so
+        self._retry_logged_at = -float("inf")  # monotonic
 
     @property
     def outstanding(self) -> int:
@@ -159,11 +164,13 @@ class ProduceSender:
 
     async def _produce(self, node: int, request: ProduceRequest, sent: dict[Partition, int]) -> None:
         partitions, again = list(sent), list[int]()
+        error_seen: BaseException | None = None
         try:
             answer = await self._client.send(node, request)
         except Errors.KafkaError as exc:
             if self._abandoned:
                 return
+            error_seen = exc
             if getattr(exc, "invalid_metadata", False):
                 self._client.force_metadata_update()
             for number in sent.values():
@@ -182,11 +189,12 @@ class ProduceSender:
                         continue
                     if getattr(error, "invalid_metadata", False):
                         self._client.force_metadata_update()
-                    self._retry_or_fail(number, error(), again)
+                    error_seen = error()
+                    self._retry_or_fail(number, error_seen, again)
             for number in sent.values():  # not in the answer: as if lost on the way
                 self._retry_or_fail(number, Errors.KafkaError("no answer for the partition"), again)
         if again:
-            log.warning("kafka producer: %d batches are tried again", len(again))
+            self._log_retries(len(again), error_seen)
             await asyncio.sleep(self.RETRY_BACKOFF)
             if self._abandoned:
                 return
@@ -196,6 +204,16 @@ class ProduceSender:
         self._nodes_in_flight.discard(node)
         self._busy.difference_update(partitions)
         self.pump()
+
+    def _log_retries(self, count: int, error: BaseException | None) -> None:
+        self._retries_unlogged += count
+        now = time.monotonic()
+        if now - self._retry_logged_at >= self.RETRY_LOG_INTERVAL:
+            log.warning(
+                "kafka producer: %d batches tried again since the last such line (last error: %r)",
+                self._retries_unlogged, error,
+            )  # fmt: skip
+            self._retries_unlogged, self._retry_logged_at = 0, now
 
     def _retry_or_fail(self, number: int, error: BaseException, again: list[int]) -> None:
         if getattr(error, "retriable", False) and not self._expired(number):
