@@ -32,6 +32,7 @@ from agents.sinks.health import RedisReachability
 from agents.state import Manager, StateAgents, event_emitter, install_state, recovery_sender
 from streams.app import APP_ID, faust_settings
 from streams.config import EMBEDDED_BROKER_PORT, CollectorConfig
+from streams.logs import limit_repeating_lines
 from tables.books import install_book_views
 from tables.manager import ManagerSettings
 from tables.store import StateStore
@@ -202,6 +203,7 @@ def build_app(config: CollectorConfig) -> CollectorApp:
     agents (unless `collection` is off), the configured sinks, live distribution to WebSocket clients,
     metrics."""
     faust_patches.apply()
+    limit_repeating_lines()
     embedded = embedded_broker_for(config)
     bootstrap = [embedded.bootstrap] if embedded is not None else config.kafka.bootstrap_servers
     app = CollectorApp(config, embedded, **faust_settings(config, bootstrap))

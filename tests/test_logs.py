@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from streams.config import LoggingConfig
-from streams.logs import JsonFormatter, logging_config
+from streams.logs import JsonFormatter, RepeatLimiter, logging_config
 
 
 def record(message: str, *args: object, **extra: object) -> logging.LogRecord:
@@ -76,3 +76,22 @@ def test_the_worker_logging_config_writes_json_lines_at_the_configured_level() -
     finally:
         root.handlers[:] = saved[1]
         root.setLevel(saved[0])
+
+
+def test_a_repeating_line_goes_through_once_an_interval_and_then_says_how_many_were_held() -> None:
+    """A broker that is gone makes the Kafka clients log the same failure tens of times a second."""
+    now = [0.0]
+    limiter = RepeatLimiter(interval=30.0, clock=lambda: now[0])
+    passed = []
+    for step in range(100):  # 10 s of a line every 0.1 s, then once 25 s later
+        now[0] = step * 0.1
+        made = record("Unable connect to node with id %s: %s", 111, "refused")
+        if limiter.filter(made):
+            passed.append(made.getMessage())
+    other = record("kafka raw producer: %s", "all brokers down")
+    assert limiter.filter(other)  # another kind of line is its own
+    now[0] = 35.0
+    late = record("Unable connect to node with id %s: %s", 111, "refused")
+    assert limiter.filter(late)
+    assert passed == ["Unable connect to node with id 111: refused"]
+    assert late.getMessage() == "Unable connect to node with id 111: refused (99 more like this held back)"
