@@ -62,6 +62,11 @@ class Setup:
 def metric(worker: Worker, name: str, exchange: str) -> dict[str, float]:
     """`name{exchange=..., <label>=...} value` samples of a worker, by their other label."""
     _, text = worker.request("/metrics")
+    return samples(text, name, exchange)
+
+
+def samples(text: str, name: str, exchange: str) -> dict[str, float]:
+    """The samples `metric` gives, from a `/metrics` text already read."""
     found = {}
     for line in text.splitlines():
         match = re.match(rf'{name}\{{exchange="{re.escape(exchange)}"(?:,\w+="([^"]*)")?\}} (\S+)', line)
@@ -203,8 +208,9 @@ def pipeline(worker: Worker, exchange: str) -> dict[str, Any]:
     acknowledged, and each book's state and ids as its owner serves it (a failure tells which stage
     stopped)."""
     try:
+        _, text = worker.request("/metrics")
         counts = {
-            stage: sum(metric(worker, f"collector_messages_{stage}_total", exchange).values())
+            stage: sum(samples(text, f"collector_messages_{stage}_total", exchange).values())
             for stage in ("received", "processed", "sent")
         }
         books = {}
