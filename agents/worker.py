@@ -106,8 +106,9 @@ class CollectorApp(faust.App):
             self.stop_deadline = _exit_unless_stopped_within(STOP_DEADLINE_SECONDS)
         await super().on_stop()
 
-    # The next two override Faust 0.15.3's own steps of a stop (and of a rebalance, left as they are);
-    # tests/test_e2e_stop.py fails if they are no longer called.
+    # The next two override Faust 0.15.3's own steps of a stop (and of a rebalance, left as they are).
+    # tests/test_e2e_stop.py fails if the first is no longer called (its last commit never returns
+    # without a broker); the stop deadline bounds both in any case.
     async def _consumer_wait_empty(self, consumer: Any, logger: Any) -> None:
         if not self.stopping_worker:  # a rebalance: wait for every open record
             await super()._consumer_wait_empty(consumer, logger)
@@ -116,9 +117,9 @@ class CollectorApp(faust.App):
         await _within_stop_bound(
             super()._consumer_wait_empty(consumer, logger),
             lambda: (
-                f"{len(consumer._unacked_messages)} raw records still wait for the broker to"
-                " acknowledge their market records; left uncommitted, they are normalized again where"
-                " their partitions go next"
+                f"the consumer's last commit, and {len(consumer._unacked_messages)} raw records whose"
+                " market records are not acknowledged; what is not committed is normalized again where"
+                " its partitions go next"
             ),
         )
 

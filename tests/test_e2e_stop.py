@@ -35,8 +35,8 @@ def test_a_worker_whose_broker_is_gone_stops_within_its_deadline(tmp_path: Path)
             worker = Worker(config, broker.bootstrap, tmp_path)
             worker.wait_ready(90)
             wait_for(lambda: all(synced(worker, symbol) for symbol in SYMBOLS), 60, "the books synced")
-        # The broker is gone, with trades and diffs still arriving: the normalize agent holds open
-        # records whose market records can never be acknowledged.
+        # The broker is gone, with trades and diffs still arriving: the consumer's last commit (and
+        # any record the normalize agent still holds) can never be answered.
         started = time.monotonic()
         code = worker.stop(timeout=STOP_DEADLINE_SECONDS + 20)
         took = time.monotonic() - started
