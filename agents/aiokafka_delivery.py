@@ -40,7 +40,7 @@ from confluent_kafka import Producer
 from agents.metrics import now_ms
 from agents.produce_codec import use_fast_produce_codec
 from agents.produce_sender import Batch, Item, ProduceSender
-from agents.writer import LIBRDKAFKA_LOG, InDoubtDelivery, Outcome, Record
+from agents.writer import LIBRDKAFKA_LOGGING, InDoubtDelivery, Outcome, Record
 
 log = logging.getLogger(__name__)
 
@@ -334,13 +334,7 @@ class AiokafkaDelivery(InDoubtDelivery):
 
     def _metadata_client(self) -> Producer:
         if self._probe is None:  # librdkafka's metadata call has a timeout of its own, unlike aiokafka's
-            self._probe = Producer(
-                {
-                    "bootstrap.servers": self._bootstrap,
-                    "logger": LIBRDKAFKA_LOG,
-                    "log.connection.close": False,
-                }
-            )
+            self._probe = Producer({"bootstrap.servers": self._bootstrap, **LIBRDKAFKA_LOGGING})
         return self._probe
 
     async def aclose(self) -> None:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from agents.writer import LIBRDKAFKA_LOG
+from agents.writer import LIBRDKAFKA_LOGGING
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +58,7 @@ class TopicDeclarer:
 
     async def _create(self, names: list[str]) -> None:
         if self._admin is None:
-            # Its log lines through Python's logging (and the repeat filter), not straight to stderr.
-            settings: dict[str, Any] = {
-                "bootstrap.servers": self.bootstrap_servers,
-                "logger": LIBRDKAFKA_LOG,
-                "log.connection.close": False,
-            }
-            self._admin = AdminClient(settings)
+            self._admin = AdminClient({"bootstrap.servers": self.bootstrap_servers, **LIBRDKAFKA_LOGGING})
         self.requests += 1
         topics = [NewTopic(name, self.partitions, self.replication) for name in names]
         try:

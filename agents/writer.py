@@ -37,6 +37,9 @@ from tables.records import QueueUsage
 
 log = logging.getLogger(__name__)
 LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
+# Every librdkafka client's own log lines (a broker that cannot be reached is reported every second)
+# go through Python logging, in the worker's log format and its repeat filter, not raw to stderr.
+LIBRDKAFKA_LOGGING: dict[str, Any] = {"logger": LIBRDKAFKA_LOG, "log.connection.close": False}
 
 Record = tuple[str, bytes, bytes]  # topic, key, value
 Produce = Callable[[str, bytes, bytes], Awaitable[Awaitable[Any]]]
@@ -207,10 +210,7 @@ def confluent_settings(
         # Keys are hashed as Java clients and aiokafka do, so a key lands on the same partition
         # whichever client wrote it.
         "partitioner": "murmur2_random",
-        # librdkafka's own log lines (a broker that cannot be reached is reported every second) go
-        # through Python logging, in the worker's log format, instead of raw to stderr.
-        "logger": LIBRDKAFKA_LOG,
-        "log.connection.close": False,
+        **LIBRDKAFKA_LOGGING,
         **overrides,
     }
 
@@ -307,7 +307,6 @@ class InDoubtDelivery:
         self, in_doubt: list[InDoubt], starts: dict[tuple[str, int], int | None]
     ) -> list[InDoubt]:
         loop = asyncio.get_running_loop()
-        read_settings = {"logger": LIBRDKAFKA_LOG, "log.connection.close": False}
         missing = in_doubt
         for attempt in range(self.READ_BACK_ATTEMPTS):
             if attempt:
@@ -315,7 +314,7 @@ class InDoubtDelivery:
             read = await loop.run_in_executor(
                 None,
                 functools.partial(
-                    read_back, self._bootstrap, starts, self.READ_BACK_TIMEOUT, **read_settings
+                    read_back, self._bootstrap, starts, self.READ_BACK_TIMEOUT, **LIBRDKAFKA_LOGGING
                 ),
             )
             missing = still_missing(in_doubt, read)
