@@ -22,7 +22,6 @@ import collections
 import contextlib
 import itertools
 import logging
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -44,8 +43,6 @@ Partition = tuple[str, int]
 
 class ProduceSender:
     RETRY_BACKOFF = 0.1  # aiokafka's retry_backoff_ms: before a batch is tried again
-    # Retries are logged at most this often: with the broker gone they come every RETRY_BACKOFF.
-    RETRY_LOG_INTERVAL = 30.0
 
     def __init__(
         self,
@@ -72,8 +69,6 @@ class ProduceSender:
         self._tasks: set[asyncio.Task[None]] = set()
         self._finding_leaders: asyncio.Task[None] | None = None
         self._abandoned = False
-        self._retries_unlogged = 0  # batches tried again since the last line saying so
-        self._retry_logged_at = -float("inf")  # monotonic
 
     @property
     def outstanding(self) -> int:
@@ -194,7 +189,8 @@ class ProduceSender:
             for number in sent.values():  # not in the answer: as if lost on the way
                 self._retry_or_fail(number, Errors.KafkaError("no answer for the partition"), again)
         if again:
-            self._log_retries(len(again), error_seen)
+            # Every RETRY_BACKOFF while the broker is gone: the worker's repeat filter thins these out.
+            log.warning("kafka producer: %d batches are tried again (%r)", len(again), error_seen)
             await asyncio.sleep(self.RETRY_BACKOFF)
             if self._abandoned:
                 return
@@ -204,16 +200,6 @@ class ProduceSender:
         self._nodes_in_flight.discard(node)
         self._busy.difference_update(partitions)
         self.pump()
-
-    def _log_retries(self, count: int, error: BaseException | None) -> None:
-        self._retries_unlogged += count
-        now = time.monotonic()
-        if now - self._retry_logged_at >= self.RETRY_LOG_INTERVAL:
-            log.warning(
-                "kafka producer: %d batches tried again since the last such line (last error: %r)",
-                self._retries_unlogged, error,
-            )  # fmt: skip
-            self._retries_unlogged, self._retry_logged_at = 0, now
 
     def _retry_or_fail(self, number: int, error: BaseException, again: list[int]) -> None:
         if getattr(error, "retriable", False) and not self._expired(number):

@@ -52,7 +52,8 @@ def logging_config(settings: LoggingConfig) -> dict[str, Any] | None:
 
 
 # Kafka clients log each failed attempt to reach a broker that is gone, tens of times a second
-# (aiokafka's connection and fetch errors, librdkafka's, the raw producer's error callback).
+# (aiokafka's connection and fetch errors, librdkafka's, the raw producer's error callback, the market
+# producer's retries).
 REPEATING_LOGGERS = (
     "aiokafka",
     "aiokafka.conn",
@@ -61,6 +62,7 @@ REPEATING_LOGGERS = (
     "aiokafka.producer.sender",
     "librdkafka",
     "agents.writer",
+    "agents.produce_sender",  # its batches tried again every 100 ms
 )
 
 
